@@ -35,9 +35,9 @@ std::string_view LogLevelName(LogLevel level) {
 void SetLogSink(LogSink sink, LogLevel min_level) {
   SinkState& s = State();
   std::lock_guard<std::mutex> lock(s.mu);
-  s.sink = sink ? std::make_shared<const LogSink>(std::move(sink)) : nullptr;
   // The stderr default only shows warnings and errors, so tests and tools stay readable.
   s.min_level = static_cast<int>(sink ? min_level : LogLevel::kWarning);
+  s.sink = sink ? std::make_shared<const LogSink>(std::move(sink)) : nullptr;
 }
 
 void Log(LogLevel level, std::string_view message) {

@@ -211,7 +211,14 @@ at::Tensor MultiQueryAttention::Impl::AttendFlash(const at::Tensor& q, const at:
     at::Tensor future = at::ones({s_q, s_k}, q.options().dtype(at::kBool)).triu(s_k - s_q + 1);
     m.masked_fill_(future.view({1, 1, s_q, s_k}), min_val);
   }
-  return at::scaled_dot_product_attention(q, ke, ve, m, dropout, false, scale);
+  at::Tensor ctx = at::scaled_dot_product_attention(q, ke, ve, m, dropout, false, scale);
+  if (bias.defined()) {
+    // The spec's softmax gives NaN for a row whose logits are all -inf, or that holds +inf or NaN; fused
+    // kernels return zeros or finite values there instead. Restore the spec's NaN for exactly those rows.
+    at::Tensor bad = m.isneginf().all(-1).logical_or(m.isposinf().logical_or(m.isnan()).any(-1));
+    ctx = ctx.masked_fill(bad.unsqueeze(-1), std::numeric_limits<double>::quiet_NaN());
+  }
+  return ctx;
 }
 
 StatusOr<ForwardResult> MultiQueryAttention::Impl::Forward(const ForwardArgs& a) const {
