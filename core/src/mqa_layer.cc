@@ -193,12 +193,14 @@ at::Tensor MultiQueryAttention::Impl::AttendFlash(const at::Tensor& q, const at:
     at::Tensor out = at::scaled_dot_product_attention(folded, k, v, {}, dropout, false, scale);
     return out.view({b, H, s_q, d});
   }
+  if (!bias.defined() && !mask.defined() && s_q == s_k) {
+    // Square causal: top-left and bottom-right alignment coincide, so the fused causal kernel applies. The
+    // single K/V head goes in as one group (enable_gqa), which the flash kernel reads without copying.
+    return at::scaled_dot_product_attention(q, k, v, {}, dropout, true, scale, /*enable_gqa=*/true);
+  }
+  // Masks rule out the grouped flash kernel; the memory-efficient kernel takes K/V broadcast over heads.
   const at::Tensor ke = k.expand({b, H, s_k, d});
   const at::Tensor ve = v.expand({b, H, s_k, d});
-  if (!bias.defined() && !mask.defined() && s_q == s_k) {
-    // Square causal: top-left and bottom-right alignment coincide, so the fused causal path applies.
-    return at::scaled_dot_product_attention(q, ke, ve, {}, dropout, true, scale);
-  }
   // General case: one additive mask carries bias, padding and causal masking. Adding the most negative finite
   // value to a finite logit rounds to that value, so this equals the spec's overwrite for finite logits.
   const double min_val = MostNegative(q.scalar_type());
