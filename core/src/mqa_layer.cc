@@ -163,8 +163,10 @@ at::Tensor MultiQueryAttention::Impl::Norm(const at::Tensor& x, const char* pref
 at::Tensor MultiQueryAttention::Impl::AttendTorch(const at::Tensor& q, const at::Tensor& kt, const at::Tensor& v,
                                                   const at::Tensor& bias, const at::Tensor& mask, bool causal,
                                                   bool training, at::Tensor* weights) const {
-  const int64_t b = q.size(0), s_q = q.size(2), s_k = v.size(2);
-  at::Tensor attn = at::matmul(q, kt) * scale;  // step 6: [b, H, s_q, s_k]
+  const int64_t b = q.size(0), H = q.size(1), s_q = q.size(2), d = q.size(3), s_k = v.size(2);
+  // MQA: all heads share K/V, so the heads fold into the rows of one [H*s_q, d] x [d, s_k] product per batch
+  // entry. Broadcasting K over H instead would make matmul materialise H copies of the cache.
+  at::Tensor attn = at::matmul(q.reshape({b, 1, H * s_q, d}), kt).view({b, H, s_q, s_k}) * scale;  // step 6
   if (bias.defined()) attn = attn + bias;       // step 7 (may promote, e.g. bf16 + fp32 bias -> fp32)
   const double min_val = MostNegative(q.scalar_type());
   if (mask.defined()) attn = attn.masked_fill(mask.logical_not().view({b, 1, 1, s_k}), min_val);  // step 8
@@ -176,7 +178,8 @@ at::Tensor MultiQueryAttention::Impl::AttendTorch(const at::Tensor& q, const at:
   at::Tensor p = at::softmax(attn, -1);                                     // step 10
   if (training && opt.attn_pdrop > 0) p = at::dropout(p, opt.attn_pdrop, /*train=*/true);  // step 11
   if (weights) *weights = p;
-  return at::matmul(p.to(v.scalar_type()), v);  // step 12: [b, H, s_q, d]
+  // step 12, heads folded the same way: [b, 1, H*s_q, s_k] x [b, 1, s_k, d] -> [b, H, s_q, d]
+  return at::matmul(p.to(v.scalar_type()).reshape({b, 1, H * s_q, s_k}), v).view({b, H, s_q, d});
 }
 
 at::Tensor MultiQueryAttention::Impl::AttendFlash(const at::Tensor& q, const at::Tensor& kt, const at::Tensor& v,
