@@ -65,7 +65,7 @@ int main(int argc, char** argv) {
   const DType dtype = Check(mqa::core::ParseDType(Arg(argc, argv, "--dtype", on_gpu ? "bfloat16" : "float32")), "dtype");
   const int64_t dim = std::stoll(Arg(argc, argv, "--dim", "4096"));
   const int64_t heads = std::stoll(Arg(argc, argv, "--heads", "32"));
-  const int repeats = std::stoi(Arg(argc, argv, "--repeats", on_gpu ? "50" : "5"));
+  const int repeats = std::stoi(Arg(argc, argv, "--repeats", on_gpu ? "200" : "5"));
   const std::string json_path = Arg(argc, argv, "--json", "");
   const bool quick = Flag(argc, argv, "--quick");
   const int64_t d = dim / heads;
@@ -120,7 +120,7 @@ int main(int argc, char** argv) {
       a.x = x;
       a.past_key_value = mqa::core::KvCache{pk, pv};  // empty KvCache when cache == 0 (prefill starts a cache)
       std::vector<double> ms;
-      const int warmup = on_gpu ? 5 : 1;
+      const int warmup = on_gpu ? 20 : 1;
       for (int r = -warmup; r < repeats; ++r) {
         Check(mqa::core::Synchronize(device), "sync");
         auto t0 = std::chrono::steady_clock::now();

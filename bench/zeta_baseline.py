@@ -31,7 +31,7 @@ def main():
     gpu = args.device != "cpu"
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         args.dtype or ("bfloat16" if gpu else "float32")]
-    repeats = args.repeats or (50 if gpu else 5)
+    repeats = args.repeats or (200 if gpu else 5)
     mqa_cls, _ = load_zeta_mqa()
     torch.manual_seed(7)
     layer = mqa_cls(args.dim, args.heads, attn_impl="torch").to(args.device, dtype).eval()
@@ -44,7 +44,7 @@ def main():
                 torch.randn(b, 1, cache, d, device=args.device, dtype=dtype)) if cache else ()
         times = []
         with torch.no_grad():
-            for r in range(-(5 if gpu else 1), repeats):
+            for r in range(-(20 if gpu else 1), repeats):
                 sync()
                 t0 = time.perf_counter()
                 layer(x, past_key_value=past)
