@@ -128,17 +128,17 @@ StatusOr<Tensor> Tensor::FromBytes(DType dtype, const std::vector<int64_t>& shap
                                 ShapeToString(shape) + " needs " + std::to_string(expected) + " bytes, got " +
                                 std::to_string(nbytes));
   }
+  if (dtype == DType::kBool) {
+    // A bool byte other than 0/1 is undefined behaviour for LibTorch, so bytes from the wire are checked first.
+    const uint8_t* p = static_cast<const uint8_t*>(data);
+    for (size_t i = 0; i < nbytes; ++i) {
+      if (p[i] > 1) return InvalidArgumentError("bool tensor byte " + std::to_string(i) + " is " +
+                                                std::to_string(p[i]) + "; expected 0 or 1");
+    }
+  }
   return CatchAll("Tensor::FromBytes", [&]() -> StatusOr<Tensor> {
     at::Tensor t = at::empty(shape, at::TensorOptions().dtype(ToScalarType(dtype)));
     if (nbytes > 0) std::memcpy(t.data_ptr(), data, nbytes);
-    if (dtype == DType::kBool) {
-      // A bool byte other than 0/1 is undefined behaviour for LibTorch; normalise instead of trusting the wire.
-      const uint8_t* p = static_cast<const uint8_t*>(data);
-      for (size_t i = 0; i < nbytes; ++i) {
-        if (p[i] > 1) return InvalidArgumentError("bool tensor byte " + std::to_string(i) + " is " +
-                                                  std::to_string(p[i]) + "; expected 0 or 1");
-      }
-    }
     return Wrap(std::move(t));
   });
 }

@@ -61,6 +61,16 @@ TEST(Safetensors, RoundTripKeepsBytesDtypesShapesAndMetadata) {
   }
 }
 
+TEST(Tensor, BoolBytesOtherThanZeroOrOneAreRejected) {
+  const uint8_t bits[] = {1, 0, 2};
+  auto t = Tensor::FromBytes(DType::kBool, {3}, bits, 3);
+  ASSERT_FALSE(t.ok());
+  EXPECT_EQ(t.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(t.status().message().find("byte 2 is 2; expected 0 or 1"), std::string::npos) << t.status().message();
+  EXPECT_EQ(Tensor::FromBytes(DType::kFloat32, {3}, bits, 3).status().code(), StatusCode::kInvalidArgument)
+      << "3 bytes cannot hold 3 float32 values";
+}
+
 TEST(Safetensors, CorruptFilesAreDataLossNotCrashes) {
   TempDir dir;
   core::TensorMap m;
