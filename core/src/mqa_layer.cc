@@ -122,6 +122,13 @@ double MostNegative(at::ScalarType t) {
 
 std::string Str(const std::vector<int64_t>& v) { return ShapeToString(v); }
 
+// Bottom-right causal mask [1, 1, s_q, s_k], true where a query may NOT look: query i (0-based within the new
+// chunk) sees key j iff j <= i + (s_k - s_q), so a chunk appended to a cache is causal against its absolute
+// positions. Shared by the torch and flash paths so both mask the same keys.
+at::Tensor FutureKeys(int64_t s_q, int64_t s_k, at::Device device) {
+  return at::ones({s_q, s_k}, at::TensorOptions().dtype(at::kBool).device(device)).triu(s_k - s_q + 1).view({1, 1, s_q, s_k});
+}
+
 }  // namespace
 
 struct MultiQueryAttention::Impl {
@@ -171,9 +178,7 @@ at::Tensor MultiQueryAttention::Impl::AttendTorch(const at::Tensor& q, const at:
   const double min_val = MostNegative(q.scalar_type());
   if (mask.defined()) attn = attn.masked_fill(mask.logical_not().view({b, 1, 1, s_k}), min_val);  // step 8
   if (causal && s_q != 1) {                                                                        // step 9
-    // Query i sees key j iff j <= i + (s_k - s_q): bottom-right aligned.
-    at::Tensor future = at::ones({s_q, s_k}, q.options().dtype(at::kBool)).triu(s_k - s_q + 1);
-    attn = attn.masked_fill(future.view({1, 1, s_q, s_k}), min_val);
+    attn = attn.masked_fill(FutureKeys(s_q, s_k, q.device()), min_val);
   }
   at::Tensor p = at::softmax(attn, -1);                                     // step 10
   if (training && opt.attn_pdrop > 0) p = at::dropout(p, opt.attn_pdrop, /*train=*/true);  // step 11
@@ -213,8 +218,7 @@ at::Tensor MultiQueryAttention::Impl::AttendFlash(const at::Tensor& q, const at:
   if (bias.defined()) m.add_(bias.to(q.scalar_type()));
   if (mask.defined()) m.masked_fill_(mask.logical_not().view({b, 1, 1, s_k}), min_val);
   if (causal_applies) {
-    at::Tensor future = at::ones({s_q, s_k}, q.options().dtype(at::kBool)).triu(s_k - s_q + 1);
-    m.masked_fill_(future.view({1, 1, s_q, s_k}), min_val);
+    m.masked_fill_(FutureKeys(s_q, s_k, q.device()), min_val);
   }
   at::Tensor ctx = at::scaled_dot_product_attention(q, ke, ve, m, dropout, false, scale);
   if (bias.defined()) {
