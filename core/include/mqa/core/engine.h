@@ -1,0 +1,182 @@
+// Engine: hosted models, sessions with server-side KV caches, and the worker threads that run every
+// computation.
+//
+// One worker thread per device ("cpu", "cuda:0", ...) owns all computation on that device: callers (gRPC
+// threads) only enqueue work and receive completions. Work of one session and layer runs in the order it was
+// submitted. Completion callbacks run on the worker thread (or inline in Submit* when a request is refused
+// before it is queued), never under an Engine lock: they may call any Engine function, but should be quick,
+// since the device waits while they run.
+//
+// Thread-safety: every public member function may be called from any thread.
+#ifndef MQA_CORE_ENGINE_H_
+#define MQA_CORE_ENGINE_H_
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "mqa/core/mqa_layer.h"
+#include "mqa/core/status.h"
+#include "mqa/core/tensor.h"
+
+namespace mqa::core {
+
+using Clock = std::chrono::steady_clock;
+
+// A hosted model: num_layers layers sharing one set of options.
+struct ModelConfig {
+  std::string name;
+  int num_layers = 1;
+  MqaOptions options;               // options.seed initialises layer i with seed + i when weights_path is empty
+  std::string weights_path;         // safetensors file with "layers.{i}.attn.*"; empty: random from the seed
+  int64_t max_tokens_per_session = 4096;
+  std::string description;          // free text shown by ListModels
+};
+
+struct EngineOptions {
+  std::vector<ModelConfig> models;
+  size_t max_sessions = 1024;                                    // CreateSession past it: RESOURCE_EXHAUSTED
+  size_t max_queue = 4096;                                       // queued items per device past it: RESOURCE_EXHAUSTED
+  std::chrono::milliseconds default_idle_ttl{std::chrono::minutes(5)};
+  std::chrono::milliseconds max_idle_ttl{std::chrono::hours(1)};
+  std::chrono::milliseconds reap_interval{std::chrono::milliseconds(200)};  // how often idle sessions are checked
+};
+
+struct ModelInfo {
+  std::string name;
+  int num_layers = 0;
+  MqaOptions options;
+  int64_t max_tokens_per_session = 0;
+  std::string description;
+};
+
+enum class PositionBias : int { kNone = 0, kAlibi = 1 };
+
+struct SessionConfig {
+  std::string model;
+  int64_t max_tokens = 0;                      // 0: the model's max_tokens_per_session
+  std::chrono::milliseconds idle_ttl{0};       // 0: EngineOptions::default_idle_ttl
+  bool causal = true;                          // bottom-right causal mask within prefill chunks
+  PositionBias position_bias = PositionBias::kNone;
+};
+
+struct SessionInfo {
+  std::string id;                              // 32 lowercase hex digits, 128 bits from the OS CSPRNG
+  std::string model;
+  int64_t max_tokens = 0;
+  std::vector<int64_t> layer_positions;        // tokens held per layer
+  std::chrono::milliseconds idle_ttl{0};
+  std::chrono::system_clock::time_point create_time;
+  std::chrono::system_clock::time_point expire_time;  // last activity + idle_ttl
+  bool causal = true;
+  PositionBias position_bias = PositionBias::kNone;
+  int64_t cache_bytes = 0;                     // bytes held by the session's caches
+};
+
+// Lets a caller withdraw queued work. Work that has not started when cancelled is dropped (CANCELLED) and
+// never computed; work already running completes normally.
+class CancelFlag {
+ public:
+  void Cancel() { cancelled_.store(true, std::memory_order_release); }
+  bool cancelled() const { return cancelled_.load(std::memory_order_acquire); }
+
+ private:
+  std::atomic<bool> cancelled_{false};
+};
+
+struct StepRequest {
+  std::string session_id;
+  int layer = 0;
+  Tensor x;                                    // [1, s, dim], any floating dtype, on the CPU
+  std::optional<int64_t> position;             // required current length of the layer's cache
+  Clock::time_point deadline = Clock::time_point::max();  // not started by then: DEADLINE_EXCEEDED
+  std::shared_ptr<const CancelFlag> cancel;    // optional
+};
+
+struct StepResult {
+  Tensor out;                                  // [1, s, dim] in x's dtype, on the CPU
+  int64_t position = 0;                        // first token's position (cache length before the step)
+  int64_t num_tokens = 0;
+  int64_t queue_us = 0;
+  int64_t compute_us = 0;
+};
+
+// Stateless forward of one layer: ForwardArgs on the CPU in any floating dtype (converted to the layer's);
+// results come back on the CPU in x's dtype.
+struct ForwardRequest {
+  std::string model;
+  int layer = 0;
+  ForwardArgs args;
+  Clock::time_point deadline = Clock::time_point::max();
+  std::shared_ptr<const CancelFlag> cancel;
+};
+
+using StepCallback = std::function<void(StatusOr<StepResult>)>;
+using ForwardCallback = std::function<void(StatusOr<ForwardResult>)>;
+
+struct EngineStats {
+  size_t queue_depth = 0;           // items waiting, all devices
+  size_t running = 0;               // items being computed now
+  size_t sessions_open = 0;
+  uint64_t sessions_created = 0;
+  uint64_t sessions_closed = 0;     // by CloseSession
+  uint64_t sessions_expired = 0;    // by the idle TTL
+  uint64_t steps_completed = 0;
+  uint64_t steps_failed = 0;        // refused or failed for any reason, including the two below
+  uint64_t dropped_cancelled = 0;   // steps and forwards dropped before compute because they were cancelled
+  uint64_t dropped_deadline = 0;    // ... because their deadline had passed
+  uint64_t forwards_completed = 0;
+};
+
+class Engine {
+ public:
+  // Builds every model's layers (on their devices) and starts one worker per device. INVALID_ARGUMENT for bad
+  // options or duplicate model names, NOT_FOUND / DATA_LOSS for unreadable weights, UNAVAILABLE for a device
+  // that does not exist here.
+  static StatusOr<std::unique_ptr<Engine>> Create(EngineOptions options);
+  // Stops the workers: queued work completes with UNAVAILABLE. Blocks until the worker threads have exited.
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  std::vector<ModelInfo> ListModels() const;   // sorted by name
+  StatusOr<ModelInfo> GetModel(const std::string& name) const;
+
+  // NOT_FOUND (model), INVALID_ARGUMENT (max_tokens or idle_ttl out of range), RESOURCE_EXHAUSTED (at
+  // max_sessions), UNAVAILABLE (after StopAcceptingSessions).
+  StatusOr<SessionInfo> CreateSession(const SessionConfig& config);
+  // NOT_FOUND for unknown, closed or expired sessions (the message says which, for recently ended ones).
+  StatusOr<SessionInfo> GetSession(const std::string& id) const;
+  // Frees the session's caches (steps already queued for it still run, then the memory is released).
+  StatusOr<SessionInfo> CloseSession(const std::string& id);
+
+  // Queues one step. done is called exactly once. Errors: NOT_FOUND (session, or layer index),
+  // INVALID_ARGUMENT (x), FAILED_PRECONDITION (position mismatch), OUT_OF_RANGE (past max_tokens),
+  // RESOURCE_EXHAUSTED (queue full), DEADLINE_EXCEEDED / CANCELLED (dropped before compute), UNAVAILABLE
+  // (engine stopping). A failed step leaves the session unchanged.
+  void SubmitStep(StepRequest request, StepCallback done);
+  // Queues one stateless forward; same contract as SubmitStep (minus the session errors).
+  void SubmitForward(ForwardRequest request, ForwardCallback done);
+
+  // Refuse new sessions from now on (draining). Existing sessions keep working.
+  void StopAcceptingSessions();
+  // Waits until no work is queued or running, or the deadline passes. Returns whether the engine was idle.
+  bool WaitIdle(Clock::time_point deadline) const;
+
+  EngineStats stats() const;
+
+ private:
+  struct Impl;
+  explicit Engine(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace mqa::core
+
+#endif  // MQA_CORE_ENGINE_H_
