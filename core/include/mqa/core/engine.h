@@ -153,11 +153,12 @@ class Engine {
   StatusOr<SessionInfo> CreateSession(const SessionConfig& config);
   // NOT_FOUND for unknown, closed or expired sessions (the message says which, for recently ended ones).
   StatusOr<SessionInfo> GetSession(const std::string& id) const;
-  // Frees the session's caches (steps already queued for it still run, then the memory is released).
+  // Ends the session and frees its caches. Steps of it still queued fail with NOT_FOUND, uncomputed; a step
+  // already running finishes first, then its memory is released.
   StatusOr<SessionInfo> CloseSession(const std::string& id);
 
-  // Queues one step. done is called exactly once. Errors: NOT_FOUND (session, or layer index),
-  // INVALID_ARGUMENT (x), FAILED_PRECONDITION (position mismatch), OUT_OF_RANGE (past max_tokens),
+  // Queues one step. done is called exactly once. Errors: NOT_FOUND (session), INVALID_ARGUMENT (x, or a layer
+  // index outside the model), FAILED_PRECONDITION (position mismatch), OUT_OF_RANGE (past max_tokens),
   // RESOURCE_EXHAUSTED (queue full), DEADLINE_EXCEEDED / CANCELLED (dropped before compute), UNAVAILABLE
   // (engine stopping). A failed step leaves the session unchanged.
   void SubmitStep(StepRequest request, StepCallback done);

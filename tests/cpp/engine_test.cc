@@ -1,0 +1,363 @@
+// The engine in-process: sessions, per-layer caches, limits and the fate of dropped work. Results are checked
+// against the layer's own full forward (itself checked against Zeta by the reference tests).
+#include "mqa/core/engine.h"
+
+#include <gtest/gtest.h>
+
+#include <future>
+#include <set>
+#include <thread>
+
+#include "test_util.h"
+
+namespace mqa::core {
+namespace {
+
+using ::mqa::testing::Floats;
+using ::mqa::testing::Randn;
+using ::mqa::testing::RelativeError;
+using ::mqa::testing::Unwrap;
+
+ModelConfig SmallModel(const std::string& name = "small", int layers = 2, int64_t max_tokens = 256) {
+  ModelConfig m;
+  m.name = name;
+  m.num_layers = layers;
+  m.options.dim = 64;
+  m.options.heads = 4;
+  m.options.seed = 7;
+  m.max_tokens_per_session = max_tokens;
+  return m;
+}
+
+std::unique_ptr<Engine> MakeEngine(EngineOptions o) { return Unwrap(Engine::Create(std::move(o)), "Engine::Create"); }
+
+std::unique_ptr<Engine> MakeEngine(ModelConfig model = SmallModel()) {
+  EngineOptions o;
+  o.models.push_back(std::move(model));
+  return MakeEngine(std::move(o));
+}
+
+StatusOr<StepResult> StepSync(Engine& e, StepRequest req) {
+  std::promise<StatusOr<StepResult>> p;
+  auto f = p.get_future();
+  e.SubmitStep(std::move(req), [&p](StatusOr<StepResult> r) { p.set_value(std::move(r)); });
+  return f.get();
+}
+
+StepRequest MakeStep(const std::string& id, int layer, Tensor x) {
+  StepRequest r;
+  r.session_id = id;
+  r.layer = layer;
+  r.x = std::move(x);
+  return r;
+}
+
+SessionInfo Create(Engine& e, SessionConfig c = {}) {
+  if (c.model.empty()) c.model = "small";
+  return Unwrap(e.CreateSession(c), "CreateSession");
+}
+
+// Rows [from, to) of a [1, s, dim] tensor's values.
+std::vector<float> Rows(const std::vector<float>& v, int64_t dim, int64_t from, int64_t to) {
+  return std::vector<float>(v.begin() + from * dim, v.begin() + to * dim);
+}
+
+TEST(Engine, SessionIdsAre128RandomBitsInHex) {
+  EngineOptions o;
+  o.models.push_back(SmallModel());
+  o.max_sessions = 5000;
+  auto e = MakeEngine(std::move(o));
+  std::set<std::string> ids;
+  for (int i = 0; i < 2000; ++i) {
+    SessionInfo s = Create(*e);
+    ASSERT_EQ(s.id.size(), 32u);
+    ASSERT_EQ(s.id.find_first_not_of("0123456789abcdef"), std::string::npos) << s.id;
+    ids.insert(s.id);
+  }
+  EXPECT_EQ(ids.size(), 2000u);
+  EXPECT_EQ(e->stats().sessions_open, 2000u);
+}
+
+// Prefill chunk + one-token decode steps through the session equals one causal pass over all tokens.
+void CheckIncrementalEqualsFullPass(PositionBias bias, bool causal) {
+  auto e = MakeEngine();
+  SessionConfig c;
+  c.position_bias = bias;
+  c.causal = causal;
+  SessionInfo s = Create(*e, c);
+  const int64_t dim = 64, total = 12, prefill = 5;
+  Tensor all = Randn(DType::kFloat32, {1, total, dim});
+  std::vector<float> all_v = Floats(all);
+  std::vector<float> got;
+  auto chunk = [&](int64_t from, int64_t to) {
+    return Unwrap(Tensor::FromFloats(DType::kFloat32, {1, to - from, dim}, Rows(all_v, dim, from, to)));
+  };
+  auto r = Unwrap(StepSync(*e, MakeStep(s.id, 1, chunk(0, prefill))));
+  EXPECT_EQ(r.position, 0);
+  EXPECT_EQ(r.num_tokens, prefill);
+  got = Floats(r.out);
+  for (int64_t t = prefill; t < total; ++t) {
+    auto step = MakeStep(s.id, 1, chunk(t, t + 1));
+    step.position = t;
+    auto rt = Unwrap(StepSync(*e, step));
+    EXPECT_EQ(rt.position, t);
+    auto v = Floats(rt.out);
+    got.insert(got.end(), v.begin(), v.end());
+  }
+  // The same layer (same seed: layer 1 = seed + 1), one full pass.
+  MqaOptions o = SmallModel().options;
+  auto stack = Unwrap(MqaStack::Create(o, 2));
+  ForwardArgs args;
+  args.x = all;
+  args.causal = causal;
+  if (bias == PositionBias::kAlibi) args.bias = Unwrap(AlibiBias(o.heads, total, /*full=*/!causal, DType::kFloat32));
+  auto full = Unwrap(stack->layer(1).Forward(args));
+  if (causal) {
+    EXPECT_LT(RelativeError(got, Floats(full.out)), 1e-5);
+  } else {
+    // Without a causal mask a chunk sees every key up to its own end: a decode token t sees 0..t exactly as
+    // in a causal pass, and the prefill chunk is a non-causal pass of its own.
+    ForwardArgs causal_args = args;
+    causal_args.causal = true;
+    if (bias == PositionBias::kAlibi) causal_args.bias = Unwrap(AlibiBias(o.heads, total, false, DType::kFloat32));
+    auto causal_full = Floats(Unwrap(stack->layer(1).Forward(causal_args)).out);
+    EXPECT_LT(RelativeError(Rows(got, dim, prefill, total), Rows(causal_full, dim, prefill, total)), 1e-5);
+    ForwardArgs pre;
+    pre.x = chunk(0, prefill);
+    pre.causal = false;
+    if (bias == PositionBias::kAlibi) pre.bias = Unwrap(AlibiBias(o.heads, prefill, true, DType::kFloat32));
+    auto pre_out = Floats(Unwrap(stack->layer(1).Forward(pre)).out);
+    EXPECT_LT(RelativeError(Rows(got, dim, 0, prefill), pre_out), 1e-5);
+  }
+  SessionInfo after = Unwrap(e->GetSession(s.id));
+  EXPECT_EQ(after.layer_positions, (std::vector<int64_t>{0, total}));  // layer 0 never stepped
+  EXPECT_EQ(after.cache_bytes, 2 * total * 16 * 4);                    // k and v, head_dim 16, fp32
+}
+
+TEST(Engine, IncrementalDecodeEqualsOneFullPass) { CheckIncrementalEqualsFullPass(PositionBias::kNone, true); }
+TEST(Engine, IncrementalDecodeWithAlibiEqualsOneFullPass) {
+  CheckIncrementalEqualsFullPass(PositionBias::kAlibi, true);
+}
+TEST(Engine, NonCausalAlibiSessionChunksMatchTheLayer) { CheckIncrementalEqualsFullPass(PositionBias::kAlibi, false); }
+
+TEST(Engine, WrongPositionIsRefusedAndNothingChanges) {
+  auto e = MakeEngine();
+  SessionInfo s = Create(*e);
+  ASSERT_TRUE(StepSync(*e, MakeStep(s.id, 0, Randn(DType::kFloat32, {1, 3, 64}))).ok());
+  auto step = MakeStep(s.id, 0, Randn(DType::kFloat32, {1, 1, 64}));
+  step.position = 2;
+  auto r = StepSync(*e, step);
+  ASSERT_EQ(r.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(r.status().message().find("holds 3 tokens, but the step says it starts at 2"), std::string::npos)
+      << r.status().message();
+  EXPECT_EQ(Unwrap(e->GetSession(s.id)).layer_positions[0], 3);
+}
+
+TEST(Engine, MaxTokensIsOutOfRangeAndTheSessionStaysUsable) {
+  auto e = MakeEngine();
+  SessionConfig c;
+  c.max_tokens = 4;
+  SessionInfo s = Create(*e, c);
+  ASSERT_TRUE(StepSync(*e, MakeStep(s.id, 0, Randn(DType::kFloat32, {1, 3, 64}))).ok());
+  auto r = StepSync(*e, MakeStep(s.id, 0, Randn(DType::kFloat32, {1, 2, 64})));
+  ASSERT_EQ(r.status().code(), StatusCode::kOutOfRange);
+  EXPECT_NE(r.status().message().find("max_tokens of 4"), std::string::npos) << r.status().message();
+  EXPECT_EQ(Unwrap(e->GetSession(s.id)).layer_positions[0], 3);
+  EXPECT_TRUE(StepSync(*e, MakeStep(s.id, 0, Randn(DType::kFloat32, {1, 1, 64}))).ok());  // exactly the maximum
+  EXPECT_EQ(Unwrap(e->GetSession(s.id)).layer_positions[0], 4);
+}
+
+TEST(Engine, BadRequestsGetPreciseCodes) {
+  auto e = MakeEngine();
+  SessionInfo s = Create(*e);
+  auto bad_shape = StepSync(*e, MakeStep(s.id, 0, Randn(DType::kFloat32, {1, 2, 32})));
+  EXPECT_EQ(bad_shape.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(bad_shape.status().message().find("expected a floating tensor [1, s, 64]"), std::string::npos);
+  auto two_sessions = StepSync(*e, MakeStep(s.id, 0, Randn(DType::kFloat32, {2, 1, 64})));
+  EXPECT_EQ(two_sessions.status().code(), StatusCode::kInvalidArgument);
+  auto bad_layer = StepSync(*e, MakeStep(s.id, 2, Randn(DType::kFloat32, {1, 1, 64})));
+  EXPECT_EQ(bad_layer.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(bad_layer.status().message().find("has layers 0..1"), std::string::npos);
+  auto unknown = StepSync(*e, MakeStep("00000000000000000000000000000000", 0, Randn(DType::kFloat32, {1, 1, 64})));
+  EXPECT_EQ(unknown.status().code(), StatusCode::kNotFound);
+  SessionConfig c;
+  c.model = "nope";
+  EXPECT_EQ(e->CreateSession(c).status().code(), StatusCode::kNotFound);
+  c.model = "small";
+  c.max_tokens = 257;
+  EXPECT_EQ(e->CreateSession(c).status().code(), StatusCode::kInvalidArgument);
+  c.max_tokens = 0;
+  c.idle_ttl = std::chrono::hours(2);
+  EXPECT_EQ(e->CreateSession(c).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(Unwrap(e->GetSession(s.id)).layer_positions, (std::vector<int64_t>{0, 0}));
+}
+
+TEST(Engine, OtherDtypesAreConvertedAndAnsweredInKind) {
+  auto e = MakeEngine();
+  SessionInfo s = Create(*e);
+  auto r = Unwrap(StepSync(*e, MakeStep(s.id, 0, Randn(DType::kBFloat16, {1, 2, 64}))));
+  EXPECT_EQ(r.out.dtype(), DType::kBFloat16);
+  EXPECT_EQ(r.out.shape(), (std::vector<int64_t>{1, 2, 64}));
+}
+
+TEST(Engine, MaxSessionsIsResourceExhaustedUntilOneCloses) {
+  EngineOptions o;
+  o.models.push_back(SmallModel());
+  o.max_sessions = 3;
+  auto e = MakeEngine(std::move(o));
+  std::vector<SessionInfo> s;
+  for (int i = 0; i < 3; ++i) s.push_back(Create(*e));
+  SessionConfig c;
+  c.model = "small";
+  auto refused = e->CreateSession(c);
+  ASSERT_EQ(refused.status().code(), StatusCode::kResourceExhausted);
+  EXPECT_NE(refused.status().message().find("maximum of 3 sessions"), std::string::npos);
+  ASSERT_TRUE(e->CloseSession(s[0].id).ok());
+  EXPECT_TRUE(e->CreateSession(c).ok());
+}
+
+TEST(Engine, ClosedSessionsAreNotFoundAndSaySo) {
+  auto e = MakeEngine();
+  SessionInfo s = Create(*e);
+  ASSERT_TRUE(StepSync(*e, MakeStep(s.id, 0, Randn(DType::kFloat32, {1, 4, 64}))).ok());
+  ASSERT_TRUE(e->CloseSession(s.id).ok());
+  auto again = e->CloseSession(s.id);
+  EXPECT_EQ(again.status().code(), StatusCode::kNotFound);
+  EXPECT_NE(again.status().message().find("was closed"), std::string::npos);
+  auto step = StepSync(*e, MakeStep(s.id, 0, Randn(DType::kFloat32, {1, 1, 64})));
+  EXPECT_EQ(step.status().code(), StatusCode::kNotFound);
+  EXPECT_EQ(e->stats().sessions_open, 0u);
+  EXPECT_EQ(e->stats().sessions_closed, 1u);
+}
+
+TEST(Engine, IdleSessionsExpireAndActiveOnesStay) {
+  EngineOptions o;
+  o.models.push_back(SmallModel());
+  o.reap_interval = std::chrono::milliseconds(10);
+  auto e = MakeEngine(std::move(o));
+  SessionConfig c;
+  c.idle_ttl = std::chrono::milliseconds(150);
+  SessionInfo idle = Create(*e, c);
+  SessionInfo busy = Create(*e, c);
+  for (int i = 0; i < 8; ++i) {  // ~400 ms of activity, a step every 50 ms
+    ASSERT_TRUE(StepSync(*e, MakeStep(busy.id, 0, Randn(DType::kFloat32, {1, 1, 64}))).ok());
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  auto gone = e->GetSession(idle.id);
+  ASSERT_EQ(gone.status().code(), StatusCode::kNotFound);
+  EXPECT_NE(gone.status().message().find("expired after 150 ms idle"), std::string::npos) << gone.status().message();
+  EXPECT_TRUE(e->GetSession(busy.id).ok());
+  EXPECT_EQ(e->stats().sessions_expired, 1u);
+}
+
+// A step long enough that work queued behind it is still waiting when it is cancelled or its deadline passes.
+ModelConfig SlowModel() {
+  ModelConfig m = SmallModel("slow", 1, 4096);
+  m.options.dim = 512;
+  m.options.heads = 8;
+  return m;
+}
+
+TEST(Engine, CancelledAndExpiredStepsAreDroppedUncomputed) {
+  auto e = MakeEngine(SlowModel());
+  SessionConfig c;
+  c.model = "slow";
+  SessionInfo busy = Create(*e, c);
+  SessionInfo victim = Create(*e, c);
+  std::promise<StatusOr<StepResult>> long_done;
+  e->SubmitStep(MakeStep(busy.id, 0, Randn(DType::kFloat32, {1, 2048, 512})),
+                [&](StatusOr<StepResult> r) { long_done.set_value(std::move(r)); });
+
+  auto cancel = std::make_shared<CancelFlag>();
+  auto cancelled_step = MakeStep(victim.id, 0, Randn(DType::kFloat32, {1, 1, 512}));
+  cancelled_step.cancel = cancel;
+  std::promise<StatusOr<StepResult>> cancelled_done;
+  e->SubmitStep(cancelled_step, [&](StatusOr<StepResult> r) { cancelled_done.set_value(std::move(r)); });
+  cancel->Cancel();
+
+  auto late_step = MakeStep(victim.id, 0, Randn(DType::kFloat32, {1, 1, 512}));
+  late_step.deadline = Clock::now() + std::chrono::milliseconds(1);
+  auto late = StepSync(*e, late_step);
+
+  EXPECT_TRUE(long_done.get_future().get().ok());
+  EXPECT_EQ(cancelled_done.get_future().get().status().code(), StatusCode::kCancelled);
+  EXPECT_EQ(late.status().code(), StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(Unwrap(e->GetSession(victim.id)).layer_positions[0], 0);  // neither was computed
+  EngineStats st = e->stats();
+  EXPECT_EQ(st.dropped_cancelled, 1u);
+  EXPECT_EQ(st.dropped_deadline, 1u);
+  EXPECT_EQ(st.steps_completed, 1u);
+}
+
+TEST(Engine, FullQueueIsResourceExhaustedForThatStepOnly) {
+  EngineOptions o;
+  o.models.push_back(SlowModel());
+  o.max_queue = 2;
+  auto e = MakeEngine(std::move(o));
+  SessionConfig c;
+  c.model = "slow";
+  SessionInfo s = Create(*e, c);
+  std::vector<std::future<StatusOr<StepResult>>> results;
+  std::vector<std::shared_ptr<std::promise<StatusOr<StepResult>>>> promises;
+  for (int i = 0; i < 5; ++i) {
+    auto p = std::make_shared<std::promise<StatusOr<StepResult>>>();
+    results.push_back(p->get_future());
+    const int64_t tokens = i == 0 ? 2048 : 1;
+    e->SubmitStep(MakeStep(s.id, 0, Randn(DType::kFloat32, {1, tokens, 512})),
+                  [p](StatusOr<StepResult> r) { p->set_value(std::move(r)); });
+  }
+  int ok = 0, exhausted = 0;
+  for (auto& f : results) {
+    auto r = f.get();
+    if (r.ok()) ++ok;
+    if (r.status().code() == StatusCode::kResourceExhausted) {
+      ++exhausted;
+      EXPECT_NE(r.status().message().find("queue of cpu is full (2 requests waiting)"), std::string::npos);
+    }
+  }
+  EXPECT_EQ(ok + exhausted, 5);
+  EXPECT_GE(exhausted, 2);  // the long step runs while at most 2 wait
+  EXPECT_EQ(Unwrap(e->GetSession(s.id)).layer_positions[0], 2048 + ok - 1);
+}
+
+TEST(Engine, DrainingRefusesNewSessionsButServesOldOnes) {
+  auto e = MakeEngine();
+  SessionInfo s = Create(*e);
+  e->StopAcceptingSessions();
+  SessionConfig c;
+  c.model = "small";
+  EXPECT_EQ(e->CreateSession(c).status().code(), StatusCode::kUnavailable);
+  EXPECT_TRUE(StepSync(*e, MakeStep(s.id, 0, Randn(DType::kFloat32, {1, 1, 64}))).ok());
+  EXPECT_TRUE(e->WaitIdle(Clock::now() + std::chrono::seconds(5)));
+}
+
+TEST(Engine, NaNInOneSessionLeavesAnotherUntouched) {
+  auto e = MakeEngine();
+  SessionInfo a = Create(*e), b = Create(*e);
+  Tensor xb = Randn(DType::kFloat32, {1, 3, 64});
+  auto alone = Floats(Unwrap(StepSync(*e, MakeStep(b.id, 0, xb))).out);
+  SessionInfo b2 = Create(*e);
+  std::vector<float> nan(3 * 64, std::nanf(""));
+  ASSERT_TRUE(StepSync(*e, MakeStep(a.id, 0, Unwrap(Tensor::FromFloats(DType::kFloat32, {1, 3, 64}, nan)))).ok());
+  auto after = Floats(Unwrap(StepSync(*e, MakeStep(b2.id, 0, xb))).out);
+  EXPECT_EQ(after, alone);
+}
+
+TEST(Engine, StatelessForwardReturnsTheCacheInTheCallersDtype) {
+  auto e = MakeEngine();
+  ForwardRequest f;
+  f.model = "small";
+  f.layer = 0;
+  f.args.x = Randn(DType::kFloat16, {2, 3, 64});
+  f.args.past_key_value = KvCache{};
+  std::promise<StatusOr<ForwardResult>> p;
+  e->SubmitForward(f, [&](StatusOr<ForwardResult> r) { p.set_value(std::move(r)); });
+  auto r = Unwrap(p.get_future().get());
+  EXPECT_EQ(r.out.dtype(), DType::kFloat16);
+  ASSERT_TRUE(r.cache.has_value());
+  EXPECT_EQ(r.cache->k.shape(), (std::vector<int64_t>{2, 1, 16, 3}));
+  EXPECT_EQ(r.cache->v.dtype(), DType::kFloat16);
+}
+
+}  // namespace
+}  // namespace mqa::core
