@@ -1,0 +1,80 @@
+// mqa-server: serves the configured models (or the embedded default model) over gRPC until SIGTERM/SIGINT,
+// which start a graceful drain (see Server::Drain).
+#include <signal.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <string>
+#include <thread>
+
+#include "server/config.h"
+#include "server/logging.h"
+#include "server/server.h"
+
+extern char** environ;
+
+namespace {
+
+std::map<std::string, std::string> Environment() {
+  std::map<std::string, std::string> env;
+  for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
+    std::string kv(*e);
+    auto eq = kv.find('=');
+    if (eq != std::string::npos) env[kv.substr(0, eq)] = kv.substr(eq + 1);
+  }
+  return env;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Signals are taken by one thread with sigwait, so the drain runs in ordinary code rather than in a handler;
+  // every thread created after this inherits the mask.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  auto config = mqa::server::LoadConfig(argc, argv, Environment());
+  if (!config.ok()) {
+    std::cerr << "mqa-server: " << config.status().ToString() << "\n(see mqa-server --help)\n";
+    return 2;
+  }
+  if (config->show_help) {
+    std::cout << mqa::server::ConfigHelp();
+    return 0;
+  }
+  if (auto st = mqa::server::SetUpLogging(config->log_level, config->log_format); !st.ok()) {
+    std::cerr << "mqa-server: " << st.ToString() << "\n";
+    return 2;
+  }
+  auto server = mqa::server::Server::Start(*config);
+  if (!server.ok()) {
+    mqa::server::LogEvent(mqa::server::Level::kError, "start_failed",
+                          {{"code", std::string(mqa::core::StatusCodeName(server.status().code()))},
+                           {"reason", server.status().message()}});
+    return 1;
+  }
+  if (!config->port_file.empty()) {
+    // Written to a temporary name and renamed, so a reader never sees a partial number.
+    const std::string tmp = config->port_file + ".tmp";
+    std::ofstream(tmp) << (*server)->port() << "\n";
+    std::rename(tmp.c_str(), config->port_file.c_str());
+  }
+
+  std::thread signal_thread([&] {
+    int sig = 0;
+    sigwait(&signals, &sig);
+    mqa::server::LogEvent(mqa::server::Level::kInfo, "signal", {{"signal", sig == SIGTERM ? "SIGTERM" : "SIGINT"}});
+    (*server)->Drain(config->drain_timeout);
+  });
+  (*server)->Wait();
+  signal_thread.join();
+  server->reset();
+  mqa::server::LogEvent(mqa::server::Level::kInfo, "server_stopped", {});
+  return 0;
+}

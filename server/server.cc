@@ -1,0 +1,101 @@
+#include "server/server.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include <string>
+#include <thread>
+
+#include "server/logging.h"
+
+namespace mqa::server {
+namespace {
+
+constexpr char kServiceName[] = "mqa.v1.MqaService";
+
+void SetServing(grpc::Server* server, bool serving) {
+  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  if (health == nullptr) return;
+  health->SetServingStatus("", serving);
+  health->SetServingStatus(kServiceName, serving);
+}
+
+}  // namespace
+
+core::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config) {
+  std::unique_ptr<Server> s(new Server());
+  s->config_ = config;
+  MQA_ASSIGN_OR_RETURN(s->engine_, core::Engine::Create(config.engine));
+  s->service_ = std::make_unique<MqaServiceImpl>(s->engine_.get(), ServiceOptions{});
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(config.listen, grpc::InsecureServerCredentials(), &s->port_);
+  builder.RegisterService(s->service_.get());
+  const int max_bytes = static_cast<int>(std::min<size_t>(config.max_message_bytes, INT32_MAX));
+  builder.SetMaxReceiveMessageSize(max_bytes);
+  builder.SetMaxSendMessageSize(max_bytes);
+  s->server_ = builder.BuildAndStart();
+  if (!s->server_ || s->port_ == 0) {
+    return core::UnavailableError("cannot listen on " + config.listen + " (address in use or not valid?)");
+  }
+  SetServing(s->server_.get(), true);
+  std::string models;
+  for (const auto& m : s->engine_->ListModels()) {
+    models += (models.empty() ? "" : ",") + m.name + "@" + m.options.device;
+  }
+  LogEvent(Level::kInfo, "server_started",
+           {{"listen", config.listen}, {"port", std::to_string(s->port_)}, {"models", models},
+            {"max_sessions", std::to_string(config.engine.max_sessions)},
+            {"max_message_bytes", std::to_string(config.max_message_bytes)}});
+  return s;
+}
+
+Server::~Server() {
+  if (server_) {
+    server_->Shutdown(std::chrono::system_clock::now());
+    server_->Wait();
+  }
+}
+
+void Server::Drain(std::chrono::milliseconds budget) {
+  const auto start = core::Clock::now();
+  const auto end = start + budget;
+  SetServing(server_.get(), false);
+  service_->StartDraining();
+  LogEvent(Level::kInfo, "drain_started",
+           {{"budget_ms", std::to_string(budget.count())},
+            {"sessions", std::to_string(engine_->stats().sessions_open)}});
+  auto next_report = start + std::chrono::seconds(1);
+  for (;;) {
+    core::EngineStats st = engine_->stats();
+    if (st.sessions_open == 0 && st.queue_depth == 0 && st.running == 0) break;
+    auto now = core::Clock::now();
+    if (now >= end) {
+      LogEvent(Level::kWarn, "drain_budget_spent",
+               {{"sessions_left", std::to_string(st.sessions_open)}, {"queued", std::to_string(st.queue_depth)}});
+      break;
+    }
+    if (now >= next_report) {
+      LogEvent(Level::kInfo, "draining",
+               {{"sessions", std::to_string(st.sessions_open)}, {"queued", std::to_string(st.queue_depth)},
+                {"running", std::to_string(st.running)}});
+      next_report = now + std::chrono::seconds(1);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  // Idle streams may stay open on the client side; give them a moment to end, then cancel them.
+  auto left = std::max(end - core::Clock::now(), core::Clock::duration::zero());
+  auto grace = std::min<core::Clock::duration>(left, std::chrono::seconds(2));
+  server_->Shutdown(std::chrono::system_clock::now() +
+                    std::chrono::duration_cast<std::chrono::system_clock::duration>(grace));
+  // Anything still queued ends now, answered UNAVAILABLE by the engine's shutdown.
+  LogEvent(Level::kInfo, "drain_done",
+           {{"elapsed_ms",
+             std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(core::Clock::now() - start).count())}});
+}
+
+void Server::Wait() { server_->Wait(); }
+
+}  // namespace mqa::server
