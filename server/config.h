@@ -1,6 +1,48 @@
 // Server configuration: defaults < config file (YAML or JSON) < MQA_* environment variables < command-line
 // flags. With no model configured, the server hosts the embedded default model (random weights from a seed; on
 // the first GPU when there is one, else on the CPU).
+//
+// Config file (YAML; JSON is read as YAML). Every key is optional; unknown keys are errors. The path comes from
+// --config or MQA_CONFIG. deploy/config/example.yaml is a complete, commented example.
+//
+//   listen: "0.0.0.0:50051"        # host:port ("[::]:50051", port 0 = any free port) or "unix:/path"
+//   max_message_bytes: 67108864    # 1 .. 2147483647, both directions
+//   drain_timeout_ms: 30000        # 0 .. one year
+//   log_level: info                # trace, debug, info, warn (or warning), error, critical, off
+//   log_format: text               # text or json
+//   max_sessions: 1024             # >= 1
+//   max_queue: 4096                # >= 1, per device
+//   default_idle_ttl_ms: 300000    # 1 .. one year, <= max_idle_ttl_ms
+//   max_idle_ttl_ms: 3600000       # 1 .. one year
+//   reap_interval_ms: 200          # 1 .. one year
+//   models:                        # absent or empty: the embedded default model (DefaultModel())
+//     - name: mqa-7b               # required, unique, no whitespace
+//       num_layers: 32             # >= 1 (default 1)
+//       dim: 4096                  # (default 512)
+//       heads: 32                  # dim % heads == 0 (default 8)
+//       attn_impl: flash           # torch, flash, triton (default torch)
+//       clip_qkv: null             # number >= 0 or null (default null: no clipping)
+//       qk_ln: false               # true or false
+//       softmax_scale: null        # number or null (default null: 1/sqrt(head_dim))
+//       attn_pdrop: 0.0            # [0, 1); only training-mode calls use it
+//       norm_type: low_precision_layernorm   # or layernorm (alias layernornm), rmsnorm, low_precision_rmsnorm
+//       fc_type: torch             # only torch
+//       device: cuda:0             # cpu, cuda, cuda:N or auto (default auto: cuda:0 when a GPU exists, else cpu)
+//       dtype: bfloat16            # float32/fp32, bfloat16/bf16, float16/fp16 (default bf16 on CUDA, fp32 on CPU)
+//       seed: 0                    # layer i is initialised with seed + i when there are no weights
+//       weights: weights/7b.safetensors  # safetensors with layers.{i}.attn.*; relative to the config file's
+//                                        # directory; must exist. Absent or "": random weights from seed
+//       max_tokens_per_session: 4096     # >= 1
+//       description: "free text"
+//
+// Types are strict in the file: numbers and booleans must not be quoted, lists and maps must not appear where a
+// scalar is expected. Environment variables with an empty value count as unset. MQA_DEFAULT_DEVICE and --device
+// only concern the embedded default model: the variable is ignored when the file defines models, the flag is an
+// error then (set each model's device in the file instead). ConfigHelp() lists every flag and variable.
+//
+// Errors: INVALID_ARGUMENT naming where the bad value came from ("--max-sessions: ...", "MQA_MAX_QUEUE: ...",
+// "config.yaml:7:5: models[1].hedas: unknown key; expected one of ...") and what was expected; NOT_FOUND for a
+// missing config file or weights file; UNAVAILABLE for a model on a CUDA device this machine does not have.
 #ifndef MQA_SERVER_CONFIG_H_
 #define MQA_SERVER_CONFIG_H_
 
@@ -9,6 +51,7 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "mqa/core/engine.h"
@@ -32,12 +75,19 @@ struct ServerConfig {
 // The embedded default model: "mqa-default", 2 layers, dim 512, heads 8, seed 0, fp32 on the CPU or bf16 on
 // cuda:0 when a GPU is present (torch attention), 4096 tokens per session.
 core::ModelConfig DefaultModel();
+// The same model on `device` ("cpu", "cuda", "cuda:N"; "auto" or "" = as above): bf16 on a CUDA device, fp32 on
+// the CPU. The device string is not checked here (LoadConfig validates it).
+core::ModelConfig DefaultModel(std::string_view device);
 
 // Builds the configuration from argv (flags), env (the process environment, "MQA_*" names) and the file named
 // by --config / MQA_CONFIG. INVALID_ARGUMENT with the offending key and what was expected; NOT_FOUND for a
 // missing file. With --help, returns a config with show_help set (nothing else is validated).
+// Flags take "--flag value" or "--flag=value"; a repeated flag's last value wins.
 core::StatusOr<ServerConfig> LoadConfig(int argc, const char* const* argv,
                                         const std::map<std::string, std::string>& env);
+
+// The process environment's "MQA_*" variables, for LoadConfig's env argument.
+std::map<std::string, std::string> ProcessEnvironment();
 
 // Text for --help: every flag, its environment variable and its config-file key.
 std::string ConfigHelp();
