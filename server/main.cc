@@ -54,7 +54,7 @@ int main(int argc, char** argv) {
   }
   auto server = mqa::server::Server::Start(*config);
   if (!server.ok()) {
-    mqa::server::LogEvent(mqa::server::Level::kError, "start_failed",
+    mqa::server::LogError("start_failed",
                           {{"code", std::string(mqa::core::StatusCodeName(server.status().code()))},
                            {"reason", server.status().message()}});
     return 1;
@@ -69,12 +69,12 @@ int main(int argc, char** argv) {
   std::thread signal_thread([&] {
     int sig = 0;
     sigwait(&signals, &sig);
-    mqa::server::LogEvent(mqa::server::Level::kInfo, "signal", {{"signal", sig == SIGTERM ? "SIGTERM" : "SIGINT"}});
+    mqa::server::LogInfo("signal", {{"signal", sig == SIGTERM ? "SIGTERM" : "SIGINT"}});
     (*server)->Drain(config->drain_timeout);
   });
   (*server)->Wait();
   signal_thread.join();
   server->reset();
-  mqa::server::LogEvent(mqa::server::Level::kInfo, "server_stopped", {});
+  mqa::server::LogInfo("server_stopped", {});
   return 0;
 }

@@ -45,7 +45,7 @@ core::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   for (const auto& m : s->engine_->ListModels()) {
     models += (models.empty() ? "" : ",") + m.name + "@" + m.options.device;
   }
-  LogEvent(Level::kInfo, "server_started",
+  LogInfo("server_started",
            {{"listen", config.listen}, {"port", std::to_string(s->port_)}, {"models", models},
             {"max_sessions", std::to_string(config.engine.max_sessions)},
             {"max_message_bytes", std::to_string(config.max_message_bytes)}});
@@ -64,7 +64,7 @@ void Server::Drain(std::chrono::milliseconds budget) {
   const auto end = start + budget;
   SetServing(server_.get(), false);
   service_->StartDraining();
-  LogEvent(Level::kInfo, "drain_started",
+  LogInfo("drain_started",
            {{"budget_ms", std::to_string(budget.count())},
             {"sessions", std::to_string(engine_->stats().sessions_open)}});
   auto next_report = start + std::chrono::seconds(1);
@@ -73,12 +73,12 @@ void Server::Drain(std::chrono::milliseconds budget) {
     if (st.sessions_open == 0 && st.queue_depth == 0 && st.running == 0) break;
     auto now = core::Clock::now();
     if (now >= end) {
-      LogEvent(Level::kWarn, "drain_budget_spent",
+      LogWarn("drain_budget_spent",
                {{"sessions_left", std::to_string(st.sessions_open)}, {"queued", std::to_string(st.queue_depth)}});
       break;
     }
     if (now >= next_report) {
-      LogEvent(Level::kInfo, "draining",
+      LogInfo("draining",
                {{"sessions", std::to_string(st.sessions_open)}, {"queued", std::to_string(st.queue_depth)},
                 {"running", std::to_string(st.running)}});
       next_report = now + std::chrono::seconds(1);
@@ -91,7 +91,7 @@ void Server::Drain(std::chrono::milliseconds budget) {
   server_->Shutdown(std::chrono::system_clock::now() +
                     std::chrono::duration_cast<std::chrono::system_clock::duration>(grace));
   // Anything still queued ends now, answered UNAVAILABLE by the engine's shutdown.
-  LogEvent(Level::kInfo, "drain_done",
+  LogInfo("drain_done",
            {{"elapsed_ms",
              std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(core::Clock::now() - start).count())}});
 }

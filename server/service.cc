@@ -104,7 +104,9 @@ grpc::ServerUnaryReactor* MqaServiceImpl::Forward(grpc::CallbackServerContext* c
     } else if (req->return_cache()) {
       fr.args.past_key_value = core::KvCache{};  // the spec's empty cache: start one
     }
-    if (req->has_bias()) MQA_ASSIGN_OR_RETURN(fr.args.bias, FromWire(req->bias(), "bias"));
+    if (req->has_bias()) {
+      MQA_ASSIGN_OR_RETURN(fr.args.bias, FromWire(req->bias(), "bias"));
+    }
     if (req->has_mask()) {
       MQA_ASSIGN_OR_RETURN(fr.args.mask, FromWire(req->mask(), "mask"));
       if (fr.args.mask.dtype() == core::DType::kUInt8) {
@@ -172,13 +174,13 @@ grpc::ServerUnaryReactor* MqaServiceImpl::CreateSession(grpc::CallbackServerCont
   }
   auto session = engine_->CreateSession(config);
   if (!session.ok()) {
-    LogEvent(Level::kWarn, "session_refused",
+    LogWarn("session_refused",
              {{"model", config.model}, {"code", std::string(core::StatusCodeName(session.status().code()))},
               {"reason", session.status().message()}});
     return FinishNow(ctx, session.status());
   }
   ToWire(*session, resp->mutable_session());
-  LogEvent(Level::kInfo, "session_created",
+  LogInfo("session_created",
            {{"session", session->id},
             {"model", session->model},
             {"max_tokens", std::to_string(session->max_tokens)},
@@ -202,7 +204,7 @@ grpc::ServerUnaryReactor* MqaServiceImpl::CloseSession(grpc::CallbackServerConte
     ToWire(*session, resp->mutable_session());
     int64_t tokens = 0;
     for (int64_t p : session->layer_positions) tokens = std::max(tokens, p);
-    LogEvent(Level::kInfo, "session_closed",
+    LogInfo("session_closed",
              {{"session", session->id}, {"model", session->model}, {"tokens", std::to_string(tokens)}});
   }
   return FinishNow(ctx, session.status());
@@ -309,7 +311,7 @@ class MqaServiceImpl::StepStreamReactor final
       steps = steps_;
     }
     --service_->open_streams_;
-    LogEvent(Level::kDebug, "stream_closed", {{"peer", peer_}, {"steps", std::to_string(steps)}});
+    LogDebug("stream_closed", {{"peer", peer_}, {"steps", std::to_string(steps)}});
     if (destroy) delete this;
   }
 
