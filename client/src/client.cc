@@ -1,0 +1,316 @@
+#include "mqa/client/client.h"
+
+#include <grpcpp/create_channel.h>
+#include <grpcpp/security/credentials.h>
+#include <grpcpp/support/byte_buffer.h>
+#include <grpcpp/support/channel_arguments.h>
+
+#include <climits>
+#include <future>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "client_impl.h"
+#include "convert.h"
+
+namespace mqa::client {
+namespace {
+
+constexpr char kHealthCheckMethod[] = "/grpc.health.v1.Health/Check";
+
+// grpc.health.v1 is encoded by hand (two tiny messages) instead of generated: a generated copy would register
+// grpc/health/v1/health.proto in the process-wide descriptor pool and abort any program that also links
+// another generated copy (a server with the health service, for one).
+std::string EncodeHealthCheckRequest(const std::string& service) {
+  std::string out;
+  if (service.empty()) return out;  // proto3 omits default values
+  out.push_back(0x0A);              // field 1, length-delimited
+  for (uint64_t n = service.size(); ; n >>= 7) {
+    if (n < 0x80) {
+      out.push_back(static_cast<char>(n));
+      break;
+    }
+    out.push_back(static_cast<char>((n & 0x7F) | 0x80));
+  }
+  out += service;
+  return out;
+}
+
+bool ReadVarint(const std::string& in, size_t* pos, uint64_t* value) {
+  *value = 0;
+  for (int shift = 0; shift < 64; shift += 7) {
+    if (*pos >= in.size()) return false;
+    const uint8_t byte = static_cast<uint8_t>(in[(*pos)++]);
+    *value |= static_cast<uint64_t>(byte & 0x7F) << shift;
+    if ((byte & 0x80) == 0) return true;
+  }
+  return false;
+}
+
+// HealthCheckResponse{ServingStatus status = 1}; other fields are skipped as the wire format allows.
+StatusOr<HealthStatus> DecodeHealthCheckResponse(const std::string& in) {
+  const Status malformed(StatusCode::kInternal, "malformed grpc.health.v1.HealthCheckResponse");
+  uint64_t status = 0;
+  size_t pos = 0;
+  while (pos < in.size()) {
+    uint64_t key = 0;
+    if (!ReadVarint(in, &pos, &key)) return malformed;
+    const uint64_t field = key >> 3;
+    const uint64_t wire_type = key & 7;
+    uint64_t value = 0;
+    switch (wire_type) {
+      case 0:
+        if (!ReadVarint(in, &pos, &value)) return malformed;
+        if (field == 1) status = value;
+        break;
+      case 1:
+        if (in.size() - pos < 8) return malformed;
+        pos += 8;
+        break;
+      case 2:
+        if (!ReadVarint(in, &pos, &value) || in.size() - pos < value) return malformed;
+        pos += value;
+        break;
+      case 5:
+        if (in.size() - pos < 4) return malformed;
+        pos += 4;
+        break;
+      default:
+        return malformed;
+    }
+  }
+  if (status > 3) return HealthStatus::kUnknown;
+  return static_cast<HealthStatus>(status);
+}
+
+}  // namespace
+
+std::string HealthStatusName(HealthStatus status) {
+  switch (status) {
+    case HealthStatus::kServing: return "SERVING";
+    case HealthStatus::kNotServing: return "NOT_SERVING";
+    case HealthStatus::kServiceUnknown: return "SERVICE_UNKNOWN";
+    case HealthStatus::kUnknown: break;
+  }
+  return "UNKNOWN";
+}
+
+// ---- Client -------------------------------------------------------------------------------------------
+
+Client::Client(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Client::~Client() = default;
+
+const ClientOptions& Client::options() const { return impl_->options; }
+
+StatusOr<std::unique_ptr<Client>> Client::Connect(ClientOptions options) {
+  if (options.target.empty()) return Status(StatusCode::kInvalidArgument, "ClientOptions.target is empty");
+  if (options.default_timeout.count() <= 0) {
+    return Status(StatusCode::kInvalidArgument, "ClientOptions.default_timeout must be > 0");
+  }
+  if (options.max_retries < 0) return Status(StatusCode::kInvalidArgument, "ClientOptions.max_retries < 0");
+  if (options.max_message_bytes == 0 || options.max_message_bytes > static_cast<size_t>(INT_MAX)) {
+    return Status(StatusCode::kInvalidArgument, "ClientOptions.max_message_bytes must be in 1 .. 2^31-1");
+  }
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
+  args.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
+  auto impl = std::make_shared<Impl>();
+  impl->channel = grpc::CreateCustomChannel(options.target, grpc::InsecureChannelCredentials(), args);
+  if (!impl->channel) return Status(StatusCode::kInvalidArgument, "cannot create a channel to " + options.target);
+  if (options.connect_timeout.count() > 0) {
+    const auto deadline = std::chrono::system_clock::now() + options.connect_timeout;
+    if (!impl->channel->WaitForConnected(deadline)) {
+      return Status(StatusCode::kUnavailable, "could not connect to " + options.target + " within " +
+                                                  std::to_string(options.connect_timeout.count()) + " ms");
+    }
+  }
+  impl->stub = v1::MqaService::NewStub(impl->channel);
+  impl->generic = std::make_unique<grpc::GenericStub>(impl->channel);
+  impl->options = std::move(options);
+  return std::unique_ptr<Client>(new Client(std::move(impl)));
+}
+
+StatusOr<HealthStatus> Client::Health(const std::string& service, Timeout timeout) {
+  const std::string request_bytes = EncodeHealthCheckRequest(service);
+  std::string response_bytes;
+  grpc::Status status = impl_->CallIdempotent(timeout, [&](grpc::ClientContext* context) {
+    grpc::Slice slice(request_bytes);
+    grpc::ByteBuffer request(&slice, 1);
+    grpc::ByteBuffer response;
+    std::promise<grpc::Status> done;
+    impl_->generic->UnaryCall(context, kHealthCheckMethod, grpc::StubOptions(), &request, &response,
+                              [&done](grpc::Status s) { done.set_value(std::move(s)); });
+    grpc::Status s = done.get_future().get();
+    if (s.ok()) {
+      grpc::Slice flat;
+      s = response.DumpToSingleSlice(&flat);
+      if (s.ok()) response_bytes.assign(reinterpret_cast<const char*>(flat.begin()), flat.size());
+    }
+    return s;
+  });
+  if (!status.ok()) return internal::FromGrpc(status);
+  return DecodeHealthCheckResponse(response_bytes);
+}
+
+StatusOr<std::vector<ModelInfo>> Client::ListModels(Timeout timeout) {
+  v1::ListModelsResponse response;
+  grpc::Status status = impl_->CallIdempotent(timeout, [&](grpc::ClientContext* context) {
+    return impl_->stub->ListModels(context, v1::ListModelsRequest(), &response);
+  });
+  if (!status.ok()) return internal::FromGrpc(status);
+  std::vector<ModelInfo> models;
+  for (const auto& m : response.models()) models.push_back(internal::ModelInfoFromProto(m));
+  return models;
+}
+
+StatusOr<ModelInfo> Client::GetModel(const std::string& name, Timeout timeout) {
+  v1::GetModelRequest request;
+  request.set_name(name);
+  v1::GetModelResponse response;
+  grpc::Status status = impl_->CallIdempotent(
+      timeout, [&](grpc::ClientContext* context) { return impl_->stub->GetModel(context, request, &response); });
+  if (!status.ok()) return internal::FromGrpc(status);
+  return internal::ModelInfoFromProto(response.model());
+}
+
+StatusOr<ForwardOutput> Client::Forward(const ForwardInput& input, Timeout timeout) {
+  v1::ForwardRequest request;
+  Status valid = internal::ForwardInputToProto(input, &request);
+  if (!valid.ok()) return valid;
+  v1::ForwardResponse response;
+  grpc::Status status = impl_->CallIdempotent(
+      timeout, [&](grpc::ClientContext* context) { return impl_->stub->Forward(context, request, &response); });
+  if (!status.ok()) return internal::FromGrpc(status);
+  return internal::ForwardOutputFromProto(response);
+}
+
+StatusOr<SessionInfo> Client::GetSession(const std::string& session_id, Timeout timeout) {
+  v1::GetSessionRequest request;
+  request.set_session_id(session_id);
+  v1::GetSessionResponse response;
+  grpc::Status status = impl_->CallIdempotent(
+      timeout, [&](grpc::ClientContext* context) { return impl_->stub->GetSession(context, request, &response); });
+  if (!status.ok()) return internal::FromGrpc(status);
+  return internal::SessionInfoFromProto(response.session());
+}
+
+StatusOr<SessionInfo> Client::CloseSession(const std::string& session_id, Timeout timeout) {
+  v1::CloseSessionRequest request;
+  request.set_session_id(session_id);
+  v1::CloseSessionResponse response;
+  grpc::Status status = impl_->CallOnce(
+      timeout, [&](grpc::ClientContext* context) { return impl_->stub->CloseSession(context, request, &response); });
+  if (!status.ok()) return internal::FromGrpc(status);
+  return internal::SessionInfoFromProto(response.session());
+}
+
+// ---- Session ------------------------------------------------------------------------------------------
+
+struct Session::State {
+  std::shared_ptr<Client::Impl> impl;
+  SessionInfo info;
+  std::string id;  // empty once closed or released
+};
+
+StatusOr<Session> Client::CreateSession(const SessionOptions& options, Timeout timeout) {
+  v1::CreateSessionRequest request;
+  request.set_model(options.model);
+  request.set_max_tokens(options.max_tokens);
+  if (options.idle_ttl.count() > 0) internal::DurationToProto(options.idle_ttl, request.mutable_idle_ttl());
+  if (options.causal) request.set_causal(*options.causal);
+  request.set_position_bias(options.position_bias == PositionBias::kAlibi ? v1::POSITION_BIAS_ALIBI
+                                                                          : v1::POSITION_BIAS_NONE);
+  v1::CreateSessionResponse response;
+  grpc::Status status = impl_->CallOnce(timeout, [&](grpc::ClientContext* context) {
+    return impl_->stub->CreateSession(context, request, &response);
+  });
+  if (!status.ok()) return internal::FromGrpc(status);
+  auto state = std::make_unique<Session::State>();
+  state->impl = impl_;
+  state->info = internal::SessionInfoFromProto(response.session());
+  state->id = state->info.session_id;
+  return Session(std::move(state));
+}
+
+Session::Session(std::unique_ptr<State> state) : state_(std::move(state)) {}
+Session::Session(Session&& other) noexcept = default;
+
+Session& Session::operator=(Session&& other) noexcept {
+  if (this != &other) {
+    if (state_ && !state_->id.empty()) (void)Close();
+    state_ = std::move(other.state_);
+  }
+  return *this;
+}
+
+Session::~Session() {
+  // Best effort: the server's idle TTL reclaims the session if this fails, so there is nothing useful to do
+  // with an error here.
+  if (state_ && !state_->id.empty()) (void)Close();
+}
+
+const std::string& Session::id() const {
+  static const std::string kEmpty;
+  return state_ ? state_->id : kEmpty;
+}
+
+const std::string& Session::model() const {
+  static const std::string kEmpty;
+  return state_ ? state_->info.model : kEmpty;
+}
+
+const SessionInfo& Session::initial_info() const {
+  static const SessionInfo kEmpty;
+  return state_ ? state_->info : kEmpty;
+}
+
+StatusOr<SessionInfo> Session::Info(Timeout timeout) const {
+  if (!state_ || state_->id.empty()) return Status(StatusCode::kFailedPrecondition, "the session is closed");
+  v1::GetSessionRequest request;
+  request.set_session_id(state_->id);
+  v1::GetSessionResponse response;
+  grpc::Status status = state_->impl->CallIdempotent(timeout, [&](grpc::ClientContext* context) {
+    return state_->impl->stub->GetSession(context, request, &response);
+  });
+  if (!status.ok()) return internal::FromGrpc(status);
+  return internal::SessionInfoFromProto(response.session());
+}
+
+StatusOr<StepOutput> Session::Step(int32_t layer, const HostTensor& x, std::optional<int64_t> position,
+                                   Timeout timeout, uint64_t sequence) {
+  if (!state_ || state_->id.empty()) return Status(StatusCode::kFailedPrecondition, "the session is closed");
+  v1::StepRequest request;
+  Status valid = internal::StepInputToProto(state_->id, layer, x, position, std::nullopt, request.mutable_step());
+  if (!valid.ok()) return valid;
+  request.mutable_step()->set_sequence(sequence);
+  v1::StepResponse response;
+  grpc::Status status = state_->impl->CallOnce(
+      timeout, [&](grpc::ClientContext* context) { return state_->impl->stub->Step(context, request, &response); });
+  if (!status.ok()) return internal::FromGrpc(status);
+  return internal::StepOutputFromProto(response.result());
+}
+
+StatusOr<SessionInfo> Session::Close(Timeout timeout) {
+  if (!state_ || state_->id.empty()) return Status(StatusCode::kFailedPrecondition, "the session is closed");
+  // Forget the id first: whatever the outcome, a second close (the destructor's) would only fail again.
+  const std::string id = std::move(state_->id);
+  state_->id.clear();
+  v1::CloseSessionRequest request;
+  request.set_session_id(id);
+  v1::CloseSessionResponse response;
+  grpc::Status status = state_->impl->CallOnce(timeout, [&](grpc::ClientContext* context) {
+    return state_->impl->stub->CloseSession(context, request, &response);
+  });
+  if (!status.ok()) return internal::FromGrpc(status);
+  return internal::SessionInfoFromProto(response.session());
+}
+
+std::string Session::Release() {
+  if (!state_) return {};
+  std::string id = std::move(state_->id);
+  state_->id.clear();
+  return id;
+}
+
+}  // namespace mqa::client

@@ -1,0 +1,57 @@
+// Client::Impl: the channel and stubs shared by a Client, its Sessions and its StepStreams. Private.
+#ifndef MQA_CLIENT_SRC_CLIENT_IMPL_H_
+#define MQA_CLIENT_SRC_CLIENT_IMPL_H_
+
+#include <grpcpp/channel.h>
+#include <grpcpp/client_context.h>
+#include <grpcpp/generic/generic_stub.h>
+
+#include <chrono>
+#include <memory>
+#include <thread>
+
+#include "mqa/client/client.h"
+#include "mqa/v1/mqa_service.grpc.pb.h"
+
+namespace mqa::client {
+
+// Immutable after construction, so every method is safe to call from many threads (the stubs are).
+struct Client::Impl {
+  ClientOptions options;
+  std::shared_ptr<grpc::Channel> channel;
+  std::unique_ptr<v1::MqaService::Stub> stub;
+  std::unique_ptr<grpc::GenericStub> generic;
+
+  std::chrono::system_clock::time_point Deadline(Timeout timeout) const {
+    return std::chrono::system_clock::now() + timeout.value_or(options.default_timeout);
+  }
+
+  // One attempt with the call's deadline. `call(grpc::ClientContext*) -> grpc::Status`.
+  template <typename Call>
+  grpc::Status CallOnce(Timeout timeout, Call&& call) const {
+    grpc::ClientContext context;
+    context.set_deadline(Deadline(timeout));
+    return call(&context);
+  }
+
+  // For idempotent calls: retries UNAVAILABLE with exponential backoff. All attempts share one deadline, so
+  // the caller's timeout bounds the whole call, not each attempt.
+  template <typename Call>
+  grpc::Status CallIdempotent(Timeout timeout, Call&& call) const {
+    const auto deadline = Deadline(timeout);
+    auto backoff = options.retry_backoff;
+    for (int attempt = 0;; ++attempt) {
+      grpc::ClientContext context;
+      context.set_deadline(deadline);
+      grpc::Status status = call(&context);
+      if (status.error_code() != grpc::StatusCode::UNAVAILABLE || attempt >= options.max_retries) return status;
+      if (std::chrono::system_clock::now() + backoff >= deadline) return status;
+      std::this_thread::sleep_for(backoff);
+      backoff *= 2;
+    }
+  }
+};
+
+}  // namespace mqa::client
+
+#endif  // MQA_CLIENT_SRC_CLIENT_IMPL_H_

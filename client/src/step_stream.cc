@@ -1,0 +1,255 @@
+#include <grpcpp/support/client_callback.h>
+
+#include <condition_variable>
+#include <deque>
+#include <future>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "client_impl.h"
+#include "convert.h"
+#include "mqa/client/client.h"
+
+namespace mqa::client {
+namespace {
+
+// Lives apart from the reactor so that OnDone can still signal after the waiter has destroyed the reactor.
+struct DoneSignal {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+};
+
+}  // namespace
+
+// The gRPC callback-API reactor behind a StepStream.
+//
+// gRPC allows one outstanding write per stream, so accepted steps wait in queue_ and are written one by one
+// from OnWriteDone. A hold keeps OnDone from firing while more writes may still be started from outside a
+// reaction; it is released once the request side is half-closed or the stream has failed. gRPC calls are
+// never made with mu_ held: a reaction may run inline and take mu_ itself.
+class StepStream::Reactor final
+    : public grpc::ClientBidiReactor<v1::StreamStepsRequest, v1::StreamStepsResponse> {
+ public:
+  Reactor(std::shared_ptr<Client::Impl> impl, std::optional<std::chrono::system_clock::time_point> deadline)
+      : impl_(std::move(impl)), done_signal_(std::make_shared<DoneSignal>()) {
+    if (deadline) context_.set_deadline(*deadline);
+    impl_->stub->async()->StreamSteps(&context_, this);
+    AddHold();
+    StartRead(&response_);
+    StartCall();
+  }
+
+  StatusOr<uint64_t> Submit(StepRequest request, StepCallback done) {
+    auto message = std::make_unique<v1::StreamStepsRequest>();
+    Status valid = internal::StepInputToProto(request.session_id, request.layer, request.x, request.position,
+                                              request.timeout, message->mutable_step());
+    if (!valid.ok()) return valid;
+    uint64_t sequence = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (finished_) {
+        return final_status_.ok() ? Status(StatusCode::kFailedPrecondition, "the step stream has finished")
+                                  : final_status_;
+      }
+      if (broken_) return Status(StatusCode::kCancelled, "the step stream was cancelled or has failed");
+      if (half_close_requested_) return Status(StatusCode::kFailedPrecondition, "the step stream is finishing");
+      sequence = next_sequence_++;
+      message->mutable_step()->set_sequence(sequence);
+      pending_.emplace(sequence, std::move(done));
+      queue_.push_back(std::move(message));
+    }
+    Pump();
+    return sequence;
+  }
+
+  Status Finish() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      half_close_requested_ = true;
+    }
+    Pump();
+    WaitDone();
+    std::lock_guard<std::mutex> lock(mu_);
+    return final_status_;
+  }
+
+  void Cancel() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (finished_) return;
+      broken_ = true;
+    }
+    context_.TryCancel();
+    Pump();
+  }
+
+  void WaitDone() {
+    std::unique_lock<std::mutex> lock(done_signal_->mu);
+    done_signal_->cv.wait(lock, [this] { return done_signal_->done; });
+  }
+
+  bool finished() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return finished_;
+  }
+
+  size_t pending() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return pending_.size();
+  }
+
+  void OnWriteDone(bool ok) override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      write_in_flight_ = false;
+      current_write_.reset();
+      // A failed write means the call is over; the steps still queued are failed in OnDone with its status.
+      if (!ok) broken_ = true;
+    }
+    Pump();
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      // No more answers: either the normal end after half-close, or the server ended the call early.
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        broken_ = true;
+      }
+      Pump();
+      return;
+    }
+    const v1::StepResult& result = response_.result();
+    const uint64_t sequence = result.sequence();
+    StatusOr<StepOutput> outcome =
+        response_.status().code() == 0
+            ? StatusOr<StepOutput>(internal::StepOutputFromProto(result))
+            : StatusOr<StepOutput>(
+                  Status(StatusCodeFromInt(response_.status().code()), response_.status().message()));
+    StepCallback callback;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = pending_.find(sequence);
+      // An answer for a sequence we never sent (or sent twice) has no one to go to; dropping it is all we can do.
+      if (it != pending_.end()) {
+        callback = std::move(it->second);
+        pending_.erase(it);
+      }
+    }
+    StartRead(&response_);
+    if (callback) callback(std::move(outcome));
+  }
+
+  void OnDone(const grpc::Status& status) override {
+    std::vector<StepCallback> orphans;
+    Status stream_status = internal::FromGrpc(status);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      finished_ = true;
+      broken_ = true;
+      final_status_ = stream_status;
+      for (auto& entry : pending_) orphans.push_back(std::move(entry.second));
+      pending_.clear();
+      queue_.clear();
+    }
+    // The server ending the call normally with steps unanswered breaks the protocol; say so rather than OK.
+    const Status step_status =
+        stream_status.ok() ? Status(StatusCode::kInternal, "the stream ended before the step was answered")
+                           : stream_status;
+    for (auto& callback : orphans) {
+      if (callback) callback(step_status);
+    }
+    std::shared_ptr<DoneSignal> signal = done_signal_;  // the reactor may be gone once done is set
+    std::lock_guard<std::mutex> lock(signal->mu);
+    signal->done = true;
+    signal->cv.notify_all();
+  }
+
+ private:
+  // Decides under mu_ what to start next, then starts it without mu_.
+  void Pump() {
+    const v1::StreamStepsRequest* to_write = nullptr;
+    bool writes_done = false;
+    bool remove_hold = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!hold_held_ || write_in_flight_) return;
+      if (broken_) {
+        hold_held_ = false;
+        remove_hold = true;
+      } else if (!queue_.empty()) {
+        current_write_ = std::move(queue_.front());
+        queue_.pop_front();
+        write_in_flight_ = true;
+        to_write = current_write_.get();
+      } else if (half_close_requested_) {
+        hold_held_ = false;
+        writes_done = true;
+        remove_hold = true;
+      }
+    }
+    if (to_write) StartWrite(to_write);
+    if (writes_done) StartWritesDone();
+    if (remove_hold) RemoveHold();
+  }
+
+  std::shared_ptr<Client::Impl> impl_;
+  grpc::ClientContext context_;
+  std::shared_ptr<DoneSignal> done_signal_;
+  v1::StreamStepsResponse response_;  // only touched by the read chain
+
+  mutable std::mutex mu_;
+  std::deque<std::unique_ptr<v1::StreamStepsRequest>> queue_;  // accepted, not yet written
+  std::unique_ptr<v1::StreamStepsRequest> current_write_;     // the outstanding write
+  std::unordered_map<uint64_t, StepCallback> pending_;        // accepted, not yet answered
+  uint64_t next_sequence_ = 1;
+  bool write_in_flight_ = false;
+  bool half_close_requested_ = false;
+  bool hold_held_ = true;
+  bool broken_ = false;    // no more writes: cancelled, failed, or the server ended the call
+  bool finished_ = false;  // OnDone ran
+  Status final_status_;
+};
+
+StepStream::StepStream(std::unique_ptr<Reactor> reactor) : reactor_(std::move(reactor)) {}
+
+StepStream::~StepStream() {
+  if (!reactor_) return;
+  if (!reactor_->finished()) reactor_->Cancel();
+  reactor_->WaitDone();
+}
+
+StatusOr<uint64_t> StepStream::Submit(StepRequest request, StepCallback done) {
+  return reactor_->Submit(std::move(request), std::move(done));
+}
+
+std::future<StatusOr<StepOutput>> StepStream::Submit(StepRequest request) {
+  auto promise = std::make_shared<std::promise<StatusOr<StepOutput>>>();
+  std::future<StatusOr<StepOutput>> future = promise->get_future();
+  StatusOr<uint64_t> submitted =
+      reactor_->Submit(std::move(request), [promise](StatusOr<StepOutput> result) {
+        promise->set_value(std::move(result));
+      });
+  if (!submitted.ok()) promise->set_value(submitted.status());
+  return future;
+}
+
+Status StepStream::Finish() { return reactor_->Finish(); }
+
+void StepStream::Cancel() { reactor_->Cancel(); }
+
+size_t StepStream::pending() const { return reactor_->pending(); }
+
+StatusOr<std::unique_ptr<StepStream>> Client::OpenStream(StreamOptions options) {
+  std::optional<std::chrono::system_clock::time_point> deadline;
+  const auto length = options.deadline.value_or(impl_->options.default_timeout);
+  if (length.count() > 0) deadline = std::chrono::system_clock::now() + length;
+  auto reactor = std::make_unique<StepStream::Reactor>(impl_, deadline);
+  return std::unique_ptr<StepStream>(new StepStream(std::move(reactor)));
+}
+
+}  // namespace mqa::client
