@@ -1,0 +1,520 @@
+// mqa-cli: a command-line client of mqaserve, built only on the public client API (mqa/client/client.h).
+//
+//   mqa-cli [common flags] health [--service NAME]
+//   mqa-cli [common flags] models
+//   mqa-cli [common flags] forward [--layer L] [--tokens S] [--batch B] [--dtype T] [--in FILE] [--out FILE]
+//   mqa-cli [common flags] session-demo [--tokens N] [--prefill P] [--sessions K] [--window W] [--dtype T]
+//
+// Exit status: 0 on success, 1 on an error (printed as "error: CODE: message"), 2 on bad usage.
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cinttypes>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <random>
+#include <set>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "mqa/client/client.h"
+#include "safetensors_io.h"
+
+namespace mqa::client {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+constexpr char kUsage[] =
+    "usage: mqa-cli [--target HOST:PORT] [--timeout-ms MS] [--model NAME] COMMAND [flags]\n"
+    "\n"
+    "commands:\n"
+    "  health        [--service NAME]            grpc.health.v1 check; exit 0 only when SERVING\n"
+    "  models                                    list the hosted models and their layers\n"
+    "  forward       [--layer L] [--tokens S] [--batch B] [--dtype float32|bfloat16|float16] [--seed N]\n"
+    "                [--in FILE.safetensors (x, optional bias, mask)] [--out FILE.safetensors]\n"
+    "                [--no-causal] [--weights]  one stateless forward of one layer\n"
+    "  session-demo  [--tokens N=64] [--prefill P=0] [--sessions K=1] [--window W] [--dtype T] [--seed N]\n"
+    "                stream N tokens through every layer of K sessions on one multiplexed stream\n"
+    "\n"
+    "common flags:\n"
+    "  --target HOST:PORT   default $MQA_TARGET, else 127.0.0.1:50051\n"
+    "  --timeout-ms MS      per-call deadline (default 30000)\n"
+    "  --model NAME         default: the first model the server lists\n";
+
+// Usage errors exit 2 without a status line, unlike errors from the server.
+struct UsageError {
+  std::string message;
+};
+
+// "--name value", "--name=value" and boolean "--name"; everything else is positional.
+class Args {
+ public:
+  Args(int argc, char** argv, const std::set<std::string>& boolean_flags) {
+    for (int i = 1; i < argc; ++i) {
+      std::string arg = argv[i];
+      if (arg.rfind("--", 0) != 0 || arg.size() == 2) {
+        positional_.push_back(arg);
+        continue;
+      }
+      std::string name = arg.substr(2);
+      const size_t eq = name.find('=');
+      if (eq != std::string::npos) {
+        flags_[name.substr(0, eq)] = name.substr(eq + 1);
+      } else if (boolean_flags.count(name)) {
+        flags_[name] = "1";
+      } else if (i + 1 < argc) {
+        flags_[name] = argv[++i];
+      } else {
+        throw UsageError{"flag --" + name + " needs a value"};
+      }
+    }
+  }
+
+  const std::vector<std::string>& positional() const { return positional_; }
+  bool Has(const std::string& name) {
+    used_.insert(name);
+    return flags_.count(name) > 0;
+  }
+  std::string Str(const std::string& name, const std::string& fallback) {
+    used_.insert(name);
+    auto it = flags_.find(name);
+    return it == flags_.end() ? fallback : it->second;
+  }
+  int64_t Int(const std::string& name, int64_t fallback, int64_t min_value) {
+    const std::string text = Str(name, "");
+    if (text.empty()) return fallback;
+    char* end = nullptr;
+    const long long v = std::strtoll(text.c_str(), &end, 10);
+    if (end == text.c_str() || *end != '\0' || v < min_value) {
+      throw UsageError{"--" + name + " needs an integer >= " + std::to_string(min_value) + ", got '" + text + "'"};
+    }
+    return v;
+  }
+  // Flags given that no command looked at are typos; better to stop than to ignore them.
+  void CheckAllUsed() const {
+    for (const auto& entry : flags_) {
+      if (!used_.count(entry.first)) throw UsageError{"unknown flag --" + entry.first};
+    }
+  }
+
+ private:
+  std::vector<std::string> positional_;
+  std::map<std::string, std::string> flags_;
+  std::set<std::string> used_;
+};
+
+int Fail(const Status& status) {
+  std::fprintf(stderr, "error: %s\n", status.ToString().c_str());
+  return 1;
+}
+
+DataType DtypeFlag(Args& args) {
+  const std::string name = args.Str("dtype", "float32");
+  std::optional<DataType> dtype = ParseDataType(name);
+  if (!dtype || DataTypeSize(*dtype) == 0 || *dtype == DataType::kBool || *dtype == DataType::kUInt8) {
+    throw UsageError{"--dtype must be float32, bfloat16 or float16, got '" + name + "'"};
+  }
+  return *dtype;
+}
+
+StatusOr<HostTensor> RandomTensor(std::vector<int64_t> shape, DataType dtype, std::mt19937_64& rng) {
+  int64_t n = 1;
+  for (int64_t s : shape) n *= s;
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> values(static_cast<size_t>(n));
+  for (float& v : values) v = normal(rng);
+  return HostTensor::FromFloats(std::move(shape), values, dtype);
+}
+
+StatusOr<ModelInfo> PickModel(Client& client, const std::string& requested) {
+  if (!requested.empty()) return client.GetModel(requested);
+  StatusOr<std::vector<ModelInfo>> models = client.ListModels();
+  if (!models.ok()) return models.status();
+  if (models->empty()) return Status(StatusCode::kNotFound, "the server hosts no models");
+  return models->front();
+}
+
+std::string FormatOptional(const std::optional<double>& v) {
+  if (!v) return "-";
+  std::ostringstream os;
+  os << *v;
+  return os.str();
+}
+
+// ---- health / models ------------------------------------------------------------------------------------
+
+int RunHealth(Client& client, Args& args) {
+  const std::string service = args.Str("service", "");
+  args.CheckAllUsed();
+  StatusOr<HealthStatus> health = client.Health(service);
+  if (!health.ok()) return Fail(health.status());
+  std::printf("%s\n", HealthStatusName(*health).c_str());
+  return *health == HealthStatus::kServing ? 0 : 1;
+}
+
+int RunModels(Client& client, Args& args) {
+  args.CheckAllUsed();
+  StatusOr<std::vector<ModelInfo>> models = client.ListModels();
+  if (!models.ok()) return Fail(models.status());
+  if (models->empty()) std::printf("(no models)\n");
+  for (const ModelInfo& m : *models) {
+    std::printf("model %s: %d layers, max_tokens_per_session %" PRId64 "%s%s\n", m.name.c_str(), m.num_layers,
+                m.max_tokens_per_session, m.description.empty() ? "" : ", ", m.description.c_str());
+    std::printf("  %5s %6s %5s %8s %-6s %-9s %-8s %-5s %-22s %8s %8s %6s\n", "layer", "dim", "heads", "head_dim",
+                "impl", "dtype", "device", "qk_ln", "norm", "clip_qkv", "scale", "pdrop");
+    for (size_t i = 0; i < m.layers.size(); ++i) {
+      const LayerConfig& c = m.layers[i];
+      std::printf("  %5zu %6" PRId64 " %5" PRId64 " %8" PRId64 " %-6s %-9s %-8s %-5s %-22s %8s %8s %6g\n", i, c.dim,
+                  c.heads, c.head_dim, c.attn_impl.c_str(), DataTypeName(c.dtype).c_str(), c.device.c_str(),
+                  c.qk_ln ? "yes" : "no", c.norm_type.c_str(), FormatOptional(c.clip_qkv).c_str(),
+                  FormatOptional(c.softmax_scale).c_str(), c.attn_pdrop);
+    }
+  }
+  return 0;
+}
+
+// ---- forward --------------------------------------------------------------------------------------------
+
+void PrintTensorSummary(const char* name, const HostTensor& t) {
+  StatusOr<std::vector<float>> values = t.ToFloats();
+  if (!values.ok()) {
+    std::printf("%s: %s %s (unreadable: %s)\n", name, DataTypeName(t.dtype).c_str(), t.ShapeString().c_str(),
+                values.status().ToString().c_str());
+    return;
+  }
+  double sum = 0.0, abs_sum = 0.0;
+  for (float v : *values) {
+    sum += v;
+    abs_sum += std::fabs(v);
+  }
+  std::printf("%s: %s %s sum %.6g sum|.| %.6g first:", name, DataTypeName(t.dtype).c_str(),
+              t.ShapeString().c_str(), sum, abs_sum);
+  for (size_t i = 0; i < std::min<size_t>(8, values->size()); ++i) std::printf(" %.6g", (*values)[i]);
+  std::printf("\n");
+}
+
+int RunForward(Client& client, Args& args, const std::string& model_flag) {
+  const int64_t layer = args.Int("layer", 0, 0);
+  const int64_t tokens = args.Int("tokens", 8, 0);
+  const int64_t batch = args.Int("batch", 1, 1);
+  const uint64_t seed = static_cast<uint64_t>(args.Int("seed", 0, 0));
+  const DataType dtype = DtypeFlag(args);
+  const std::string in_path = args.Str("in", "");
+  const std::string out_path = args.Str("out", "");
+  const bool no_causal = args.Has("no-causal");
+  const bool weights = args.Has("weights");
+  args.CheckAllUsed();
+
+  StatusOr<ModelInfo> model = PickModel(client, model_flag);
+  if (!model.ok()) return Fail(model.status());
+  if (layer >= static_cast<int64_t>(model->layers.size())) {
+    return Fail(Status(StatusCode::kInvalidArgument, "model " + model->name + " has " +
+                                                         std::to_string(model->layers.size()) + " layers"));
+  }
+  ForwardInput input;
+  input.model = model->name;
+  input.layer = static_cast<int32_t>(layer);
+  input.needs_weights = weights;
+  if (no_causal) input.causal = false;
+  if (!in_path.empty()) {
+    StatusOr<tools::SafetensorsFile> file = tools::ReadSafetensors(in_path);
+    if (!file.ok()) return Fail(file.status());
+    auto x = file->tensors.find("x");
+    if (x == file->tensors.end()) return Fail(Status(StatusCode::kInvalidArgument, in_path + " holds no tensor 'x'"));
+    input.x = x->second;
+    if (auto bias = file->tensors.find("bias"); bias != file->tensors.end()) input.bias = bias->second;
+    if (auto mask = file->tensors.find("mask"); mask != file->tensors.end()) input.mask = mask->second;
+  } else {
+    std::mt19937_64 rng(seed);
+    StatusOr<HostTensor> x = RandomTensor({batch, tokens, model->layers[static_cast<size_t>(layer)].dim}, dtype, rng);
+    if (!x.ok()) return Fail(x.status());
+    input.x = std::move(*x);
+  }
+  const auto start = Clock::now();
+  StatusOr<ForwardOutput> output = client.Forward(input);
+  const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+  if (!output.ok()) return Fail(output.status());
+  std::printf("model %s layer %" PRId64 ": x %s -> %.3f ms\n", model->name.c_str(), layer,
+              input.x.ShapeString().c_str(), ms);
+  PrintTensorSummary("out", output->out);
+  if (output->weights) PrintTensorSummary("weights", *output->weights);
+  if (!out_path.empty()) {
+    tools::SafetensorsFile file;
+    file.tensors["out"] = output->out;
+    if (output->weights) file.tensors["weights"] = *output->weights;
+    file.metadata["model"] = model->name;
+    file.metadata["layer"] = std::to_string(layer);
+    Status written = tools::WriteSafetensors(out_path, file);
+    if (!written.ok()) return Fail(written);
+    std::printf("wrote %s\n", out_path.c_str());
+  }
+  return 0;
+}
+
+// ---- session-demo ---------------------------------------------------------------------------------------
+
+// Progress on stderr: a redrawn bar on a terminal, a plain line every couple of seconds otherwise (logs).
+class Progress {
+ public:
+  explicit Progress(int64_t total) : total_(total), tty_(isatty(STDERR_FILENO) == 1), start_(Clock::now()) {}
+
+  void Update(int64_t done, bool force = false) {
+    const auto now = Clock::now();
+    const auto interval = tty_ ? std::chrono::milliseconds(100) : std::chrono::milliseconds(2000);
+    if (!force && now - last_ < interval) return;
+    last_ = now;
+    const double seconds = std::chrono::duration<double>(now - start_).count();
+    const double fraction = total_ > 0 ? static_cast<double>(done) / static_cast<double>(total_) : 1.0;
+    if (tty_) {
+      constexpr int kWidth = 30;
+      const int filled = static_cast<int>(fraction * kWidth);
+      std::fprintf(stderr, "\r[%s%s] %3d%% %" PRId64 "/%" PRId64 " steps %.1fs", std::string(filled, '#').c_str(),
+                   std::string(kWidth - filled, ' ').c_str(), static_cast<int>(fraction * 100), done, total_,
+                   seconds);
+      if (force) std::fprintf(stderr, "\n");
+    } else {
+      std::fprintf(stderr, "progress: %" PRId64 "/%" PRId64 " steps (%d%%) after %.1fs\n", done, total_,
+                   static_cast<int>(fraction * 100), seconds);
+    }
+    std::fflush(stderr);
+  }
+
+ private:
+  int64_t total_;
+  bool tty_;
+  Clock::time_point start_;
+  Clock::time_point last_{};
+};
+
+double Percentile(std::vector<double> values, double p) {
+  if (values.empty()) return 0.0;
+  std::sort(values.begin(), values.end());
+  const size_t rank = static_cast<size_t>(std::ceil(p / 100.0 * static_cast<double>(values.size())));
+  return values[std::min(values.size() - 1, rank == 0 ? 0 : rank - 1)];
+}
+
+// Completion bookkeeping shared with the stream's callbacks (gRPC threads).
+struct DemoState {
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t in_flight = 0;
+  int64_t completed = 0;
+  std::vector<double> prefill_ms;
+  std::vector<double> decode_ms;
+  std::vector<double> server_compute_ms;
+  std::optional<Status> first_error;
+};
+
+int RunSessionDemo(Client& client, Args& args, const std::string& model_flag) {
+  const int64_t tokens = args.Int("tokens", 64, 0);
+  const int64_t prefill = args.Int("prefill", 0, 0);
+  const int64_t num_sessions = args.Int("sessions", 1, 1);
+  const uint64_t seed = static_cast<uint64_t>(args.Int("seed", 0, 0));
+  const DataType dtype = DtypeFlag(args);
+
+  StatusOr<ModelInfo> model = PickModel(client, model_flag);
+  if (!model.ok()) return Fail(model.status());
+  const int64_t layers = static_cast<int64_t>(model->layers.size());
+  if (layers == 0) return Fail(Status(StatusCode::kFailedPrecondition, "model " + model->name + " has no layers"));
+  // Enough steps in flight for one token of every session through every layer twice over, so the server
+  // always has the next batch queued while it computes the current one.
+  const int64_t window = args.Int("window", 2 * layers * num_sessions, 1);
+  args.CheckAllUsed();
+
+  std::vector<Session> sessions;
+  for (int64_t i = 0; i < num_sessions; ++i) {
+    SessionOptions options;
+    options.model = model->name;
+    options.max_tokens = prefill + tokens;
+    StatusOr<Session> session = client.CreateSession(options);
+    if (!session.ok()) return Fail(session.status());
+    sessions.push_back(std::move(*session));
+  }
+  std::fprintf(stderr,
+               "model %s: %" PRId64 " layers, %" PRId64 " session(s), prefill %" PRId64 ", %" PRId64
+               " tokens, window %" PRId64 "\n",
+               model->name.c_str(), layers, num_sessions, prefill, tokens, window);
+
+  // The demo may run longer than one call's deadline; the stream gets none, and each step carries the call
+  // timeout as its queueing limit instead.
+  StreamOptions stream_options;
+  stream_options.deadline = std::chrono::milliseconds(0);
+  StatusOr<std::unique_ptr<StepStream>> opened = client.OpenStream(stream_options);
+  if (!opened.ok()) return Fail(opened.status());
+  StepStream& stream = **opened;
+
+  DemoState state;
+  const int64_t total = num_sessions * layers * ((prefill > 0 ? 1 : 0) + tokens);
+  Progress progress(total);
+  std::mt19937_64 rng(seed);
+
+  // Waits for room in the window, then submits one step; false once any step has failed.
+  auto submit = [&](const Session& session, int64_t layer, int64_t position, int64_t length, bool is_prefill) {
+    {
+      std::unique_lock<std::mutex> lock(state.mu);
+      state.cv.wait(lock, [&] { return state.in_flight < window || state.first_error.has_value(); });
+      if (state.first_error) return false;
+      ++state.in_flight;
+    }
+    StepRequest request;
+    request.session_id = session.id();
+    request.layer = static_cast<int32_t>(layer);
+    request.position = position;
+    request.timeout = client.options().default_timeout;
+    StatusOr<HostTensor> x =
+        RandomTensor({1, length, model->layers[static_cast<size_t>(layer)].dim}, dtype, rng);
+    Status failure;
+    if (x.ok()) {
+      request.x = std::move(*x);
+      const auto sent = Clock::now();
+      StatusOr<uint64_t> submitted =
+          stream.Submit(std::move(request), [&state, sent, is_prefill](StatusOr<StepOutput> out) {
+            const double ms = std::chrono::duration<double, std::milli>(Clock::now() - sent).count();
+            std::lock_guard<std::mutex> lock(state.mu);
+            --state.in_flight;
+            ++state.completed;
+            if (out.ok()) {
+              (is_prefill ? state.prefill_ms : state.decode_ms).push_back(ms);
+              state.server_compute_ms.push_back(
+                  std::chrono::duration<double, std::milli>(out->compute_time).count());
+            } else if (!state.first_error) {
+              state.first_error = out.status();
+            }
+            state.cv.notify_all();
+          });
+      if (submitted.ok()) return true;
+      failure = submitted.status();
+    } else {
+      failure = x.status();
+    }
+    std::lock_guard<std::mutex> lock(state.mu);
+    --state.in_flight;
+    if (!state.first_error) state.first_error = failure;
+    return false;
+  };
+  auto report_progress = [&] {
+    int64_t done;
+    {
+      std::lock_guard<std::mutex> lock(state.mu);
+      done = state.completed;
+    }
+    progress.Update(done);
+  };
+
+  const auto start = Clock::now();
+  bool ok = true;
+  // Token-major, then session, then layer: every session advances together, and the steps of one session
+  // and layer go out in position order, which the server preserves.
+  if (prefill > 0) {
+    for (const Session& session : sessions) {
+      for (int64_t layer = 0; ok && layer < layers; ++layer) ok = submit(session, layer, 0, prefill, true);
+    }
+  }
+  for (int64_t t = 0; ok && t < tokens; ++t) {
+    for (const Session& session : sessions) {
+      for (int64_t layer = 0; ok && layer < layers; ++layer) ok = submit(session, layer, prefill + t, 1, false);
+    }
+    report_progress();
+  }
+  if (!ok) stream.Cancel();
+  // Finish waits for every answer; keep the progress display alive meanwhile.
+  std::atomic<bool> finishing{true};
+  std::thread ticker([&] {
+    while (finishing.load()) {
+      report_progress();
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  });
+  Status stream_status = stream.Finish();
+  finishing.store(false);
+  ticker.join();
+  const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  {
+    std::lock_guard<std::mutex> lock(state.mu);
+    progress.Update(state.completed, /*force=*/true);
+    if (state.first_error) return Fail(*state.first_error);
+  }
+  if (!stream_status.ok()) return Fail(stream_status);
+
+  // The server's own count of tokens per layer confirms that no step was lost or applied twice.
+  for (const Session& session : sessions) {
+    StatusOr<SessionInfo> info = session.Info();
+    if (!info.ok()) return Fail(info.status());
+    for (size_t layer = 0; layer < info->layer_positions.size(); ++layer) {
+      if (info->layer_positions[layer] != prefill + tokens) {
+        return Fail(Status(StatusCode::kInternal,
+                           "session " + session.id() + " layer " + std::to_string(layer) + " holds " +
+                               std::to_string(info->layer_positions[layer]) + " tokens, expected " +
+                               std::to_string(prefill + tokens)));
+      }
+    }
+  }
+  for (Session& session : sessions) {
+    StatusOr<SessionInfo> closed = session.Close();
+    if (!closed.ok()) return Fail(closed.status());
+  }
+
+  const double token_count = static_cast<double>(num_sessions * tokens);
+  std::printf("model %s: %" PRId64 " session(s) x %" PRId64 " tokens x %" PRId64 " layers in %.3f s\n",
+              model->name.c_str(), num_sessions, tokens, layers, seconds);
+  if (prefill > 0) {
+    std::printf("prefill (%" PRId64 " tokens/step): p50 %.3f ms  p99 %.3f ms\n", prefill,
+                Percentile(state.prefill_ms, 50), Percentile(state.prefill_ms, 99));
+  }
+  std::printf("decode step latency: p50 %.3f ms  p99 %.3f ms  (server compute p50 %.3f ms)\n",
+              Percentile(state.decode_ms, 50), Percentile(state.decode_ms, 99),
+              Percentile(state.server_compute_ms, 50));
+  std::printf("throughput: %.1f tokens/s (every layer), %.1f steps/s\n", seconds > 0 ? token_count / seconds : 0.0,
+              seconds > 0 ? static_cast<double>(total) / seconds : 0.0);
+  return 0;
+}
+
+int Main(int argc, char** argv) {
+  Args args(argc, argv, {"help", "no-causal", "weights"});
+  if (args.Has("help") || args.positional().empty()) {
+    std::fputs(kUsage, args.Has("help") ? stdout : stderr);
+    return args.Has("help") ? 0 : 2;
+  }
+  if (args.positional().size() > 1) throw UsageError{"unexpected argument '" + args.positional()[1] + "'"};
+  const std::string command = args.positional().front();
+  const char* env_target = std::getenv("MQA_TARGET");
+  ClientOptions options;
+  options.target = args.Str("target", env_target && *env_target ? env_target : "127.0.0.1:50051");
+  options.default_timeout = std::chrono::milliseconds(args.Int("timeout-ms", 30000, 1));
+  // Fail fast with a clear message when nothing listens, instead of every call retrying.
+  options.connect_timeout = std::min(options.default_timeout, std::chrono::milliseconds(10000));
+  const std::string model = args.Str("model", "");
+  if (command != "health" && command != "models" && command != "forward" && command != "session-demo") {
+    throw UsageError{"unknown command '" + command + "'"};
+  }
+  StatusOr<std::unique_ptr<Client>> client = Client::Connect(options);
+  if (!client.ok()) return Fail(client.status());
+  if (command == "health") return RunHealth(**client, args);
+  if (command == "models") return RunModels(**client, args);
+  if (command == "forward") return RunForward(**client, args, model);
+  return RunSessionDemo(**client, args, model);
+}
+
+}  // namespace
+}  // namespace mqa::client
+
+int main(int argc, char** argv) {
+  try {
+    return mqa::client::Main(argc, argv);
+  } catch (const mqa::client::UsageError& e) {
+    std::fprintf(stderr, "mqa-cli: %s\n\n%s", e.message.c_str(), mqa::client::kUsage);
+    return 2;
+  }
+}
