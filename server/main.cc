@@ -6,29 +6,12 @@
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
-#include <map>
 #include <string>
 #include <thread>
 
 #include "server/config.h"
 #include "server/logging.h"
 #include "server/server.h"
-
-extern char** environ;
-
-namespace {
-
-std::map<std::string, std::string> Environment() {
-  std::map<std::string, std::string> env;
-  for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
-    std::string kv(*e);
-    auto eq = kv.find('=');
-    if (eq != std::string::npos) env[kv.substr(0, eq)] = kv.substr(eq + 1);
-  }
-  return env;
-}
-
-}  // namespace
 
 int main(int argc, char** argv) {
   // Signals are taken by one thread with sigwait, so the drain runs in ordinary code rather than in a handler;
@@ -39,7 +22,7 @@ int main(int argc, char** argv) {
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
-  auto config = mqa::server::LoadConfig(argc, argv, Environment());
+  auto config = mqa::server::LoadConfig(argc, argv, mqa::server::ProcessEnvironment());
   if (!config.ok()) {
     std::cerr << "mqa-server: " << config.status().ToString() << "\n(see mqa-server --help)\n";
     return 2;

@@ -6,6 +6,7 @@
 #include <string>
 #include <thread>
 
+#include "grpc/health/v1/health.pb.h"
 #include "server/logging.h"
 
 namespace mqa::server {
@@ -28,6 +29,9 @@ core::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   MQA_ASSIGN_OR_RETURN(s->engine_, core::Engine::Create(config.engine));
   s->service_ = std::make_unique<MqaServiceImpl>(s->engine_.get(), ServiceOptions{});
 
+  // gRPC's built-in health service keeps its schema outside protobuf's descriptor pool; touching our compiled copy
+  // links it in, so reflection can describe grpc.health.v1.Health too.
+  (void)grpc::health::v1::HealthCheckRequest::descriptor();
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -46,9 +50,9 @@ core::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
     models += (models.empty() ? "" : ",") + m.name + "@" + m.options.device;
   }
   LogInfo("server_started",
-           {{"listen", config.listen}, {"port", std::to_string(s->port_)}, {"models", models},
-            {"max_sessions", std::to_string(config.engine.max_sessions)},
-            {"max_message_bytes", std::to_string(config.max_message_bytes)}});
+           {{"listen", config.listen}, {"port", s->port_}, {"models", models},
+            {"max_sessions", config.engine.max_sessions},
+            {"max_message_bytes", config.max_message_bytes}});
   return s;
 }
 
@@ -65,8 +69,8 @@ void Server::Drain(std::chrono::milliseconds budget) {
   SetServing(server_.get(), false);
   service_->StartDraining();
   LogInfo("drain_started",
-           {{"budget_ms", std::to_string(budget.count())},
-            {"sessions", std::to_string(engine_->stats().sessions_open)}});
+           {{"budget_ms", budget.count()},
+            {"sessions", engine_->stats().sessions_open}});
   auto next_report = start + std::chrono::seconds(1);
   for (;;) {
     core::EngineStats st = engine_->stats();
@@ -74,13 +78,13 @@ void Server::Drain(std::chrono::milliseconds budget) {
     auto now = core::Clock::now();
     if (now >= end) {
       LogWarn("drain_budget_spent",
-               {{"sessions_left", std::to_string(st.sessions_open)}, {"queued", std::to_string(st.queue_depth)}});
+               {{"sessions_left", st.sessions_open}, {"queued", st.queue_depth}});
       break;
     }
     if (now >= next_report) {
       LogInfo("draining",
-               {{"sessions", std::to_string(st.sessions_open)}, {"queued", std::to_string(st.queue_depth)},
-                {"running", std::to_string(st.running)}});
+               {{"sessions", st.sessions_open}, {"queued", st.queue_depth},
+                {"running", st.running}});
       next_report = now + std::chrono::seconds(1);
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
@@ -93,7 +97,7 @@ void Server::Drain(std::chrono::milliseconds budget) {
   // Anything still queued ends now, answered UNAVAILABLE by the engine's shutdown.
   LogInfo("drain_done",
            {{"elapsed_ms",
-             std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(core::Clock::now() - start).count())}});
+             std::chrono::duration_cast<std::chrono::milliseconds>(core::Clock::now() - start).count()}});
 }
 
 void Server::Wait() { server_->Wait(); }

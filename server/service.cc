@@ -183,8 +183,8 @@ grpc::ServerUnaryReactor* MqaServiceImpl::CreateSession(grpc::CallbackServerCont
   LogInfo("session_created",
            {{"session", session->id},
             {"model", session->model},
-            {"max_tokens", std::to_string(session->max_tokens)},
-            {"idle_ttl_ms", std::to_string(session->idle_ttl.count())},
+            {"max_tokens", session->max_tokens},
+            {"idle_ttl_ms", session->idle_ttl.count()},
             {"peer", ctx->peer()}});
   return FinishNow(ctx, Status());
 }
@@ -205,7 +205,7 @@ grpc::ServerUnaryReactor* MqaServiceImpl::CloseSession(grpc::CallbackServerConte
     int64_t tokens = 0;
     for (int64_t p : session->layer_positions) tokens = std::max(tokens, p);
     LogInfo("session_closed",
-             {{"session", session->id}, {"model", session->model}, {"tokens", std::to_string(tokens)}});
+             {{"session", session->id}, {"model", session->model}, {"tokens", tokens}});
   }
   return FinishNow(ctx, session.status());
 }
@@ -311,7 +311,7 @@ class MqaServiceImpl::StepStreamReactor final
       steps = steps_;
     }
     --service_->open_streams_;
-    LogDebug("stream_closed", {{"peer", peer_}, {"steps", std::to_string(steps)}});
+    LogDebug("stream_closed", {{"peer", peer_}, {"steps", steps}});
     if (destroy) delete this;
   }
 
