@@ -4,7 +4,9 @@
 LibTorch ships its own protobuf and fmt headers, which shadow the system ones. So:
   1. torch/ATen/c10/caffe2 headers may be included only by core's private sources (core/src/);
   2. no file under core/ may include protobuf, gRPC, spdlog or fmt headers;
-  3. core's public headers (core/include/) include only the C++ standard library and other public core headers.
+  3. core's public headers (core/include/) include only the C++ standard library and other public core headers;
+  4. the client library's public headers (client/include/) include only the C++ standard library and other
+     public client headers (no protobuf or gRPC types reach the users of mqa::client).
 
 Usage: check_firewall.py [--root DIR]     exit 1 and list violations if any
        check_firewall.py --self-test       proves the check fails when the firewall is broken
@@ -55,13 +57,19 @@ def violations(root):
                     found.append(f"{rel}: includes <{header}>: public core headers use only the C++ standard library")
                 if kind == '"' and not header.startswith("mqa/core/"):
                     found.append(f'{rel}: includes "{header}": public core headers may include only mqa/core/...')
+            if rel.startswith("client/include/"):
+                if kind == "<" and header not in STD_HEADERS:
+                    found.append(f"{rel}: includes <{header}>: public client headers use only the C++ standard library")
+                if kind == '"' and not header.startswith("mqa/client/"):
+                    found.append(f'{rel}: includes "{header}": public client headers may include only mqa/client/...')
     return found
 
 
 def self_test(root):
-    """Break the firewall in a copy of the real tree in three ways; each must be caught."""
+    """Break the firewall in a copy of the real tree in four ways; each must be caught."""
     breaks = [
         ("server/firewall_probe.cc", "#include <torch/torch.h>\n"),
+        ("client/include/mqa/client/firewall_probe.h", "#include <grpcpp/grpcpp.h>\n"),
         ("core/src/firewall_probe.cc", "#include <grpcpp/grpcpp.h>\n"),
         ("core/include/mqa/core/firewall_probe.h", "#include <ATen/ATen.h>\n"),
     ]
