@@ -122,6 +122,8 @@ def main():
     ap.add_argument("--server-start-timeout", type=float, default=60.0)
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
+    if args.server and not os.access(args.server, os.X_OK):
+        sys.exit(f"{args.server} is not built: build the mqa-server target (or the whole tree) first")
     binary = install_and_build(args)
     if args.server:
         with_server(args, binary)

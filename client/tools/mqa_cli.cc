@@ -314,6 +314,7 @@ struct DemoState {
   std::vector<double> prefill_ms;
   std::vector<double> decode_ms;
   std::vector<double> server_compute_ms;
+  std::vector<double> server_queue_ms;
   std::optional<Status> first_error;
 };
 
@@ -389,6 +390,7 @@ int RunSessionDemo(Client& client, Args& args, const std::string& model_flag) {
               (is_prefill ? state.prefill_ms : state.decode_ms).push_back(ms);
               state.server_compute_ms.push_back(
                   std::chrono::duration<double, std::milli>(out->compute_time).count());
+              state.server_queue_ms.push_back(std::chrono::duration<double, std::milli>(out->queue_time).count());
             } else if (!state.first_error) {
               state.first_error = out.status();
             }
@@ -473,8 +475,8 @@ int RunSessionDemo(Client& client, Args& args, const std::string& model_flag) {
     std::printf("prefill (%" PRId64 " tokens/step): p50 %.3f ms  p99 %.3f ms\n", prefill,
                 Percentile(state.prefill_ms, 50), Percentile(state.prefill_ms, 99));
   }
-  std::printf("decode step latency: p50 %.3f ms  p99 %.3f ms  (server compute p50 %.3f ms)\n",
-              Percentile(state.decode_ms, 50), Percentile(state.decode_ms, 99),
+  std::printf("decode step latency: p50 %.3f ms  p99 %.3f ms  (server: queue p50 %.3f ms, compute p50 %.3f ms)\n",
+              Percentile(state.decode_ms, 50), Percentile(state.decode_ms, 99), Percentile(state.server_queue_ms, 50),
               Percentile(state.server_compute_ms, 50));
   std::printf("throughput: %.1f tokens/s (every layer), %.1f steps/s\n", seconds > 0 ? token_count / seconds : 0.0,
               seconds > 0 ? static_cast<double>(total) / seconds : 0.0);
