@@ -15,7 +15,7 @@ else
 fi
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
+    && export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH
 fi
 # shellcheck disable=SC1090
 source "$env_sh" .device-debs

@@ -3,7 +3,9 @@ Zeta's published module: proves the schema is usable from another language and t
 Also: reflection and health through `buf curl`, SIGTERM drain, and the process's structured logs."""
 
 import json
+import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import threading
@@ -17,7 +19,8 @@ import torch
 from conftest import SMALL, from_wire, to_wire
 from zeta_loader import load_zeta_mqa
 
-BUF = pathlib.Path(sys.executable).parent / "buf"
+# buf (from the buf-bin wheel): next to the venv's python, else on PATH (the GPU machine's /tmp/site/bin).
+BUF = shutil.which("buf", path=f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
 def zeta_layer(model: dict, layer: int):
@@ -146,6 +149,7 @@ def buf_curl(server, method: str, data: str = "{}"):
 
 
 def test_health_and_reflection_answer_buf_curl(pb, start_server):
+    assert BUF, "buf not found (scripts/setup.sh installs it through the buf-bin package)"
     server = start_server()
     listed = subprocess.run([str(BUF), "curl", "--protocol", "grpc", "--http2-prior-knowledge", "--list-methods",
                              f"http://{server.target}"], capture_output=True, text=True, timeout=60)
@@ -222,7 +226,6 @@ def test_json_logs_and_bad_config(pb, start_server, tmp_path):
     assert server.wait(timeout=30) == 0
     events = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
     assert any(e["event"] == "server_started" and e["port"] == server.port for e in events), events
-    import os
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"models": [dict(SMALL, hedas=4)]}))
     r = subprocess.run([os.environ["MQA_SERVER_BIN"], "--config", str(bad)], capture_output=True, text=True,
