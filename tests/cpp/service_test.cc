@@ -316,7 +316,11 @@ TEST_F(ServiceTest, DeadlineAndCancellationDropTheStepUncomputed) {
   v1::Session victim = CreateSession("slow");
   std::atomic<bool> long_ok{false};
   std::thread long_step = LongStep(stub_.get(), busy.session_id(), &long_ok);
-  std::this_thread::sleep_for(std::chrono::milliseconds(50));  // the long step is queued or running first
+  // The long step must hold the device before the steps under test arrive.
+  for (int i = 0; i < 3000 && server_->engine().stats().running == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ASSERT_EQ(server_->engine().stats().running, 1u);
 
   v1::StepResponse resp;
   grpc::Status st = Step(victim.session_id(), 0, Randn(core::DType::kFloat32, {1, 1, 512}), &resp, /*ms=*/20);
