@@ -1,0 +1,278 @@
+// The C++ client library against a real mqa-server process on 127.0.0.1 (MQA_SERVER_BIN). A separate process
+// because mqa_client carries its own copy of the generated schema, which must not meet the server's in one
+// program. Checks the library's contract: RAII sessions, unary and streamed steps agreeing with a stateless
+// Forward of the same layer, errors as Status, deadlines, and retry of idempotent calls.
+#include <signal.h>
+#include <spawn.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <netinet/in.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <future>
+#include <random>
+#include <thread>
+
+#include "mqa/client/client.h"
+
+extern char** environ;
+
+namespace mqa::client {
+namespace {
+
+namespace fs = std::filesystem;
+using std::chrono::milliseconds;
+
+// One mqa-server child with a small CPU model ("small": 2 layers, dim 64) and a slow one ("slow": dim 512).
+class ServerProcess {
+ public:
+  explicit ServerProcess(int port = 0) {
+    const char* bin = std::getenv("MQA_SERVER_BIN");
+    if (bin == nullptr) {
+      ADD_FAILURE() << "MQA_SERVER_BIN is not set (run through ctest)";
+      return;
+    }
+    dir_ = fs::temp_directory_path() / ("mqa-client-e2e-" + std::to_string(::getpid()) + "-" +
+                                        std::to_string(counter_++));
+    fs::create_directories(dir_);
+    std::ofstream(dir_ / "config.json")
+        << R"({"log_level": "warn", "models": [)"
+        << R"({"name": "small", "num_layers": 2, "dim": 64, "heads": 4, "seed": 3, "device": "cpu", "dtype": "float32"},)"
+        << R"({"name": "slow", "num_layers": 1, "dim": 512, "heads": 8, "seed": 4, "device": "cpu", "dtype": "float32",)"
+        << R"( "max_tokens_per_session": 8192}]})";
+    std::vector<std::string> args = {bin, "--config", (dir_ / "config.json").string(), "--listen",
+                                     "127.0.0.1:" + std::to_string(port), "--port-file", (dir_ / "port").string()};
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    if (posix_spawn(&pid_, bin, nullptr, nullptr, argv.data(), environ) != 0) {
+      ADD_FAILURE() << "cannot start " << bin;
+      pid_ = 0;
+      return;
+    }
+    for (int i = 0; i < 6000 && !fs::exists(dir_ / "port"); ++i) std::this_thread::sleep_for(milliseconds(10));
+    std::ifstream(dir_ / "port") >> port_;
+    EXPECT_GT(port_, 0) << "mqa-server did not write its port";
+  }
+
+  ~ServerProcess() {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGTERM);
+      int status = 0;
+      for (int i = 0; i < 3000; ++i) {  // the drain budget of 30 s at most
+        if (::waitpid(pid_, &status, WNOHANG) == pid_) break;
+        if (i == 2999) {
+          ::kill(pid_, SIGKILL);
+          ::waitpid(pid_, &status, 0);
+        }
+        std::this_thread::sleep_for(milliseconds(10));
+      }
+    }
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+  }
+
+  std::string target() const { return "127.0.0.1:" + std::to_string(port_); }
+
+ private:
+  static inline int counter_ = 0;
+  fs::path dir_;
+  pid_t pid_ = 0;
+  int port_ = 0;
+};
+
+std::unique_ptr<Client> ConnectTo(const std::string& target) {
+  ClientOptions o;
+  o.target = target;
+  auto c = Client::Connect(o);
+  EXPECT_TRUE(c.ok()) << c.status().ToString();
+  return std::move(c).value();
+}
+
+HostTensor RandomX(int64_t s, int64_t dim, uint64_t seed) {
+  std::mt19937_64 g(seed);
+  std::normal_distribution<float> n;
+  std::vector<float> v(static_cast<size_t>(s * dim));
+  for (float& f : v) f = n(g);
+  return HostTensor::FromFloats({1, s, dim}, v).value();
+}
+
+std::vector<float> Floats(const HostTensor& t) { return t.ToFloats().value(); }
+
+double RelErr(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    num += (a[i] - b[i]) * double(a[i] - b[i]);
+    den += b[i] * double(b[i]);
+  }
+  return std::sqrt(num / den);
+}
+
+class ClientE2E : public ::testing::Test {
+ protected:
+  ServerProcess server_;
+};
+
+TEST_F(ClientE2E, SessionStepsAndAStreamAgreeWithOneForwardOfTheLayer) {
+  auto client = ConnectTo(server_.target());
+  ASSERT_EQ(client->Health().value(), HealthStatus::kServing);
+  auto models = client->ListModels().value();
+  ASSERT_EQ(models.size(), 2u);
+  EXPECT_EQ(models[1].name, "small");
+
+  const int64_t total = 7;
+  HostTensor all = RandomX(total, 64, 42);
+  std::vector<float> all_v = Floats(all);
+  auto rows = [&](int64_t from, int64_t to) {
+    return HostTensor::FromFloats({1, to - from, 64},
+                                  std::vector<float>(all_v.begin() + from * 64, all_v.begin() + to * 64))
+        .value();
+  };
+  ForwardInput f;
+  f.model = "small";
+  f.layer = 1;
+  f.x = all;
+  std::vector<float> want = Floats(client->Forward(f).value().out);
+
+  // Unary steps: a prefill chunk, then single tokens.
+  auto session = client->CreateSession(SessionOptions{"small"}).value();
+  std::vector<float> unary;
+  auto r = session.Step(1, rows(0, 3)).value();
+  unary = Floats(r.out);
+  for (int64_t t = 3; t < total; ++t) {
+    auto rt = session.Step(1, rows(t, t + 1), t).value();
+    EXPECT_EQ(rt.position, t);
+    auto v = Floats(rt.out);
+    unary.insert(unary.end(), v.begin(), v.end());
+  }
+  EXPECT_LT(RelErr(unary, want), 1e-5);
+
+  // The same tokens through 8 sessions multiplexed on one stream, all submitted before any answer is read.
+  std::vector<Session> sessions;
+  for (int i = 0; i < 8; ++i) sessions.push_back(client->CreateSession(SessionOptions{"small"}).value());
+  auto stream = client->OpenStream().value();
+  std::vector<std::vector<std::future<StatusOr<StepOutput>>>> answers(sessions.size());
+  for (int64_t t = 0; t < total; ++t) {
+    for (size_t i = 0; i < sessions.size(); ++i) {
+      StepRequest req;
+      req.session_id = sessions[i].id();
+      req.layer = 1;
+      req.x = rows(t, t + 1);
+      req.position = t;
+      answers[i].push_back(stream->Submit(std::move(req)));
+    }
+  }
+  ASSERT_TRUE(stream->Finish().ok());
+  for (size_t i = 0; i < sessions.size(); ++i) {
+    std::vector<float> got;
+    for (auto& a : answers[i]) {
+      auto out = a.get();
+      ASSERT_TRUE(out.ok()) << out.status().ToString();
+      auto v = Floats(out->out);
+      got.insert(got.end(), v.begin(), v.end());
+    }
+    EXPECT_LT(RelErr(got, want), 1e-5) << "session " << i;
+  }
+}
+
+TEST_F(ClientE2E, SessionDestructorClosesItOnTheServer) {
+  auto client = ConnectTo(server_.target());
+  std::string id;
+  {
+    auto session = client->CreateSession(SessionOptions{"small"}).value();
+    id = session.id();
+    ASSERT_TRUE(client->GetSession(id).ok());
+  }
+  auto gone = client->GetSession(id);
+  EXPECT_EQ(gone.status().code(), StatusCode::kNotFound);
+  EXPECT_NE(gone.status().message().find("was closed"), std::string::npos) << gone.status().ToString();
+}
+
+TEST_F(ClientE2E, ErrorsArriveAsStatusAndOneBadStepLeavesTheStreamAlone) {
+  auto client = ConnectTo(server_.target());
+  auto session = client->CreateSession(SessionOptions{"small"}).value();
+  EXPECT_EQ(session.Step(0, RandomX(1, 64, 1), 5).status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(session.Step(0, RandomX(1, 32, 1)).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(client->CreateSession(SessionOptions{"nope"}).status().code(), StatusCode::kNotFound);
+  SessionOptions too_long{"small"};
+  too_long.max_tokens = 2;
+  auto short_session = client->CreateSession(too_long).value();
+  EXPECT_EQ(short_session.Step(0, RandomX(3, 64, 1)).status().code(), StatusCode::kOutOfRange);
+
+  auto stream = client->OpenStream().value();
+  StepRequest bad;
+  bad.session_id = std::string(32, 'a');
+  bad.x = RandomX(1, 64, 2);
+  StepRequest good;
+  good.session_id = session.id();
+  good.x = RandomX(1, 64, 3);
+  auto bad_f = stream->Submit(std::move(bad));
+  auto good_f = stream->Submit(std::move(good));
+  EXPECT_EQ(bad_f.get().status().code(), StatusCode::kNotFound);
+  EXPECT_TRUE(good_f.get().ok());
+  EXPECT_TRUE(stream->Finish().ok());
+}
+
+TEST_F(ClientE2E, ADeadlinePassedInTheQueueIsDeadlineExceededAndNothingIsComputed) {
+  auto client = ConnectTo(server_.target());
+  auto busy = client->CreateSession(SessionOptions{"slow"}).value();
+  auto victim = client->CreateSession(SessionOptions{"slow"}).value();
+  auto stream = client->OpenStream().value();
+  StepRequest long_step;
+  long_step.session_id = busy.id();
+  long_step.x = RandomX(2048, 512, 5);
+  StepRequest late;
+  late.session_id = victim.id();
+  late.x = RandomX(1, 512, 6);
+  late.timeout = milliseconds(1);
+  auto long_f = stream->Submit(std::move(long_step));
+  auto late_f = stream->Submit(std::move(late));
+  EXPECT_TRUE(long_f.get().ok());
+  EXPECT_EQ(late_f.get().status().code(), StatusCode::kDeadlineExceeded);
+  EXPECT_TRUE(stream->Finish().ok());
+  EXPECT_EQ(victim.Info().value().layer_positions[0], 0);
+}
+
+// A free port now; the server takes it a moment after the client starts calling.
+int FreePort() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  socklen_t len = sizeof(addr);
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  ::close(fd);
+  return ntohs(addr.sin_port);
+}
+
+TEST(ClientRetry, IdempotentCallsAreRetriedUntilTheServerComes) {
+  const int port = FreePort();
+  ClientOptions o;
+  o.target = "127.0.0.1:" + std::to_string(port);
+  o.max_retries = 40;
+  o.retry_backoff = milliseconds(100);
+  auto client = Client::Connect(o).value();
+  auto models = std::async(std::launch::async, [&] { return client->ListModels(milliseconds(60000)); });
+  std::this_thread::sleep_for(milliseconds(300));
+  ServerProcess late(port);  // starts while the client is retrying
+  auto result = models.get();
+  ASSERT_TRUE(result.ok()) << result.status().ToString();
+  EXPECT_EQ(result->size(), 2u);
+
+  ClientOptions none;
+  none.target = "127.0.0.1:" + std::to_string(FreePort());
+  none.max_retries = 1;
+  none.retry_backoff = milliseconds(10);
+  EXPECT_EQ(Client::Connect(none).value()->ListModels(milliseconds(2000)).status().code(), StatusCode::kUnavailable);
+}
+
+}  // namespace
+}  // namespace mqa::client
