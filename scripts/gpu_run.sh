@@ -2,7 +2,7 @@
 # One call on the GPU machine (device tool): build, run the whole test suite with the CUDA paths, benchmark.
 # Carried paths: .device-debs (../shared/gpu/fetch-debs.sh), .whl (Python wheels the machine lacks), and
 # .shared-gpu (a copy of ../shared/gpu, used when ../shared did not travel).
-# Usage: scripts/gpu_run.sh [all|test|bench]      results under $OUT (default /tmp/mqa-out)
+# Usage: scripts/gpu_run.sh [all|test|bench|service]      results under $OUT (default /tmp/mqa-out)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -41,5 +41,30 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
     python3 bench/run_layer_bench.py --build build-gpu --out "$OUT/pass$pass" --devices cuda > "$OUT/bench$pass.txt" 2>&1
     sed -n '/== layer forward/,$p' "$OUT/bench$pass.txt"
   done
+fi
+if [ "$what" = all ] || [ "$what" = service ]; then
+  # The main job on the GPU: mqa-server with its embedded default model (bf16 on cuda:0), then a model of
+  # dim 4096 / 32 heads, each driven by mqa-cli session-demo over loopback (unbatched: issue 4 adds batching).
+  run_service() {  # name, extra server args, demo args...
+    local name=$1 sargs=$2; shift 2
+    rm -f "$OUT/$name.port"
+    # shellcheck disable=SC2086
+    build-gpu/server/mqa-server --listen 127.0.0.1:0 --port-file "$OUT/$name.port" $sargs > "$OUT/$name-server.log" 2>&1 &
+    local pid=$!
+    for _ in $(seq 1 600); do [ -s "$OUT/$name.port" ] && break; sleep 0.1; done
+    local target="127.0.0.1:$(cat "$OUT/$name.port")"
+    build-gpu/client/mqa-cli --target "$target" models > "$OUT/$name-demo.txt" 2>&1
+    build-gpu/client/mqa-cli --target "$target" session-demo "$@" >> "$OUT/$name-demo.txt" 2>&1
+    kill -TERM $pid; wait $pid; echo "server exit: $?" >> "$OUT/$name-demo.txt"
+    echo "== $name: session-demo $*"; grep -vE "^progress" "$OUT/$name-demo.txt" | tail -6
+  }
+  run_service default "" --tokens 256 --prefill 64
+  run_service default8 "" --tokens 128 --prefill 64 --sessions 8
+  cat > "$OUT/big.json" <<'JSON'
+{"models": [{"name": "mqa-4096", "num_layers": 4, "dim": 4096, "heads": 32, "device": "cuda:0", "dtype": "bfloat16",
+             "attn_impl": "flash", "max_tokens_per_session": 8192}]}
+JSON
+  run_service big "--config $OUT/big.json" --tokens 128 --prefill 512
+  run_service big8 "--config $OUT/big.json" --tokens 64 --prefill 512 --sessions 8
 fi
 exit $rc
