@@ -17,6 +17,13 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH
 fi
+# gpu-env.sh unpacks the .debs once per machine; a warm machine still needs the ones added since.
+if [ -f /opt/deps/.unpacked ]; then
+  for f in .device-debs/*.deb; do
+    m="/opt/deps/.got-$(basename "$f")"
+    [ -f "$m" ] || { dpkg -x "$f" /opt/deps && touch "$m"; }
+  done
+fi
 # shellcheck disable=SC1090
 source "$env_sh" .device-debs
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
