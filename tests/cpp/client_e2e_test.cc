@@ -3,7 +3,7 @@
 // program. Checks the library's contract: RAII sessions, unary and streamed steps agreeing with a stateless
 // Forward of the same layer, errors as Status, deadlines, and retry of idempotent calls.
 #include <signal.h>
-#include <spawn.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <netinet/in.h>
@@ -52,7 +52,14 @@ class ServerProcess {
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
-    if (posix_spawn(&pid_, bin, nullptr, nullptr, argv.data(), environ) != 0) {
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      // The server must not outlive a test process that crashes: it would hold the test's output open.
+      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+      ::execve(bin, argv.data(), environ);
+      ::_exit(127);
+    }
+    if (pid_ < 0) {
       ADD_FAILURE() << "cannot start " << bin;
       pid_ = 0;
       return;
