@@ -2,11 +2,9 @@
 
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/credentials.h>
-#include <grpcpp/support/byte_buffer.h>
 #include <grpcpp/support/channel_arguments.h>
 
 #include <climits>
-#include <future>
 #include <string>
 #include <utility>
 #include <vector>
@@ -15,77 +13,6 @@
 #include "convert.h"
 
 namespace mqa::client {
-namespace {
-
-constexpr char kHealthCheckMethod[] = "/grpc.health.v1.Health/Check";
-
-// grpc.health.v1 is encoded by hand (two tiny messages) instead of generated: a generated copy would register
-// grpc/health/v1/health.proto in the process-wide descriptor pool and abort any program that also links
-// another generated copy (a server with the health service, for one).
-std::string EncodeHealthCheckRequest(const std::string& service) {
-  std::string out;
-  if (service.empty()) return out;  // proto3 omits default values
-  out.push_back(0x0A);              // field 1, length-delimited
-  for (uint64_t n = service.size(); ; n >>= 7) {
-    if (n < 0x80) {
-      out.push_back(static_cast<char>(n));
-      break;
-    }
-    out.push_back(static_cast<char>((n & 0x7F) | 0x80));
-  }
-  out += service;
-  return out;
-}
-
-bool ReadVarint(const std::string& in, size_t* pos, uint64_t* value) {
-  *value = 0;
-  for (int shift = 0; shift < 64; shift += 7) {
-    if (*pos >= in.size()) return false;
-    const uint8_t byte = static_cast<uint8_t>(in[(*pos)++]);
-    *value |= static_cast<uint64_t>(byte & 0x7F) << shift;
-    if ((byte & 0x80) == 0) return true;
-  }
-  return false;
-}
-
-// HealthCheckResponse{ServingStatus status = 1}; other fields are skipped as the wire format allows.
-StatusOr<HealthStatus> DecodeHealthCheckResponse(const std::string& in) {
-  const Status malformed(StatusCode::kInternal, "malformed grpc.health.v1.HealthCheckResponse");
-  uint64_t status = 0;
-  size_t pos = 0;
-  while (pos < in.size()) {
-    uint64_t key = 0;
-    if (!ReadVarint(in, &pos, &key)) return malformed;
-    const uint64_t field = key >> 3;
-    const uint64_t wire_type = key & 7;
-    uint64_t value = 0;
-    switch (wire_type) {
-      case 0:
-        if (!ReadVarint(in, &pos, &value)) return malformed;
-        if (field == 1) status = value;
-        break;
-      case 1:
-        if (in.size() - pos < 8) return malformed;
-        pos += 8;
-        break;
-      case 2:
-        if (!ReadVarint(in, &pos, &value) || in.size() - pos < value) return malformed;
-        pos += value;
-        break;
-      case 5:
-        if (in.size() - pos < 4) return malformed;
-        pos += 4;
-        break;
-      default:
-        return malformed;
-    }
-  }
-  if (status > 3) return HealthStatus::kUnknown;
-  return static_cast<HealthStatus>(status);
-}
-
-}  // namespace
-
 std::string HealthStatusName(HealthStatus status) {
   switch (status) {
     case HealthStatus::kServing: return "SERVING";
@@ -126,31 +53,21 @@ StatusOr<std::unique_ptr<Client>> Client::Connect(ClientOptions options) {
     }
   }
   impl->stub = v1::MqaService::NewStub(impl->channel);
-  impl->generic = std::make_unique<grpc::GenericStub>(impl->channel);
+  impl->health = grpc::health::v1::Health::NewStub(impl->channel);
   impl->options = std::move(options);
   return std::unique_ptr<Client>(new Client(std::move(impl)));
 }
 
 StatusOr<HealthStatus> Client::Health(const std::string& service, Timeout timeout) {
-  const std::string request_bytes = EncodeHealthCheckRequest(service);
-  std::string response_bytes;
-  grpc::Status status = impl_->CallIdempotent(timeout, [&](grpc::ClientContext* context) {
-    grpc::Slice slice(request_bytes);
-    grpc::ByteBuffer request(&slice, 1);
-    grpc::ByteBuffer response;
-    std::promise<grpc::Status> done;
-    impl_->generic->UnaryCall(context, kHealthCheckMethod, grpc::StubOptions(), &request, &response,
-                              [&done](grpc::Status s) { done.set_value(std::move(s)); });
-    grpc::Status s = done.get_future().get();
-    if (s.ok()) {
-      grpc::Slice flat;
-      s = response.DumpToSingleSlice(&flat);
-      if (s.ok()) response_bytes.assign(reinterpret_cast<const char*>(flat.begin()), flat.size());
-    }
-    return s;
-  });
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service(service);
+  grpc::health::v1::HealthCheckResponse response;
+  grpc::Status status = impl_->CallIdempotent(
+      timeout, [&](grpc::ClientContext* context) { return impl_->health->Check(context, request, &response); });
   if (!status.ok()) return internal::FromGrpc(status);
-  return DecodeHealthCheckResponse(response_bytes);
+  const int value = static_cast<int>(response.status());
+  if (value < 0 || value > 3) return HealthStatus::kUnknown;
+  return static_cast<HealthStatus>(value);
 }
 
 StatusOr<std::vector<ModelInfo>> Client::ListModels(Timeout timeout) {

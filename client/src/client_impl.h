@@ -4,13 +4,13 @@
 
 #include <grpcpp/channel.h>
 #include <grpcpp/client_context.h>
-#include <grpcpp/generic/generic_stub.h>
 
 #include <chrono>
 #include <memory>
 #include <thread>
 
 #include "mqa/client/client.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "mqa/v1/mqa_service.grpc.pb.h"
 
 namespace mqa::client {
@@ -20,7 +20,7 @@ struct Client::Impl {
   ClientOptions options;
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<v1::MqaService::Stub> stub;
-  std::unique_ptr<grpc::GenericStub> generic;
+  std::unique_ptr<grpc::health::v1::Health::Stub> health;
 
   std::chrono::system_clock::time_point Deadline(Timeout timeout) const {
     return std::chrono::system_clock::now() + timeout.value_or(options.default_timeout);
