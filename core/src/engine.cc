@@ -58,6 +58,12 @@ StatusOr<std::string> NewSessionId() {
 
 std::string NormaliseDevice(const std::string& device) { return device == "cuda" ? "cuda:0" : device; }
 
+Status CheckLayer(const ModelInfo& model, int layer) {
+  if (layer >= 0 && layer < model.num_layers) return Status();
+  return InvalidArgumentError("layer " + std::to_string(layer) + " is out of range: model " + model.name +
+                              " has layers 0.." + std::to_string(model.num_layers - 1));
+}
+
 int64_t TensorBytes(const Tensor& t) { return t.defined() ? static_cast<int64_t>(t.nbytes()) : 0; }
 
 // Converts an optional caller tensor to the layer's dtype (floating tensors only) and device.
@@ -320,6 +326,19 @@ struct Engine::Impl {
     }
   }
 
+  // Queues run on the device's worker; fail gets the refusal when the queue will not take it.
+  void Enqueue(const std::string& device, Clock::time_point deadline, std::shared_ptr<const CancelFlag> cancel,
+               std::function<void(Clock::time_point)> run, std::function<void(Status)> fail) {
+    WorkItem item;
+    item.enqueued = Clock::now();
+    item.deadline = deadline;
+    item.cancel = std::move(cancel);
+    item.run = std::move(run);
+    item.fail = fail;
+    Status queued = workers.at(device)->Enqueue(std::move(item));
+    if (!queued.ok()) fail(queued);
+  }
+
   void RunStep(const std::shared_ptr<Session>& session, const StepRequest& req, Clock::time_point enqueued,
                const StepCallback& done);
   void RunForward(const Model& model, const ForwardRequest& req, Clock::time_point enqueued,
@@ -488,11 +507,7 @@ void Engine::SubmitStep(StepRequest request, StepCallback done) {
   std::shared_ptr<Session> session = std::move(found).value();
   const Model& model = *session->model;
   const MqaOptions& o = model.info.options;
-  if (request.layer < 0 || request.layer >= model.info.num_layers) {
-    return fail_now(InvalidArgumentError("layer " + std::to_string(request.layer) + " is out of range: model " +
-                                         model.info.name + " has layers 0.." +
-                                         std::to_string(model.info.num_layers - 1)));
-  }
+  if (Status layer = CheckLayer(model.info, request.layer); !layer.ok()) return fail_now(layer);
   const Tensor& x = request.x;
   if (!x.defined() || x.dim() != 3 || x.size(0) != 1 || x.size(1) < 1 || x.size(2) != o.dim ||
       !IsFloatingPoint(x.dtype())) {
@@ -525,17 +540,14 @@ void Engine::SubmitStep(StepRequest request, StepCallback done) {
     }
     (*shared_done)(std::move(result));
   };
-  WorkItem item;
-  item.enqueued = Clock::now();
-  item.deadline = request.deadline;
-  item.cancel = request.cancel;
+  const Clock::time_point deadline = request.deadline;
+  auto cancel = request.cancel;
   auto req = std::make_shared<StepRequest>(std::move(request));
-  item.run = [this, session, req, finish](Clock::time_point enqueued) {
-    impl_->RunStep(session, *req, enqueued, finish);
-  };
-  item.fail = finish;
-  Status queued = impl_->workers.at(model.device)->Enqueue(std::move(item));
-  if (!queued.ok()) finish(queued);
+  impl_->Enqueue(model.device, deadline, std::move(cancel),
+                 [this, session, req, finish](Clock::time_point enqueued) {
+                   impl_->RunStep(session, *req, enqueued, finish);
+                 },
+                 finish);
 }
 
 void Engine::Impl::RunStep(const std::shared_ptr<Session>& session, const StepRequest& req,
@@ -601,11 +613,7 @@ void Engine::SubmitForward(ForwardRequest request, ForwardCallback done) {
   auto mit = impl_->models.find(request.model);
   if (mit == impl_->models.end()) return done(GetModel(request.model).status());
   const Model& model = *mit->second;
-  if (request.layer < 0 || request.layer >= model.info.num_layers) {
-    return done(InvalidArgumentError("layer " + std::to_string(request.layer) + " is out of range: model " +
-                                     model.info.name + " has layers 0.." +
-                                     std::to_string(model.info.num_layers - 1)));
-  }
+  if (Status layer = CheckLayer(model.info, request.layer); !layer.ok()) return done(layer);
   if (!request.args.x.defined() || !IsFloatingPoint(request.args.x.dtype())) {
     return done(InvalidArgumentError("x: expected a floating tensor [b, s, " +
                                      std::to_string(model.info.options.dim) + "]"));
@@ -618,16 +626,13 @@ void Engine::SubmitForward(ForwardRequest request, ForwardCallback done) {
     }
     (*shared_done)(std::move(result));
   };
-  WorkItem item;
-  item.enqueued = Clock::now();
-  item.deadline = request.deadline;
-  item.cancel = request.cancel;
+  const Clock::time_point deadline = request.deadline;
+  auto cancel = request.cancel;
   auto req = std::make_shared<ForwardRequest>(std::move(request));
   const Model* m = &model;
-  item.run = [this, m, req, finish](Clock::time_point enqueued) { impl_->RunForward(*m, *req, enqueued, finish); };
-  item.fail = finish;
-  Status queued = impl_->workers.at(model.device)->Enqueue(std::move(item));
-  if (!queued.ok()) finish(queued);
+  impl_->Enqueue(model.device, deadline, std::move(cancel),
+                 [this, m, req, finish](Clock::time_point enqueued) { impl_->RunForward(*m, *req, enqueued, finish); },
+                 finish);
 }
 
 void Engine::Impl::RunForward(const Model& model, const ForwardRequest& req, Clock::time_point /*enqueued*/,
