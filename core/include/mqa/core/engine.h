@@ -39,8 +39,29 @@ struct ModelConfig {
   std::string description;          // free text shown by ListModels
 };
 
+// Continuous batching: each device worker collects pending steps of all sessions and runs the steps of one
+// (model, layer) as one pass (one QKV GEMM over all their tokens, KV append, attention per session against its
+// own blocks, one output GEMM).
+struct BatchingOptions {
+  int64_t max_batch_tokens = 4096;    // new tokens per pass (decode tokens + prefill chunk tokens)
+  int64_t max_batch_sessions = 256;   // steps per pass; 1 = unbatched (one step per pass)
+  std::chrono::microseconds max_queue_delay{0};  // wait up to this long for a pass to fill (0: run at once)
+  int64_t max_prefill_chunk = 512;    // longer prefills run in chunks of this many tokens, between other passes
+};
+
+// The paged KV cache: per device and model, one pool of fixed-size blocks shared by all layers (block i of a
+// session holds tokens [i*block_size, (i+1)*block_size) of every layer).
+struct KvCacheOptions {
+  int32_t block_size = 16;            // tokens per block
+  int64_t budget_bytes = 0;           // per device, all its models; 0: from gpu_memory_fraction or cpu_budget
+  double gpu_memory_fraction = 0.9;   // CUDA: this fraction of the device memory free after loading the weights
+  int64_t cpu_budget_bytes = int64_t{1} << 30;  // CPU, when budget_bytes is 0
+};
+
 struct EngineOptions {
   std::vector<ModelConfig> models;
+  BatchingOptions batching;
+  KvCacheOptions kv_cache;
   size_t max_sessions = 1024;                                    // CreateSession past it: RESOURCE_EXHAUSTED
   size_t max_queue = 4096;                                       // queued items per device past it: RESOURCE_EXHAUSTED
   std::chrono::milliseconds default_idle_ttl{std::chrono::minutes(5)};
@@ -58,8 +79,14 @@ struct ModelInfo {
 
 enum class PositionBias : int { kNone = 0, kAlibi = 1 };
 
+// How a session gets its KV blocks. Guaranteed: all blocks for max_tokens are reserved at creation (creation
+// fails with RESOURCE_EXHAUSTED when they are not free). Best effort: blocks are taken as the session grows; a step
+// that finds none free fails with RESOURCE_EXHAUSTED, leaving the session unchanged so the client can retry.
+enum class Admission : int { kBestEffort = 0, kGuaranteed = 1 };
+
 struct SessionConfig {
   std::string model;
+  Admission admission = Admission::kBestEffort;
   int64_t max_tokens = 0;                      // 0: the model's max_tokens_per_session
   std::chrono::milliseconds idle_ttl{0};       // 0: EngineOptions::default_idle_ttl
   bool causal = true;                          // bottom-right causal mask within prefill chunks
@@ -122,11 +149,21 @@ using ForwardCallback = std::function<void(StatusOr<ForwardResult>)>;
 
 struct EngineStats {
   size_t queue_depth = 0;           // items waiting, all devices
-  size_t running = 0;               // items being computed now
+  size_t running = 0;               // steps and forwards being computed now
   size_t sessions_open = 0;
+  size_t sessions_active = 0;       // open sessions with steps queued or running
+  size_t sessions_idle = 0;         // open sessions with nothing in flight
+  uint64_t batches = 0;             // passes run
+  uint64_t batched_steps = 0;       // steps (or prefill chunks) in those passes: batched_steps / batches = mean size
+  std::vector<uint64_t> batch_size_histogram;  // [i]: passes of size in (2^(i-1), 2^i]; [0]: size 1
+  int64_t kv_block_size = 0;        // tokens per block
+  int64_t kv_blocks_total = 0;      // allocatable blocks, all devices and models
+  int64_t kv_blocks_used = 0;
+  int64_t kv_blocks_free = 0;
+  uint64_t kv_exhausted = 0;        // sessions or steps refused for want of free blocks
   uint64_t sessions_created = 0;
-  uint64_t sessions_closed = 0;     // by CloseSession
-  uint64_t sessions_expired = 0;    // by the idle TTL
+  uint64_t sessions_closed = 0;     // evictions by reason: CloseSession
+  uint64_t sessions_expired = 0;    // evictions by reason: the idle TTL
   uint64_t steps_completed = 0;
   uint64_t steps_failed = 0;        // refused or failed for any reason, including the two below
   uint64_t dropped_cancelled = 0;   // steps and forwards dropped before compute because they were cancelled
