@@ -3,6 +3,7 @@
 #include <sys/random.h>
 
 #include <algorithm>
+#include <limits>
 #include <cerrno>
 #include <condition_variable>
 #include <deque>
@@ -13,12 +14,15 @@
 #include <thread>
 #include <utility>
 
+#include "mqa/core/block_pool.h"
 #include "mqa/core/logging.h"
+#include "paged_attention.h"
 #include "tensor_impl.h"
 
 #ifdef MQA_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #endif
 
 namespace mqa::core {
@@ -64,8 +68,6 @@ Status CheckLayer(const ModelInfo& model, int layer) {
                               " has layers 0.." + std::to_string(model.num_layers - 1));
 }
 
-int64_t TensorBytes(const Tensor& t) { return t.defined() ? static_cast<int64_t>(t.nbytes()) : 0; }
-
 // Converts an optional caller tensor to the layer's dtype (floating tensors only) and device.
 StatusOr<Tensor> ToLayer(const Tensor& t, const MqaOptions& o, bool floating) {
   if (!t.defined()) return t;
@@ -89,19 +91,42 @@ StatusOr<Tensor> ToCaller(const Tensor& t, DType dtype) {
 
 }  // namespace
 
-// One queued computation. Exactly one of run/fail is called.
+struct Session;
+struct Model;
+
+// A step on its way through the worker: a long prefill runs as several chunks, each in some pass.
+struct StepJob {
+  std::shared_ptr<Session> session;
+  const Model* model = nullptr;
+  StepRequest request;
+  at::Tensor x;                    // the layer's dtype and device, set when the first chunk runs
+  int64_t start = -1;              // the layer's position before the step; -1 until the first chunk runs
+  int64_t done = 0;                // tokens already computed
+  std::vector<at::Tensor> outs;    // their outputs
+  Clock::time_point started;
+  StepCallback finish;             // the step's one completion (item.fail routes failures here too)
+  int64_t remaining() const { return request.x.size(1) - done; }
+};
+
+// One queued computation: a step (job set: batched by the worker) or anything else (run alone). Exactly one of
+// run/fail is called for a non-step item; a step's completion goes through its job's finish instead.
 struct WorkItem {
   Clock::time_point enqueued;
   Clock::time_point deadline;
   std::shared_ptr<const CancelFlag> cancel;
   std::function<void(Clock::time_point enqueued)> run;
   std::function<void(Status)> fail;
+  std::shared_ptr<StepJob> job;
 };
 
 struct Model {
   ModelInfo info;
   std::unique_ptr<MqaStack> stack;
   std::string device;
+  // The paged KV cache: one block pool shared by the layers; per layer k and v [num_blocks * block_size, d].
+  std::unique_ptr<BlockPool> pool;
+  std::vector<at::Tensor> k_cache, v_cache;
+  int64_t block_bytes = 0;  // all layers' k and v for one block
 };
 
 struct Session {
@@ -113,8 +138,10 @@ struct Session {
   PositionBias position_bias = PositionBias::kNone;
   std::chrono::system_clock::time_point create_time;
 
-  // Touched only by the worker of the model's device (and by the destructor of the last reference).
-  std::vector<KvCache> caches;
+  Admission admission = Admission::kBestEffort;
+  // Touched only by the worker of the model's device (after creation), and by the destructor of the last
+  // reference, which returns the blocks: a step still running keeps them alive until it ends.
+  std::unique_ptr<BlockTable> table;
 
   mutable std::mutex mu;  // guards the fields below
   std::vector<int64_t> positions;
@@ -139,15 +166,25 @@ struct Session {
     s.cache_bytes = cache_bytes;
     return s;
   }
+
+  bool busy() const {
+    std::lock_guard<std::mutex> lock(mu);
+    return pending > 0;
+  }
 };
 
-// A worker: one thread that runs everything for one device, in queue order.
+// A worker: one thread that runs everything for one device. Steps of one (model, layer) waiting together run as
+// one pass (continuous batching); everything else runs alone, in queue order.
 class Worker {
  public:
-  Worker(std::string device, size_t max_queue) : device_(std::move(device)), max_queue_(max_queue) {}
+  using BatchRunner = std::function<void(std::vector<WorkItem>& batch, std::vector<WorkItem>* unfinished)>;
 
-  void Start(std::function<void(const WorkItem&, Status)> on_drop) {
+  Worker(std::string device, size_t max_queue, BatchingOptions batching)
+      : device_(std::move(device)), max_queue_(max_queue), batching_(batching) {}
+
+  void Start(std::function<void(const WorkItem&, Status)> on_drop, BatchRunner run_batch) {
     on_drop_ = std::move(on_drop);
+    run_batch_ = std::move(run_batch);
     thread_ = std::thread([this] { Loop(); });
   }
 
@@ -193,6 +230,77 @@ class Worker {
   }
 
  private:
+  // Why an item leaves the queue without running, if it does.
+  Status DropReason(const WorkItem& item) const {
+    if (item.cancel && item.cancel->cancelled()) {
+      return Status(StatusCode::kCancelled, "the request was cancelled before it ran; nothing was computed");
+    }
+    if (Clock::now() > item.deadline) {
+      return Status(StatusCode::kDeadlineExceeded, "the deadline passed while the request waited in the queue (" +
+                                                       std::to_string(MicrosBetween(item.enqueued, Clock::now()) / 1000) +
+                                                       " ms); nothing was computed");
+    }
+    return Status();
+  }
+
+  static int64_t ChunkTokens(const WorkItem& item, int64_t max_chunk) {
+    return std::min(item.job->remaining(), std::max<int64_t>(1, max_chunk));
+  }
+
+  // Takes, under mu_, the front item and (when it is a step) the queued steps that can share its pass: same
+  // model and layer, each (session, layer) at most once and never ahead of an earlier step of the same
+  // (session, layer), within the token and session limits. Dropped items go to *dropped.
+  std::vector<WorkItem> TakeBatchLocked(std::vector<std::pair<WorkItem, Status>>* dropped) {
+    std::vector<WorkItem> batch;
+    while (!queue_.empty() && batch.empty()) {
+      WorkItem front = std::move(queue_.front());
+      queue_.pop_front();
+      Status why = DropReason(front);
+      if (!why.ok() && (!front.job || front.job->done == 0)) {
+        dropped->emplace_back(std::move(front), std::move(why));
+        continue;
+      }
+      batch.push_back(std::move(front));
+    }
+    if (batch.empty() || !batch[0].job) return batch;
+    const StepJob& first = *batch[0].job;
+    const int64_t max_sessions = std::max<int64_t>(1, batching_.max_batch_sessions);
+    int64_t tokens = ChunkTokens(batch[0], batching_.max_prefill_chunk);
+    std::set<std::pair<const void*, int>> seen = {{first.session.get(), first.request.layer}};
+    for (auto it = queue_.begin(); it != queue_.end() && static_cast<int64_t>(batch.size()) < max_sessions;) {
+      if (!it->job) {
+        ++it;
+        continue;
+      }
+      const StepJob& job = *it->job;
+      const std::pair<const void*, int> key = {job.session.get(), job.request.layer};
+      if (seen.count(key)) {  // later steps of a (session, layer) in the pass already wait for the next one
+        ++it;
+        continue;
+      }
+      seen.insert(key);
+      if (job.model != first.model || job.request.layer != first.request.layer) {
+        ++it;
+        continue;
+      }
+      Status why = DropReason(*it);
+      if (!why.ok() && job.done == 0) {
+        dropped->emplace_back(std::move(*it), std::move(why));
+        it = queue_.erase(it);
+        continue;
+      }
+      const int64_t t = ChunkTokens(*it, batching_.max_prefill_chunk);
+      if (tokens + t > std::max<int64_t>(1, batching_.max_batch_tokens)) {
+        ++it;
+        continue;
+      }
+      tokens += t;
+      batch.push_back(std::move(*it));
+      it = queue_.erase(it);
+    }
+    return batch;
+  }
+
   void Loop() {
 #ifdef MQA_WITH_CUDA
     // The worker owns one stream per device: everything it launches is ordered on that stream, and nothing
@@ -206,36 +314,43 @@ class Worker {
     }
 #endif
     for (;;) {
-      WorkItem item;
+      std::vector<WorkItem> batch;
+      std::vector<std::pair<WorkItem, Status>> dropped;
       {
         std::unique_lock<std::mutex> lock(mu_);
         cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
         if (stopping_) return;
-        item = std::move(queue_.front());
-        queue_.pop_front();
-        ++running_;
+        if (batching_.max_queue_delay.count() > 0 && batching_.max_batch_sessions > 1) {
+          // Let a pass fill up to its session limit for at most max_queue_delay.
+          cv_.wait_for(lock, batching_.max_queue_delay, [this] {
+            return stopping_ || static_cast<int64_t>(queue_.size()) >= batching_.max_batch_sessions;
+          });
+          if (stopping_) return;
+        }
+        batch = TakeBatchLocked(&dropped);
+        running_ = batch.size();
       }
-      // Dropped work is decided at dequeue time, the last moment before compute.
-      if (item.cancel && item.cancel->cancelled()) {
-        on_drop_(item, Status(StatusCode::kCancelled, "the request was cancelled before it ran; nothing was computed"));
-      } else if (Clock::now() > item.deadline) {
-        on_drop_(item, Status(StatusCode::kDeadlineExceeded,
-                              "the deadline passed while the request waited in the queue (" +
-                                  std::to_string(MicrosBetween(item.enqueued, Clock::now()) / 1000) +
-                                  " ms); nothing was computed"));
-      } else {
-        item.run(item.enqueued);
-      }
-      {
+      for (auto& [item, why] : dropped) on_drop_(item, std::move(why));
+      if (!batch.empty()) {
+        std::vector<WorkItem> unfinished;
+        if (batch[0].job) {
+          run_batch_(batch, &unfinished);
+        } else {
+          batch[0].run(batch[0].enqueued);
+        }
         std::lock_guard<std::mutex> lock(mu_);
-        --running_;
+        running_ = 0;
+        // Unfinished prefills go back to the front, in order, ahead of later steps of their sessions.
+        for (auto it = unfinished.rbegin(); it != unfinished.rend(); ++it) queue_.push_front(std::move(*it));
       }
     }
   }
 
   const std::string device_;
   const size_t max_queue_;
+  const BatchingOptions batching_;
   std::function<void(const WorkItem&, Status)> on_drop_;
+  BatchRunner run_batch_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::deque<WorkItem> queue_;
@@ -257,6 +372,7 @@ struct Engine::Impl {
   static constexpr size_t kEndedMemory = 16384;
   EngineStats counters;
   bool accepting = true;
+  std::vector<uint64_t> batch_histogram = std::vector<uint64_t>(10, 0);
 
   std::mutex reaper_mu;
   std::condition_variable reaper_cv;
@@ -328,19 +444,22 @@ struct Engine::Impl {
 
   // Queues run on the device's worker; fail gets the refusal when the queue will not take it.
   void Enqueue(const std::string& device, Clock::time_point deadline, std::shared_ptr<const CancelFlag> cancel,
-               std::function<void(Clock::time_point)> run, std::function<void(Status)> fail) {
+               std::function<void(Clock::time_point)> run, std::function<void(Status)> fail,
+               std::shared_ptr<StepJob> job = nullptr) {
     WorkItem item;
     item.enqueued = Clock::now();
     item.deadline = deadline;
     item.cancel = std::move(cancel);
     item.run = std::move(run);
     item.fail = fail;
+    item.job = std::move(job);
     Status queued = workers.at(device)->Enqueue(std::move(item));
     if (!queued.ok()) fail(queued);
   }
 
-  void RunStep(const std::shared_ptr<Session>& session, const StepRequest& req, Clock::time_point enqueued,
-               const StepCallback& done);
+  // Runs one pass: the next chunk of every step in batch (all of one model and layer). Finished steps are
+  // completed; steps with prefill left go to *unfinished.
+  void RunBatch(std::vector<WorkItem>& batch, std::vector<WorkItem>* unfinished);
   void RunForward(const Model& model, const ForwardRequest& req, Clock::time_point enqueued,
                   const ForwardCallback& done);
 };
@@ -356,6 +475,78 @@ Engine::~Engine() {
   if (impl_->reaper.joinable()) impl_->reaper.join();
   for (auto& [device, worker] : impl_->workers) worker->Stop();
 }
+
+namespace {
+
+// Bytes the KV cache of one device may take: the explicit budget, else a fraction of the device memory still
+// free after the weights were loaded (CUDA), else the CPU default.
+StatusOr<int64_t> DeviceKvBudget(const KvCacheOptions& kv, const std::string& device) {
+  if (kv.budget_bytes > 0) return kv.budget_bytes;
+  if (device.rfind("cuda", 0) != 0) return kv.cpu_budget_bytes;
+#ifdef MQA_WITH_CUDA
+  MQA_ASSIGN_OR_RETURN(at::Device dev, ParseDevice(device));
+  c10::cuda::CUDAGuard guard(dev.index());
+  size_t free_bytes = 0, total_bytes = 0;
+  if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) {
+    return UnavailableError("cannot read the free memory of " + device);
+  }
+  return static_cast<int64_t>(kv.gpu_memory_fraction * static_cast<double>(free_bytes));
+#else
+  return UnavailableError(device + " is not available in this build");
+#endif
+}
+
+// Gives every model a block pool and per-layer k/v storage, splitting each device's budget evenly among the
+// models on it. Refuses (with the numbers) a budget that cannot hold one session of the longest length.
+Status SizeKvPools(const EngineOptions& options, std::map<std::string, std::unique_ptr<Model>>& models) {
+  const KvCacheOptions& kv = options.kv_cache;
+  if (kv.block_size < 1) return InvalidArgumentError("kv_cache.block_size must be >= 1, got " + std::to_string(kv.block_size));
+  if (kv.gpu_memory_fraction <= 0 || kv.gpu_memory_fraction > 1) {
+    return InvalidArgumentError("kv_cache.gpu_memory_fraction must be in (0, 1], got " +
+                                std::to_string(kv.gpu_memory_fraction));
+  }
+  std::map<std::string, int> per_device;
+  for (const auto& [name, m] : models) ++per_device[m->device];
+  for (auto& [name, m] : models) {
+    MQA_ASSIGN_OR_RETURN(int64_t budget, DeviceKvBudget(kv, m->device));
+    const int64_t share = budget / per_device[m->device];
+    const MqaOptions& o = m->info.options;
+    const int64_t d = o.head_dim();
+    m->block_bytes = static_cast<int64_t>(m->info.num_layers) * 2 * kv.block_size * d *
+                     static_cast<int64_t>(DTypeSize(o.dtype));
+    const int64_t blocks = std::min<int64_t>(share / m->block_bytes, std::numeric_limits<int32_t>::max());
+    const int64_t need = BlockPool::BlocksFor(m->info.max_tokens_per_session, kv.block_size);
+    if (blocks - 1 < need) {
+      return ResourceExhaustedError(
+          "model \"" + name + "\": its KV cache share of " + std::to_string(share) + " bytes on " + m->device +
+          " holds " + std::to_string(std::max<int64_t>(blocks - 1, 0)) + " blocks of " +
+          std::to_string(kv.block_size) + " tokens (" + std::to_string(m->block_bytes) + " bytes each), fewer than the " +
+          std::to_string(need) + " one session of max_tokens_per_session " +
+          std::to_string(m->info.max_tokens_per_session) + " needs; raise the KV cache budget or lower max_tokens");
+    }
+    m->pool = std::make_unique<BlockPool>(static_cast<int32_t>(blocks), kv.block_size);
+    Status st = CatchAll("allocating the KV cache", [&]() -> Status {
+      MQA_ASSIGN_OR_RETURN(at::Device dev, ParseDevice(m->device));
+      const auto opts = at::TensorOptions().dtype(ToScalarType(o.dtype)).device(dev);
+      for (int i = 0; i < m->info.num_layers; ++i) {
+        m->k_cache.push_back(at::empty({blocks * kv.block_size, d}, opts));
+        m->v_cache.push_back(at::empty({blocks * kv.block_size, d}, opts));
+        // Block 0 is the padding target of batched attention: it must read as zeros, never as stale data.
+        m->k_cache.back().narrow(0, 0, kv.block_size).zero_();
+        m->v_cache.back().narrow(0, 0, kv.block_size).zero_();
+      }
+      return Status();
+    });
+    if (!st.ok()) return Status(st.code(), "model \"" + name + "\": " + st.message());
+    Log(LogLevel::kInfo, "KV cache of model " + name + " on " + m->device + ": " + std::to_string(blocks - 1) +
+                             " blocks of " + std::to_string(kv.block_size) + " tokens (" +
+                             std::to_string((blocks - 1) * kv.block_size) + " tokens, " +
+                             std::to_string(blocks * m->block_bytes >> 20) + " MiB)");
+  }
+  return Status();
+}
+
+}  // namespace
 
 StatusOr<std::unique_ptr<Engine>> Engine::Create(EngineOptions options) {
   if (options.models.empty()) return InvalidArgumentError("the engine needs at least one model");
@@ -394,7 +585,7 @@ StatusOr<std::unique_ptr<Engine>> Engine::Create(EngineOptions options) {
     model->info.max_tokens_per_session = mc.max_tokens_per_session;
     model->info.description = mc.description;
     if (!impl->workers.count(o.device)) {
-      impl->workers[o.device] = std::make_unique<Worker>(o.device, options.max_queue);
+      impl->workers[o.device] = std::make_unique<Worker>(o.device, options.max_queue, options.batching);
     }
     Log(LogLevel::kInfo, "loaded model " + mc.name + ": " + std::to_string(model->info.num_layers) + " layers, dim " +
                              std::to_string(o.dim) + ", heads " + std::to_string(o.heads) + ", " +
@@ -402,13 +593,16 @@ StatusOr<std::unique_ptr<Engine>> Engine::Create(EngineOptions options) {
                              std::string(AttnImplName(o.attn_impl)));
     impl->models[mc.name] = std::move(model);
   }
+  if (Status pools = SizeKvPools(options, impl->models); !pools.ok()) return pools;
   impl->options = std::move(options);
   Impl* raw = impl.get();
   for (auto& [device, worker] : impl->workers) {
-    worker->Start([raw](const WorkItem& item, Status status) {
-      raw->CountDrop(status);
-      item.fail(std::move(status));
-    });
+    worker->Start(
+        [raw](const WorkItem& item, Status status) {
+          raw->CountDrop(status);
+          item.fail(std::move(status));
+        },
+        [raw](std::vector<WorkItem>& batch, std::vector<WorkItem>* unfinished) { raw->RunBatch(batch, unfinished); });
   }
   impl->reaper = std::thread([raw] { raw->ReapLoop(); });
   return std::unique_ptr<Engine>(new Engine(std::move(impl)));
@@ -453,8 +647,20 @@ StatusOr<SessionInfo> Engine::CreateSession(const SessionConfig& config) {
   s->causal = config.causal;
   s->position_bias = config.position_bias;
   s->create_time = std::chrono::system_clock::now();
-  s->caches.resize(static_cast<size_t>(model.info.num_layers));
+  s->admission = config.admission;
+  s->table = std::make_unique<BlockTable>(model.pool.get());
   s->positions.assign(static_cast<size_t>(model.info.num_layers), 0);
+  if (config.admission == Admission::kGuaranteed) {
+    // Reserved now, so the session can never run out of blocks later.
+    if (Status reserved = s->table->EnsureCapacity(s->max_tokens); !reserved.ok()) {
+      std::lock_guard<std::mutex> lock(impl_->mu);
+      ++impl_->counters.kv_exhausted;
+      return Status(reserved.code(), reserved.message() + " for a guaranteed session of " +
+                                         std::to_string(s->max_tokens) + " tokens; ask for fewer max_tokens, use "
+                                         "best-effort admission, or retry when sessions close");
+    }
+    s->cache_bytes = static_cast<int64_t>(s->table->blocks().size()) * model.block_bytes;
+  }
   s->last_active = Clock::now();
   s->last_active_wall = s->create_time;
   {
@@ -542,71 +748,145 @@ void Engine::SubmitStep(StepRequest request, StepCallback done) {
   };
   const Clock::time_point deadline = request.deadline;
   auto cancel = request.cancel;
-  auto req = std::make_shared<StepRequest>(std::move(request));
-  impl_->Enqueue(model.device, deadline, std::move(cancel),
-                 [this, session, req, finish](Clock::time_point enqueued) {
-                   impl_->RunStep(session, *req, enqueued, finish);
-                 },
-                 finish);
+  auto job = std::make_shared<StepJob>();
+  job->session = session;
+  job->model = &model;
+  job->request = std::move(request);
+  job->finish = finish;
+  impl_->Enqueue(model.device, deadline, std::move(cancel), nullptr, finish, std::move(job));
 }
 
-void Engine::Impl::RunStep(const std::shared_ptr<Session>& session, const StepRequest& req,
-                           Clock::time_point enqueued, const StepCallback& done) {
+void Engine::Impl::RunBatch(std::vector<WorkItem>& batch, std::vector<WorkItem>* unfinished) {
+  const Model& model = *batch[0].job->model;
+  const MqaOptions& o = model.info.options;
+  const int layer = batch[0].job->request.layer;
+  const int32_t bs = model.pool->block_size();
   auto start = Clock::now();
-  const MqaOptions& o = session->model->info.options;
-  const size_t layer = static_cast<size_t>(req.layer);
-  const int64_t s_new = req.x.size(1);
-  int64_t pos;
-  {
-    std::lock_guard<std::mutex> slock(session->mu);
-    if (session->closed) {
-      return done(NotFoundError("session " + session->id + " was closed before this step ran; nothing was computed"));
+  // First chunks are checked against the session state; refusals leave the session unchanged.
+  std::vector<WorkItem*> run;
+  for (WorkItem& item : batch) {
+    StepJob& job = *item.job;
+    Session& session = *job.session;
+    const int64_t s_new = job.request.x.size(1);
+    if (job.start >= 0) {
+      run.push_back(&item);
+      continue;
     }
-    pos = session->positions[layer];
-  }
-  if (req.position && *req.position != pos) {
-    return done(FailedPreconditionError("layer " + std::to_string(req.layer) + " of session " + session->id +
-                                        " holds " + std::to_string(pos) + " tokens, but the step says it starts at " +
-                                        std::to_string(*req.position) + "; nothing was computed"));
-  }
-  if (pos + s_new > session->max_tokens) {
-    return done(OutOfRangeError("layer " + std::to_string(req.layer) + " of session " + session->id + " holds " +
+    int64_t pos;
+    bool closed;
+    {
+      std::lock_guard<std::mutex> slock(session.mu);
+      closed = session.closed;
+      pos = session.positions[static_cast<size_t>(layer)];
+    }
+    Status refused;
+    if (closed) {
+      refused = NotFoundError("session " + session.id + " was closed before this step ran; nothing was computed");
+    } else if (job.request.position && *job.request.position != pos) {
+      refused = FailedPreconditionError("layer " + std::to_string(layer) + " of session " + session.id + " holds " +
+                                        std::to_string(pos) + " tokens, but the step says it starts at " +
+                                        std::to_string(*job.request.position) + "; nothing was computed");
+    } else if (pos + s_new > session.max_tokens) {
+      refused = OutOfRangeError("layer " + std::to_string(layer) + " of session " + session.id + " holds " +
                                 std::to_string(pos) + " tokens; " + std::to_string(s_new) +
-                                " more would pass the session's max_tokens of " +
-                                std::to_string(session->max_tokens)));
+                                " more would pass the session's max_tokens of " + std::to_string(session.max_tokens));
+    } else {
+      refused = session.table->EnsureCapacity(pos + s_new);
+      if (!refused.ok()) {
+        std::lock_guard<std::mutex> lock(mu);
+        ++counters.kv_exhausted;
+        refused = Status(refused.code(), refused.message() + "; session " + session.id +
+                                             " is unchanged: retry the step when blocks are free");
+      }
+    }
+    if (refused.ok()) {
+      auto x = ToLayer(job.request.x, o, /*floating=*/true);
+      if (x.ok()) {
+        job.x = Unwrap(*x).view({s_new, o.dim});
+        job.start = pos;
+        job.started = start;
+      } else {
+        refused = x.status();
+      }
+    }
+    if (!refused.ok()) {
+      item.fail(refused);
+      continue;
+    }
+    {
+      std::lock_guard<std::mutex> slock(session.mu);
+      session.cache_bytes = static_cast<int64_t>(session.table->blocks().size()) * model.block_bytes;
+    }
+    run.push_back(&item);
   }
-  auto x = ToLayer(req.x, o, /*floating=*/true);
-  if (!x.ok()) return done(x.status());
-  ForwardArgs args;
-  args.x = *x;
-  args.past_key_value = session->caches[layer];
-  args.causal = session->causal;
-  if (session->position_bias == PositionBias::kAlibi) {
-    // The causal form is relative to the last key; softmax is shift-invariant per row, so it is exact for
-    // every row of a causally masked chunk. Non-causal sessions need the symmetric form.
-    auto bias = AlibiBias(o.heads, pos + s_new, /*full=*/!session->causal, o.dtype, o.device);
-    if (!bias.ok()) return done(bias.status());
-    args.bias = *bias;
+  if (run.empty()) return;
+
+  // One pass over the next chunk of every step.
+  std::vector<PagedSeq> seqs;
+  std::vector<at::Tensor> xs;
+  std::vector<int64_t> chunk(run.size());
+  int64_t rows = 0;
+  for (size_t i = 0; i < run.size(); ++i) {
+    StepJob& job = *run[i]->job;
+    chunk[i] = std::min(job.remaining(), std::max<int64_t>(1, options.batching.max_prefill_chunk));
+    PagedSeq seq;
+    seq.row = rows;
+    seq.tokens = chunk[i];
+    seq.past = job.start + job.done;
+    seq.blocks = &job.session->table->blocks();
+    seq.causal = job.session->causal;
+    seq.alibi = job.session->position_bias == PositionBias::kAlibi;
+    seqs.push_back(seq);
+    xs.push_back(job.x.narrow(0, job.done, chunk[i]));
+    rows += chunk[i];
   }
-  auto result = session->model->stack->layer(static_cast<int>(layer)).Forward(args);
-  if (!result.ok()) return done(result.status());
-  auto out = ToCaller(result->out, req.x.dtype());
-  if (!out.ok()) return done(out.status());
-  session->caches[layer] = std::move(*result->cache);
+  StatusOr<at::Tensor> out = CatchAll("batched pass", [&]() -> StatusOr<at::Tensor> {
+    const at::Tensor x = xs.size() == 1 ? xs[0] : at::cat(xs, 0);
+    return PagedForward(model.stack->layer(layer), x, seqs, bs, model.k_cache[static_cast<size_t>(layer)],
+                        model.v_cache[static_cast<size_t>(layer)]);
+  });
   {
-    std::lock_guard<std::mutex> slock(session->mu);
-    session->positions[layer] = pos + s_new;
-    int64_t bytes = 0;
-    for (const KvCache& c : session->caches) bytes += TensorBytes(c.k) + TensorBytes(c.v);
-    session->cache_bytes = bytes;
+    std::lock_guard<std::mutex> lock(mu);
+    ++counters.batches;
+    counters.batched_steps += run.size();
+    size_t bucket = 0;
+    while ((size_t{1} << bucket) < run.size() && bucket + 1 < batch_histogram.size()) ++bucket;
+    ++batch_histogram[bucket];
   }
-  StepResult r;
-  r.out = std::move(out).value();
-  r.position = pos;
-  r.num_tokens = s_new;
-  r.queue_us = MicrosBetween(enqueued, start);
-  r.compute_us = MicrosBetween(start, Clock::now());
-  done(std::move(r));
+  for (size_t i = 0; i < run.size(); ++i) {
+    WorkItem& item = *run[i];
+    StepJob& job = *item.job;
+    if (!out.ok()) {
+      item.fail(out.status());
+      continue;
+    }
+    job.outs.push_back(out->narrow(0, seqs[i].row, chunk[i]));
+    job.done += chunk[i];
+    {
+      std::lock_guard<std::mutex> slock(job.session->mu);
+      job.session->positions[static_cast<size_t>(layer)] = job.start + job.done;
+    }
+    if (job.remaining() > 0) {
+      unfinished->push_back(std::move(item));
+      continue;
+    }
+    StatusOr<Tensor> result = CatchAll("step output", [&]() -> StatusOr<Tensor> {
+      at::Tensor all = job.outs.size() == 1 ? job.outs[0] : at::cat(job.outs, 0);
+      return ToCaller(Wrap(all.view({1, job.request.x.size(1), o.dim})), job.request.x.dtype());
+    });
+    if (!result.ok()) {
+      item.fail(result.status());
+      continue;
+    }
+    StepResult r;
+    r.out = std::move(result).value();
+    r.position = job.start;
+    r.num_tokens = job.request.x.size(1);
+    r.queue_us = MicrosBetween(item.enqueued, job.started);
+    r.compute_us = MicrosBetween(job.started, Clock::now());
+    job.outs.clear();
+    job.finish(std::move(r));
+  }
 }
 
 void Engine::SubmitForward(ForwardRequest request, ForwardCallback done) {
@@ -699,12 +979,26 @@ EngineStats Engine::stats() const {
     std::lock_guard<std::mutex> lock(impl_->mu);
     s = impl_->counters;
     s.sessions_open = impl_->sessions.size();
+    s.batch_size_histogram = impl_->batch_histogram;
+    for (const auto& [id, session] : impl_->sessions) {
+      if (session->busy()) {
+        ++s.sessions_active;
+      } else {
+        ++s.sessions_idle;
+      }
+    }
   }
   s.queue_depth = 0;
   s.running = 0;
   for (const auto& [device, worker] : impl_->workers) {
     s.queue_depth += worker->queued();
     s.running += worker->running();
+  }
+  for (const auto& [name, m] : impl_->models) {
+    s.kv_block_size = m->pool->block_size();
+    s.kv_blocks_total += m->pool->capacity();
+    s.kv_blocks_used += m->pool->used_blocks();
+    s.kv_blocks_free += m->pool->free_blocks();
   }
   return s;
 }

@@ -14,6 +14,7 @@
 
 #include "mqa/core/device.h"
 #include "mqa/core/logging.h"
+#include "paged_attention.h"
 #include "tensor_impl.h"
 
 namespace mqa::core {
@@ -508,6 +509,122 @@ StatusOr<Tensor> AlibiBias(int64_t heads, int64_t seq_len, bool full, DType dtyp
     if (full) pos = (pos - at::arange(1 - seq_len, 1, at::kInt).view({1, 1, seq_len, 1})).abs().mul(-1);
     at::Tensor m = at::from_blob(const_cast<float*>(slopes.data()), {1, heads, 1, 1}, at::kFloat).clone();
     return Wrap((pos * m).to(dev, ToScalarType(dtype)));
+  });
+}
+
+StatusOr<at::Tensor> PagedForward(const MultiQueryAttention& layer, const at::Tensor& x,
+                                  const std::vector<PagedSeq>& seqs, int32_t block_size, const at::Tensor& k_cache,
+                                  const at::Tensor& v_cache) {
+  const MultiQueryAttention::Impl& L = layer.impl();
+  const MqaOptions& opt = L.opt;
+  const int64_t dim = opt.dim, H = opt.heads, d = opt.head_dim(), T = x.size(0);
+  return CatchAll("PagedForward", [&]() -> StatusOr<at::Tensor> {
+    L.forwards.fetch_add(1, std::memory_order_relaxed);
+    const at::Device dev = x.device();
+    const auto i64 = at::TensorOptions().dtype(at::kLong);
+    // One projection GEMM over every token of the pass.
+    at::Tensor qkv = at::linear(x, L.P("Wqkv.weight"), L.P("Wqkv.bias"));
+    if (opt.clip_qkv && *opt.clip_qkv != 0.0) qkv = qkv.clamp(-*opt.clip_qkv, *opt.clip_qkv);
+    at::Tensor q = qkv.narrow(1, 0, dim);
+    at::Tensor k = qkv.narrow(1, dim, d);
+    at::Tensor v = qkv.narrow(1, dim + d, d);
+    if (opt.qk_ln) {
+      q = L.Norm(q, "q_ln");
+      k = L.Norm(k, "k_ln");
+    }
+    // KV append: every new token's slot, then one scatter per cache.
+    std::vector<int64_t> new_slots;
+    new_slots.reserve(static_cast<size_t>(T));
+    for (const PagedSeq& s : seqs) {
+      for (int64_t p = s.past; p < s.past + s.tokens; ++p) {
+        new_slots.push_back(static_cast<int64_t>((*s.blocks)[static_cast<size_t>(p / block_size)]) * block_size +
+                            p % block_size);
+      }
+    }
+    const at::Tensor slot_index = at::tensor(new_slots, i64).to(dev);
+    k_cache.index_copy_(0, slot_index, k.contiguous());
+    v_cache.index_copy_(0, slot_index, v.contiguous());
+
+    at::Tensor ctx = at::empty({T, H, d}, x.options());
+    const at::Tensor slopes =
+        at::tensor(AlibiSlopes(H), at::TensorOptions().dtype(at::kFloat)).to(dev).to(x.scalar_type());
+
+    // Decode tokens (one per session) attend together: each session's slots are gathered into a padded
+    // [B, L_max] index; padding and the unused tail of a block point at block 0 (zeros) and are masked out.
+    std::vector<const PagedSeq*> decode;
+    for (const PagedSeq& s : seqs) {
+      if (s.tokens == 1) decode.push_back(&s);
+    }
+    if (!decode.empty()) {
+      const int64_t B = static_cast<int64_t>(decode.size());
+      int64_t len_max = 0;
+      for (const PagedSeq* s : decode) len_max = std::max(len_max, s->past + 1);
+      const int64_t nb = (len_max + block_size - 1) / block_size;
+      std::vector<int64_t> tables(static_cast<size_t>(B * nb), 0), lengths, rows;
+      for (int64_t b = 0; b < B; ++b) {
+        const PagedSeq& s = *decode[static_cast<size_t>(b)];
+        const int64_t used = (s.past + 1 + block_size - 1) / block_size;
+        for (int64_t i = 0; i < used; ++i) tables[static_cast<size_t>(b * nb + i)] = (*s.blocks)[static_cast<size_t>(i)];
+        lengths.push_back(s.past + 1);
+        rows.push_back(s.row);
+      }
+      const at::Tensor table = at::tensor(tables, i64).view({B, nb}).to(dev);
+      const at::Tensor length = at::tensor(lengths, i64).to(dev).view({B, 1});
+      const at::Tensor pos = at::arange(len_max, i64.device(dev)).view({1, len_max});
+      const at::Tensor valid = pos < length;                                        // [B, L_max]
+      at::Tensor slots = (table.unsqueeze(-1) * block_size + at::arange(block_size, i64.device(dev)))
+                             .view({B, nb * block_size})
+                             .narrow(1, 0, len_max);
+      slots = at::where(valid, slots, at::zeros_like(slots));
+      const at::Tensor kg = k_cache.index_select(0, slots.reshape(-1)).view({B, len_max, d});
+      const at::Tensor vg = v_cache.index_select(0, slots.reshape(-1)).view({B, len_max, d});
+      const at::Tensor row_index = at::tensor(rows, i64).to(dev);
+      const at::Tensor qd = q.index_select(0, row_index).view({B, H, d});
+      at::Tensor attn = at::bmm(qd, kg.transpose(1, 2)) * L.scale;                 // [B, H, L_max]
+      bool any_alibi = false;
+      std::vector<uint8_t> alibi_rows;
+      for (const PagedSeq* s : decode) {
+        alibi_rows.push_back(s->alibi ? 1 : 0);
+        any_alibi = any_alibi || s->alibi;
+      }
+      if (any_alibi) {
+        // Causal form relative to each session's last key: m_h * (j - (len - 1)).
+        const at::Tensor rel = (pos - (length - 1)).to(x.scalar_type()).view({B, 1, len_max});
+        const at::Tensor on = at::tensor(alibi_rows, at::TensorOptions().dtype(at::kByte)).to(dev).to(at::kBool).view({B, 1, 1});
+        attn = attn + at::where(on, slopes.view({1, H, 1}) * rel, at::zeros({}, attn.options()));
+      }
+      attn = attn.masked_fill(valid.logical_not().view({B, 1, len_max}), -std::numeric_limits<double>::infinity());
+      const at::Tensor p = at::softmax(attn, -1);
+      ctx.index_copy_(0, row_index, at::bmm(p.to(vg.scalar_type()), vg));         // [B, H, d]
+    }
+
+    // Prefill chunks: one attention each, against exactly the session's slots (no padding).
+    for (const PagedSeq& s : seqs) {
+      if (s.tokens == 1) continue;
+      const int64_t len = s.past + s.tokens;
+      std::vector<int64_t> sl(static_cast<size_t>(len));
+      for (int64_t p = 0; p < len; ++p) {
+        sl[static_cast<size_t>(p)] =
+            static_cast<int64_t>((*s.blocks)[static_cast<size_t>(p / block_size)]) * block_size + p % block_size;
+      }
+      const at::Tensor idx = at::tensor(sl, i64).to(dev);
+      const at::Tensor kk = k_cache.index_select(0, idx);                           // [len, d]
+      const at::Tensor vv = v_cache.index_select(0, idx);
+      const at::Tensor qs = q.narrow(0, s.row, s.tokens).view({s.tokens, H, d}).transpose(0, 1);  // [H, s, d]
+      at::Tensor attn = at::matmul(qs, kk.t()) * L.scale;                            // [H, s, len]
+      if (s.alibi) {
+        const at::Tensor j = at::arange(len, i64.device(dev)).view({1, len});
+        const at::Tensor i = at::arange(s.past, len, i64.device(dev)).view({s.tokens, 1});
+        const at::Tensor rel = s.causal ? (j - (len - 1)).expand({s.tokens, len}) : -(j - i).abs();
+        attn = attn + slopes.view({H, 1, 1}) * rel.to(x.scalar_type()).view({1, s.tokens, len});
+      }
+      if (s.causal) {
+        attn = attn.masked_fill(FutureKeys(s.tokens, len, dev).view({1, s.tokens, len}), MostNegative(x.scalar_type()));
+      }
+      const at::Tensor p = at::softmax(attn, -1);
+      ctx.narrow(0, s.row, s.tokens).copy_(at::matmul(p.to(vv.scalar_type()), vv).transpose(0, 1));
+    }
+    return at::linear(ctx.view({T, dim}), L.P("out_proj.weight"), L.P("out_proj.bias"));
   });
 }
 

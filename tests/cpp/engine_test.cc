@@ -131,7 +131,8 @@ void CheckIncrementalEqualsFullPass(PositionBias bias, bool causal) {
   }
   SessionInfo after = Unwrap(e->GetSession(s.id));
   EXPECT_EQ(after.layer_positions, (std::vector<int64_t>{0, total}));  // layer 0 never stepped
-  EXPECT_EQ(after.cache_bytes, 2 * total * 16 * 4);                    // k and v, head_dim 16, fp32
+  // One block of 16 tokens holds all 12, for both layers: k and v, head_dim 16, fp32.
+  EXPECT_EQ(after.cache_bytes, 1 * 2 * 2 * 16 * 16 * 4);
 }
 
 TEST(Engine, IncrementalDecodeEqualsOneFullPass) { CheckIncrementalEqualsFullPass(PositionBias::kNone, true); }

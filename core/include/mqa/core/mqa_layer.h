@@ -107,8 +107,11 @@ class MultiQueryAttention {
 
   LayerCounters counters() const;
 
- private:
+  // For core's private sources only (the engine's paged, batched pass).
   struct Impl;
+  const Impl& impl() const { return *impl_; }
+
+ private:
   explicit MultiQueryAttention(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
