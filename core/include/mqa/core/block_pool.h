@@ -34,7 +34,9 @@ class BlockPool {
   // Appends n distinct free blocks to *out, all or nothing: RESOURCE_EXHAUSTED (saying how many were asked for
   // and how many are free) leaves *out and the pool unchanged.
   Status Allocate(int64_t n, std::vector<int32_t>* out);
-  // Returns blocks to the pool and clears *blocks. Each must have been allocated and not yet released.
+  // Returns blocks to the pool and clears *blocks. Each must have been allocated and not yet released: block 0,
+  // an out-of-range id, or a block not currently allocated (e.g. released twice) is a programming error and
+  // aborts the process with a message on stderr rather than corrupt the free list.
   void Release(std::vector<int32_t>* blocks);
 
  private:
@@ -61,7 +63,8 @@ class BlockTable {
 
   int64_t capacity_tokens() const;
   const std::vector<int32_t>& blocks() const { return blocks_; }
-  // The slot (block * block_size + offset) holding token `position`; position < capacity_tokens().
+  // The slot (block * block_size + offset) holding token `position`; 0 <= position < capacity_tokens(), else
+  // aborts (a programming error).
   int64_t Slot(int64_t position) const;
 
  private:
