@@ -163,8 +163,18 @@ struct Session {
     s.expire_time = last_active_wall + idle_ttl;
     s.causal = causal;
     s.position_bias = position_bias;
+    s.admission = admission;
     s.cache_bytes = cache_bytes;
     return s;
+  }
+
+  // A closed session's blocks go back to the pool as soon as no step of it is queued or running (the worker
+  // touches the table only for queued or running steps, so nothing reads it after this).
+  void ReleaseBlocksIfIdleLocked() {
+    if (closed && pending == 0 && table) {
+      table->Release();
+      cache_bytes = 0;
+    }
   }
 
   bool busy() const {
@@ -425,7 +435,10 @@ struct Engine::Impl {
         {
           std::lock_guard<std::mutex> slock(s.mu);
           idle = s.pending == 0 && now - s.last_active >= s.idle_ttl;
-          if (idle) s.closed = true;
+          if (idle) {
+            s.closed = true;
+            s.ReleaseBlocksIfIdleLocked();
+          }
         }
         if (idle) {
           RememberEnded(s.id, "expired after " + FormatMillis(s.idle_ttl) + " idle (its idle TTL)");
@@ -692,12 +705,13 @@ StatusOr<SessionInfo> Engine::CloseSession(const std::string& id) {
     impl_->RememberEnded(id, "was closed");
     ++impl_->counters.sessions_closed;
   }
+  SessionInfo info = s->Info();
   {
     std::lock_guard<std::mutex> slock(s->mu);
     s->closed = true;
+    s->ReleaseBlocksIfIdleLocked();
   }
-  // The caches go with the last reference: here, or on the worker after a step it is running.
-  return s->Info();
+  return info;
 }
 
 void Engine::SubmitStep(StepRequest request, StepCallback done) {
@@ -722,17 +736,23 @@ void Engine::SubmitStep(StepRequest request, StepCallback done) {
         std::to_string(o.dim) + "), got " +
         (x.defined() ? std::string(DTypeName(x.dtype())) + " " + ShapeToString(x.shape()) : "nothing")));
   }
+  bool closed;
   {
     std::lock_guard<std::mutex> slock(session->mu);
-    ++session->pending;
-    session->last_active = Clock::now();
-    session->last_active_wall = std::chrono::system_clock::now();
+    closed = session->closed;
+    if (!closed) {
+      ++session->pending;
+      session->last_active = Clock::now();
+      session->last_active_wall = std::chrono::system_clock::now();
+    }
   }
+  if (closed) return fail_now(NotFoundError("session " + session->id + " was closed; nothing was computed"));
   auto shared_done = std::make_shared<StepCallback>(std::move(done));
   auto finish = [this, session, shared_done](StatusOr<StepResult> result) {
     {
       std::lock_guard<std::mutex> slock(session->mu);
       --session->pending;
+      session->ReleaseBlocksIfIdleLocked();  // closed while this step was in flight: free now, not at the last ref
       session->last_active = Clock::now();
       session->last_active_wall = std::chrono::system_clock::now();
     }

@@ -360,5 +360,175 @@ TEST(Engine, StatelessForwardReturnsTheCacheInTheCallersDtype) {
   EXPECT_EQ(r.cache->v.dtype(), DType::kFloat16);
 }
 
+
+// ---- Paged KV cache and continuous batching (issue 4) ----
+namespace batching {
+
+EngineOptions Options(int64_t max_batch_sessions, int64_t kv_budget_bytes = 0) {
+  EngineOptions o;
+  o.models.push_back(SmallModel("small", 2, 256));
+  o.batching.max_batch_sessions = max_batch_sessions;
+  o.batching.max_prefill_chunk = 8;  // small, so prefills run in several chunks between decode steps
+  o.kv_cache.block_size = 4;
+  if (kv_budget_bytes > 0) o.kv_cache.budget_bytes = kv_budget_bytes;
+  return o;
+}
+
+// Per-token bytes of SmallModel's KV: 2 layers x (k + v) x head_dim 16 x fp32.
+constexpr int64_t kBlockBytes = 2 * 2 * 4 * 16 * 4;  // one block of 4 tokens
+
+// Drives n sessions through a mixed schedule (prefills of different lengths, then decode tokens), submitting
+// every session's next step at once so that they queue together. Returns each session's outputs per layer.
+std::vector<std::vector<float>> RunSchedule(Engine& e, const std::vector<std::vector<Tensor>>& inputs, int layers) {
+  const size_t n = inputs.size();
+  std::vector<SessionInfo> sessions;
+  for (size_t i = 0; i < n; ++i) sessions.push_back(Create(e));
+  std::vector<std::vector<float>> outs(n * static_cast<size_t>(layers));
+  for (size_t t = 0; t < inputs[0].size(); ++t) {
+    for (int layer = 0; layer < layers; ++layer) {
+      std::vector<std::promise<StatusOr<StepResult>>> done(n);
+      for (size_t i = 0; i < n; ++i) {
+        e.SubmitStep(MakeStep(sessions[i].id, layer, inputs[i][t]),
+                     [&done, i](StatusOr<StepResult> r) { done[i].set_value(std::move(r)); });
+      }
+      for (size_t i = 0; i < n; ++i) {
+        auto r = Unwrap(done[i].get_future().get(), "step");
+        auto v = Floats(r.out);
+        auto& o = outs[i * static_cast<size_t>(layers) + static_cast<size_t>(layer)];
+        o.insert(o.end(), v.begin(), v.end());
+      }
+    }
+  }
+  for (auto& s : sessions) EXPECT_TRUE(e.CloseSession(s.id).ok());
+  return outs;
+}
+
+std::vector<std::vector<Tensor>> MixedInputs(size_t n) {
+  std::vector<std::vector<Tensor>> in(n);
+  for (size_t i = 0; i < n; ++i) {
+    in[i].push_back(Randn(DType::kFloat32, {1, static_cast<int64_t>(1 + 7 * i % 23), 64}));  // prefill 1..23
+    for (int t = 0; t < 6; ++t) in[i].push_back(Randn(DType::kFloat32, {1, 1, 64}));
+  }
+  return in;
+}
+
+TEST(Batching, BatchedEqualsSoloAndEqualsTheLayer) {
+  auto inputs = MixedInputs(12);
+  auto batched_engine = MakeEngine(Options(64));
+  auto batched = RunSchedule(*batched_engine, inputs, 2);
+  EngineStats st = batched_engine->stats();
+  EXPECT_LT(st.batches, st.batched_steps);  // steps really shared passes
+  auto solo_engine = MakeEngine(Options(1));
+  auto solo = RunSchedule(*solo_engine, inputs, 2);
+  EXPECT_EQ(solo_engine->stats().batches, solo_engine->stats().batched_steps);  // one step (chunk) per pass
+  auto stack = Unwrap(MqaStack::Create(SmallModel().options, 2));
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    std::vector<float> all;
+    for (const auto& x : inputs[i]) {
+      auto v = Floats(x);
+      all.insert(all.end(), v.begin(), v.end());
+    }
+    ForwardArgs args;
+    args.x = Unwrap(Tensor::FromFloats(DType::kFloat32, {1, static_cast<int64_t>(all.size() / 64), 64}, all));
+    for (int layer = 0; layer < 2; ++layer) {
+      const size_t k = i * 2 + static_cast<size_t>(layer);
+      EXPECT_LT(RelativeError(batched[k], solo[k]), 1e-6) << "session " << i << " layer " << layer;
+      EXPECT_LT(RelativeError(batched[k], Floats(Unwrap(stack->layer(layer).Forward(args)).out)), 1e-5)
+          << "session " << i << " layer " << layer;
+    }
+  }
+  EXPECT_EQ(batched_engine->stats().kv_blocks_used, 0);  // every block came back
+}
+
+TEST(Batching, NaNInOneSessionOfAPassLeavesTheOthersBitForBit) {
+  auto run = [](bool poison) {
+    auto e = MakeEngine(Options(64));
+    std::vector<SessionInfo> s = {Create(*e), Create(*e), Create(*e)};
+    // Same inputs every run (fixed seeds), so the two runs differ only in session 0's values.
+    std::vector<std::vector<float>> outs(3);
+    for (int t = 0; t < 5; ++t) {
+      std::vector<std::promise<StatusOr<StepResult>>> done(3);
+      for (size_t i = 0; i < 3; ++i) {
+        Tensor x = Unwrap(Tensor::Randn(DType::kFloat32, {1, t == 0 ? 5 : 1, 64}, 100 * t + i));
+        if (poison && i == 0) {
+          std::vector<float> nan(static_cast<size_t>(x.numel()), std::nanf(""));
+          x = Unwrap(Tensor::FromFloats(DType::kFloat32, x.shape(), nan));
+        }
+        e->SubmitStep(MakeStep(s[i].id, 0, x), [&done, i](StatusOr<StepResult> r) { done[i].set_value(std::move(r)); });
+      }
+      for (size_t i = 0; i < 3; ++i) {
+        auto v = Floats(Unwrap(done[i].get_future().get()).out);
+        outs[i].insert(outs[i].end(), v.begin(), v.end());
+      }
+    }
+    return outs;
+  };
+  auto clean = run(false);
+  auto poisoned = run(true);
+  EXPECT_TRUE(::mqa::testing::HasNaN(poisoned[0]));
+  for (size_t i = 1; i < 3; ++i) {
+    EXPECT_FALSE(::mqa::testing::HasNaN(poisoned[i]));
+    EXPECT_EQ(poisoned[i], clean[i]) << "session " << i;
+  }
+}
+
+TEST(Batching, BudgetTooSmallForOneSessionIsRefusedAtStart) {
+  // 256 tokens need 64 blocks of 4; give room for 10 (+ the reserved block).
+  auto refused = Engine::Create(Options(64, 11 * kBlockBytes));
+  ASSERT_EQ(refused.status().code(), StatusCode::kResourceExhausted);
+  EXPECT_NE(refused.status().message().find("fewer than the 64 one session of max_tokens_per_session 256 needs"),
+            std::string::npos)
+      << refused.status().message();
+}
+
+TEST(Batching, ExhaustionRefusesNewGuaranteedSessionsAndGrowingStepsOnly) {
+  auto e = MakeEngine(Options(64, 65 * kBlockBytes));  // 64 usable blocks = 256 tokens
+  SessionConfig guaranteed;
+  guaranteed.model = "small";
+  guaranteed.admission = Admission::kGuaranteed;
+  guaranteed.max_tokens = 200;  // 50 blocks reserved up front
+  SessionInfo g = Create(*e, guaranteed);
+  EXPECT_EQ(e->stats().kv_blocks_used, 50);
+  auto second = e->CreateSession(guaranteed);
+  ASSERT_EQ(second.status().code(), StatusCode::kResourceExhausted);
+  EXPECT_NE(second.status().message().find("guaranteed session of 200 tokens"), std::string::npos);
+
+  SessionInfo a = Create(*e), b = Create(*e);  // best effort: no blocks yet
+  ASSERT_TRUE(StepSync(*e, MakeStep(a.id, 0, Randn(DType::kFloat32, {1, 40, 64}))).ok());  // 10 blocks
+  auto b_before = StepSync(*e, MakeStep(b.id, 0, Randn(DType::kFloat32, {1, 8, 64})));        // 2 blocks
+  ASSERT_TRUE(b_before.ok());
+  auto grow = StepSync(*e, MakeStep(b.id, 0, Randn(DType::kFloat32, {1, 12, 64})));  // needs 3 more: 2 free
+  ASSERT_EQ(grow.status().code(), StatusCode::kResourceExhausted);
+  EXPECT_NE(grow.status().message().find("is unchanged: retry"), std::string::npos) << grow.status().message();
+  EXPECT_EQ(Unwrap(e->GetSession(b.id)).layer_positions[0], 8);
+  // The guaranteed session never runs short, whatever the others do.
+  ASSERT_TRUE(StepSync(*e, MakeStep(g.id, 1, Randn(DType::kFloat32, {1, 200, 64}))).ok());
+  // Closing a frees its blocks; b's retry then succeeds and continues where it was.
+  ASSERT_TRUE(e->CloseSession(a.id).ok());
+  auto retry = StepSync(*e, MakeStep(b.id, 0, Randn(DType::kFloat32, {1, 12, 64})));
+  ASSERT_TRUE(retry.ok()) << retry.status().ToString();
+  EXPECT_EQ(retry->position, 8);
+  EXPECT_GE(e->stats().kv_exhausted, 2u);
+  ASSERT_TRUE(e->CloseSession(b.id).ok());
+  ASSERT_TRUE(e->CloseSession(g.id).ok());
+  EXPECT_EQ(e->stats().kv_blocks_used, 0);
+}
+
+TEST(Batching, TtlExpiryReturnsBlocks) {
+  EngineOptions o = Options(64);
+  o.reap_interval = std::chrono::milliseconds(10);
+  auto e = MakeEngine(std::move(o));
+  SessionConfig c;
+  c.model = "small";
+  c.idle_ttl = std::chrono::milliseconds(50);
+  SessionInfo s = Create(*e, c);
+  ASSERT_TRUE(StepSync(*e, MakeStep(s.id, 0, Randn(DType::kFloat32, {1, 30, 64}))).ok());
+  EXPECT_EQ(e->stats().kv_blocks_used, 8);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_EQ(e->stats().kv_blocks_used, 0);
+  EXPECT_EQ(e->stats().sessions_expired, 1u);
+}
+
+}  // namespace batching
 }  // namespace
 }  // namespace mqa::core

@@ -205,7 +205,7 @@ TEST_F(ServiceTest, SessionLifeCycleAndIncrementalDecodeEqualsOneFullPass) {
   v1::Session now = GetSession(s.session_id());
   EXPECT_EQ(now.layer_positions(0), 9);
   EXPECT_EQ(now.layer_positions(1), 0);
-  EXPECT_EQ(now.cache_bytes(), 2 * 9 * 16 * 4);
+  EXPECT_EQ(now.cache_bytes(), 1 * 2 * 2 * 16 * 16 * 4);  // one block of 16 tokens, 2 layers, k and v, d 16, fp32
 
   grpc::ClientContext ctx;
   v1::CloseSessionRequest close;
