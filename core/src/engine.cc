@@ -820,7 +820,8 @@ void Engine::Impl::RunBatch(std::vector<WorkItem>& batch, std::vector<WorkItem>*
       }
     }
     if (refused.ok()) {
-      auto x = ToLayer(job.request.x, o, /*floating=*/true);
+      // Converted on the CPU; the pass moves all its chunks to the device in one copy.
+      auto x = job.request.x.dtype() == o.dtype ? StatusOr<Tensor>(job.request.x) : job.request.x.ToDType(o.dtype);
       if (x.ok()) {
         job.x = Unwrap(*x).view({s_new, o.dim});
         job.start = pos;
@@ -861,9 +862,12 @@ void Engine::Impl::RunBatch(std::vector<WorkItem>& batch, std::vector<WorkItem>*
     rows += chunk[i];
   }
   StatusOr<at::Tensor> out = CatchAll("batched pass", [&]() -> StatusOr<at::Tensor> {
-    const at::Tensor x = xs.size() == 1 ? xs[0] : at::cat(xs, 0);
-    return PagedForward(model.stack->layer(layer), x, seqs, bs, model.k_cache[static_cast<size_t>(layer)],
-                        model.v_cache[static_cast<size_t>(layer)]);
+    const at::Tensor& cache = model.k_cache[static_cast<size_t>(layer)];
+    const at::Tensor x = (xs.size() == 1 ? xs[0] : at::cat(xs, 0)).to(cache.device());
+    MQA_ASSIGN_OR_RETURN(at::Tensor y, PagedForward(model.stack->layer(layer), x, seqs, bs, cache,
+                                                    model.v_cache[static_cast<size_t>(layer)]));
+    // One copy back for the whole pass (one synchronisation), sliced per step on the CPU.
+    return y.is_cpu() ? y : y.to(at::kCPU);
   });
   {
     std::lock_guard<std::mutex> lock(mu);
