@@ -522,6 +522,9 @@ StatusOr<at::Tensor> PagedForward(const MultiQueryAttention& layer, const at::Te
     L.forwards.fetch_add(1, std::memory_order_relaxed);
     const at::Device dev = x.device();
     const auto i64 = at::TensorOptions().dtype(at::kLong);
+    // Small index tensors go to the device from pinned memory, asynchronously: a pageable copy would make the
+    // host wait for the GPU work queued before it.
+    auto to_dev = [&](const at::Tensor& t) { return dev.is_cpu() ? t : t.pin_memory().to(dev, /*non_blocking=*/true); };
     // One projection GEMM over every token of the pass.
     at::Tensor qkv = at::linear(x, L.P("Wqkv.weight"), L.P("Wqkv.bias"));
     if (opt.clip_qkv && *opt.clip_qkv != 0.0) qkv = qkv.clamp(-*opt.clip_qkv, *opt.clip_qkv);
@@ -541,13 +544,16 @@ StatusOr<at::Tensor> PagedForward(const MultiQueryAttention& layer, const at::Te
                             p % block_size);
       }
     }
-    const at::Tensor slot_index = at::tensor(new_slots, i64).to(dev);
+    const at::Tensor slot_index = to_dev(at::tensor(new_slots, i64));
     k_cache.index_copy_(0, slot_index, k.contiguous());
     v_cache.index_copy_(0, slot_index, v.contiguous());
 
     at::Tensor ctx = at::empty({T, H, d}, x.options());
+    bool any_alibi = false;
+    for (const PagedSeq& s : seqs) any_alibi = any_alibi || s.alibi;
     const at::Tensor slopes =
-        at::tensor(AlibiSlopes(H), at::TensorOptions().dtype(at::kFloat)).to(dev).to(x.scalar_type());
+        any_alibi ? to_dev(at::tensor(AlibiSlopes(H), at::TensorOptions().dtype(at::kFloat))).to(x.scalar_type())
+                  : at::Tensor();
 
     // Decode tokens (one per session) attend together: each session's slots are gathered into a padded
     // [B, L_max] index; padding and the unused tail of a block point at block 0 (zeros) and are masked out.
@@ -568,8 +574,8 @@ StatusOr<at::Tensor> PagedForward(const MultiQueryAttention& layer, const at::Te
         lengths.push_back(s.past + 1);
         rows.push_back(s.row);
       }
-      const at::Tensor table = at::tensor(tables, i64).view({B, nb}).to(dev);
-      const at::Tensor length = at::tensor(lengths, i64).to(dev).view({B, 1});
+      const at::Tensor table = to_dev(at::tensor(tables, i64).view({B, nb}));
+      const at::Tensor length = to_dev(at::tensor(lengths, i64)).view({B, 1});
       const at::Tensor pos = at::arange(len_max, i64.device(dev)).view({1, len_max});
       const at::Tensor valid = pos < length;                                        // [B, L_max]
       at::Tensor slots = (table.unsqueeze(-1) * block_size + at::arange(block_size, i64.device(dev)))
@@ -578,19 +584,15 @@ StatusOr<at::Tensor> PagedForward(const MultiQueryAttention& layer, const at::Te
       slots = at::where(valid, slots, at::zeros_like(slots));
       const at::Tensor kg = k_cache.index_select(0, slots.reshape(-1)).view({B, len_max, d});
       const at::Tensor vg = v_cache.index_select(0, slots.reshape(-1)).view({B, len_max, d});
-      const at::Tensor row_index = at::tensor(rows, i64).to(dev);
+      const at::Tensor row_index = to_dev(at::tensor(rows, i64));
       const at::Tensor qd = q.index_select(0, row_index).view({B, H, d});
       at::Tensor attn = at::bmm(qd, kg.transpose(1, 2)) * L.scale;                 // [B, H, L_max]
-      bool any_alibi = false;
       std::vector<uint8_t> alibi_rows;
-      for (const PagedSeq* s : decode) {
-        alibi_rows.push_back(s->alibi ? 1 : 0);
-        any_alibi = any_alibi || s->alibi;
-      }
+      for (const PagedSeq* s : decode) alibi_rows.push_back(s->alibi ? 1 : 0);
       if (any_alibi) {
         // Causal form relative to each session's last key: m_h * (j - (len - 1)).
         const at::Tensor rel = (pos - (length - 1)).to(x.scalar_type()).view({B, 1, len_max});
-        const at::Tensor on = at::tensor(alibi_rows, at::TensorOptions().dtype(at::kByte)).to(dev).to(at::kBool).view({B, 1, 1});
+        const at::Tensor on = to_dev(at::tensor(alibi_rows, at::TensorOptions().dtype(at::kByte))).to(at::kBool).view({B, 1, 1});
         attn = attn + at::where(on, slopes.view({1, H, 1}) * rel, at::zeros({}, attn.options()));
       }
       attn = attn.masked_fill(valid.logical_not().view({B, 1, len_max}), -std::numeric_limits<double>::infinity());
@@ -607,7 +609,7 @@ StatusOr<at::Tensor> PagedForward(const MultiQueryAttention& layer, const at::Te
         sl[static_cast<size_t>(p)] =
             static_cast<int64_t>((*s.blocks)[static_cast<size_t>(p / block_size)]) * block_size + p % block_size;
       }
-      const at::Tensor idx = at::tensor(sl, i64).to(dev);
+      const at::Tensor idx = to_dev(at::tensor(sl, i64));
       const at::Tensor kk = k_cache.index_select(0, idx);                           // [len, d]
       const at::Tensor vv = v_cache.index_select(0, idx);
       const at::Tensor qs = q.narrow(0, s.row, s.tokens).view({s.tokens, H, d}).transpose(0, 1);  // [H, s, d]
