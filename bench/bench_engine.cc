@@ -1,0 +1,625 @@
+// mqa-bench-engine: decode throughput and step latency of the in-process Engine with N concurrent sessions,
+// batched (continuous batching as configured) against unbatched (max_batch_sessions = 1), both measured in the
+// same run on the same device.
+//
+// For each mode and each N: a fresh engine hosting one model of L layers (KV-cache budget sized for N
+// sessions of P + W + T tokens), N sessions, then three phases, each a closed loop per session driven from the
+// completion callbacks (no thread per session): a session submits its step for layer 0, submits layer 1 when
+// that completes (the output of layer l is the input of layer l + 1), ... and then its next token, so N steps are
+// in flight at once, one per session.
+//   prefill: one step of P tokens per layer and session (timed separately);
+//   warm-up: W decode tokens per session (untimed);
+//   decode:  T decode tokens per session (timed): tokens/s = N * T / wall seconds (a token has passed every
+//            layer), step latency = submit to callback.
+//
+// Only the public core headers are used, so the benchmark runs unchanged against any engine behind engine.h.
+//
+// Usage: mqa-bench-engine [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--dim 4096] [--heads 32]
+//          [--layers 4] [--sessions 1,8,64,256] [--prefill 128] [--tokens 64] [--warmup 4]
+//          [--attn-impl torch|flash] [--max-batch-sessions 256] [--max-batch-tokens 4096]
+//          [--max-queue-delay-us 0] [--kv-block-size 16] [--modes batched,unbatched] [--seed 0] [--json FILE]
+#include <algorithm>
+#include <chrono>
+#include <cinttypes>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <ctime>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "mqa/core/device.h"
+#include "mqa/core/engine.h"
+#include "mqa/core/mqa_layer.h"
+#include "mqa/core/status.h"
+#include "mqa/core/tensor.h"
+
+namespace {
+
+using mqa::core::Clock;
+using mqa::core::Engine;
+using mqa::core::Status;
+using mqa::core::StatusOr;
+using mqa::core::Tensor;
+
+constexpr char kModelName[] = "bench";
+
+[[noreturn]] void Die(const std::string& what) {
+  std::fprintf(stderr, "mqa-bench-engine: %s\n", what.c_str());
+  std::exit(1);
+}
+
+template <typename T>
+T Check(StatusOr<T> s, const std::string& what) {
+  if (!s.ok()) Die(what + ": " + s.status().ToString());
+  return std::move(s).value();
+}
+
+void Check(const Status& s, const std::string& what) {
+  if (!s.ok()) Die(what + ": " + s.ToString());
+}
+
+// "--name value" or "--name=value"; an unknown flag or a missing value stops the program (exit 2).
+class Flags {
+ public:
+  Flags(int argc, char** argv, std::set<std::string> known) : known_(std::move(known)) {
+    for (int i = 1; i < argc; ++i) {
+      std::string arg = argv[i];
+      if (arg == "--help" || arg == "-h") Usage(0);
+      if (arg.rfind("--", 0) != 0) UsageError("unexpected argument '" + arg + "'");
+      std::string name = arg.substr(2);
+      std::string value;
+      const size_t eq = name.find('=');
+      if (eq != std::string::npos) {
+        value = name.substr(eq + 1);
+        name = name.substr(0, eq);
+      } else if (i + 1 < argc) {
+        value = argv[++i];
+      } else {
+        UsageError("flag --" + name + " needs a value");
+      }
+      if (!known_.count(name)) UsageError("unknown flag --" + name);
+      values_[name] = value;
+    }
+  }
+
+  std::string Str(const std::string& name, const std::string& fallback) const {
+    auto it = values_.find(name);
+    return it == values_.end() ? fallback : it->second;
+  }
+
+  int64_t Int(const std::string& name, int64_t fallback, int64_t min_value) const {
+    auto it = values_.find(name);
+    if (it == values_.end()) return fallback;
+    return ParseInt(name, it->second, min_value);
+  }
+
+  // A comma-separated list of integers >= min_value.
+  std::vector<int64_t> IntList(const std::string& name, const std::string& fallback, int64_t min_value) const {
+    std::vector<int64_t> out;
+    std::stringstream ss(Str(name, fallback));
+    std::string item;
+    while (std::getline(ss, item, ',')) {
+      if (!item.empty()) out.push_back(ParseInt(name, item, min_value));
+    }
+    if (out.empty()) UsageError("--" + name + " needs at least one value");
+    return out;
+  }
+
+  [[noreturn]] static void UsageError(const std::string& message) {
+    std::fprintf(stderr, "mqa-bench-engine: %s\n\n", message.c_str());
+    Usage(2);
+  }
+
+  [[noreturn]] static void Usage(int code) {
+    std::fputs(
+        "usage: mqa-bench-engine [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--dim N] [--heads H]\n"
+        "         [--layers L] [--sessions 1,8,64,256] [--prefill P=128] [--tokens T=64] [--warmup W=4]\n"
+        "         [--attn-impl torch|flash] [--max-batch-sessions B=256] [--max-batch-tokens K=4096]\n"
+        "         [--max-queue-delay-us U=0] [--kv-block-size S=16] [--modes batched,unbatched] [--seed N]\n"
+        "         [--json FILE]\n"
+        "defaults: cuda when a GPU is present (bfloat16, dim 4096, heads 32, layers 4, flash), else cpu (float32,\n"
+        "dim 512, heads 8, layers 2, torch). unbatched = max_batch_sessions 1.\n",
+        code == 0 ? stdout : stderr);
+    std::exit(code);
+  }
+
+ private:
+  static int64_t ParseInt(const std::string& name, const std::string& text, int64_t min_value) {
+    char* end = nullptr;
+    const long long v = std::strtoll(text.c_str(), &end, 10);
+    if (end == text.c_str() || *end != '\0' || v < min_value) {
+      UsageError("--" + name + " needs integers >= " + std::to_string(min_value) + ", got '" + text + "'");
+    }
+    return v;
+  }
+
+  std::set<std::string> known_;
+  std::map<std::string, std::string> values_;
+};
+
+// Nearest-rank percentile (p in [0, 100]); 0 for no values.
+double Percentile(std::vector<double> values, double p) {
+  if (values.empty()) return 0.0;
+  std::sort(values.begin(), values.end());
+  const size_t rank = static_cast<size_t>(std::ceil(p / 100.0 * static_cast<double>(values.size())));
+  return values[std::min(values.size() - 1, rank == 0 ? 0 : rank - 1)];
+}
+
+double Mean(const std::vector<double>& values) {
+  if (values.empty()) return 0.0;
+  double sum = 0.0;
+  for (double v : values) sum += v;
+  return sum / static_cast<double>(values.size());
+}
+
+std::string JsonString(const std::string& s) {
+  std::string out = "\"";
+  for (char c : s) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (static_cast<unsigned char>(c) < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof(buf), "\\u%04x", c);
+      out += buf;
+    } else {
+      out += c;
+    }
+  }
+  return out + "\"";
+}
+
+std::string JsonNumber(double v) {
+  if (!std::isfinite(v)) return "null";
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%.6g", v);
+  return buf;
+}
+
+struct BenchConfig {
+  std::string device;
+  mqa::core::DType dtype = mqa::core::DType::kFloat32;
+  int64_t dim = 0;
+  int64_t heads = 0;
+  int layers = 0;
+  mqa::core::AttnImpl attn_impl = mqa::core::AttnImpl::kTorch;
+  int64_t prefill = 0;
+  int64_t tokens = 0;
+  int64_t warmup = 0;
+  int64_t max_batch_sessions = 0;
+  int64_t max_batch_tokens = 0;
+  int64_t max_queue_delay_us = 0;
+  int64_t kv_block_size = 0;
+  uint64_t seed = 0;
+
+  int64_t head_dim() const { return dim / heads; }
+  int64_t max_tokens() const { return prefill + warmup + tokens; }
+  // K and V of one token in every layer: the cache bytes a session grows by per token.
+  int64_t bytes_per_token() const {
+    return static_cast<int64_t>(layers) * 2 * head_dim() * static_cast<int64_t>(mqa::core::DTypeSize(dtype));
+  }
+};
+
+// What one phase measured.
+struct PhaseResult {
+  double seconds = 0.0;
+  std::vector<double> latency_ms;         // submit to callback, every step
+  std::vector<double> server_queue_ms;    // StepResult::queue_us
+  std::vector<double> server_compute_ms;  // StepResult::compute_us
+  int64_t failed = 0;
+  std::optional<Status> first_error;
+};
+
+// Drives N sessions through one phase: each session runs `rounds` rounds of L layer steps with `step_tokens`
+// tokens each, a closed loop advanced from the engine's completion callbacks.
+class ClosedLoop {
+ public:
+  ClosedLoop(Engine* engine, const std::vector<std::string>* session_ids, int layers,
+             const std::vector<Tensor>* inputs)
+      : engine_(engine), session_ids_(session_ids), layers_(layers), inputs_(inputs) {}
+
+  PhaseResult Run(int64_t start_position, int64_t step_tokens, int64_t rounds) {
+    const size_t n = session_ids_->size();
+    start_position_ = start_position;
+    step_tokens_ = step_tokens;
+    rounds_ = rounds;
+    sessions_.assign(n, SessionState());
+    result_ = PhaseResult();
+    finished_ = 0;
+    for (SessionState& s : sessions_) {
+      s.latency_ms.reserve(static_cast<size_t>(rounds * layers_));
+      s.queue_ms.reserve(static_cast<size_t>(rounds * layers_));
+      s.compute_ms.reserve(static_cast<size_t>(rounds * layers_));
+    }
+    const auto start = Clock::now();
+    if (rounds == 0) {
+      finished_ = n;
+      end_ = start;
+    } else {
+      for (size_t i = 0; i < n; ++i) Submit(i);
+    }
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return finished_ == n; });
+    }
+    result_.seconds = std::chrono::duration<double>(end_ - start).count();
+    for (SessionState& s : sessions_) {
+      result_.latency_ms.insert(result_.latency_ms.end(), s.latency_ms.begin(), s.latency_ms.end());
+      result_.server_queue_ms.insert(result_.server_queue_ms.end(), s.queue_ms.begin(), s.queue_ms.end());
+      result_.server_compute_ms.insert(result_.server_compute_ms.end(), s.compute_ms.begin(), s.compute_ms.end());
+    }
+    return std::move(result_);
+  }
+
+ private:
+  struct SessionState {
+    int layer = 0;
+    int64_t round = 0;
+    Tensor next_input;  // the previous layer's output within a round
+    Clock::time_point sent;
+    std::vector<double> latency_ms, queue_ms, compute_ms;
+  };
+
+  // Submits session i's current step. Only the session's own callback chain touches its state.
+  void Submit(size_t i) {
+    SessionState& s = sessions_[i];
+    mqa::core::StepRequest request;
+    request.session_id = (*session_ids_)[i];
+    request.layer = s.layer;
+    request.position = start_position_ + s.round * step_tokens_;
+    if (s.layer == 0) {
+      request.x = (*inputs_)[(i + static_cast<size_t>(s.round)) % inputs_->size()];
+    } else {
+      request.x = std::move(s.next_input);
+    }
+    s.sent = Clock::now();
+    engine_->SubmitStep(std::move(request), [this, i](StatusOr<mqa::core::StepResult> r) { OnDone(i, std::move(r)); });
+  }
+
+  void OnDone(size_t i, StatusOr<mqa::core::StepResult> r) {
+    SessionState& s = sessions_[i];
+    const auto now = Clock::now();
+    if (!r.ok()) {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++result_.failed;
+      if (!result_.first_error) result_.first_error = r.status();
+      FinishLocked(now);
+      return;
+    }
+    s.latency_ms.push_back(std::chrono::duration<double, std::milli>(now - s.sent).count());
+    s.queue_ms.push_back(static_cast<double>(r->queue_us) / 1e3);
+    s.compute_ms.push_back(static_cast<double>(r->compute_us) / 1e3);
+    s.next_input = std::move(r->out);
+    if (++s.layer == layers_) {
+      s.layer = 0;
+      s.next_input = Tensor();
+      ++s.round;
+    }
+    if (s.round < rounds_) {
+      Submit(i);
+      return;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    FinishLocked(now);
+  }
+
+  void FinishLocked(Clock::time_point now) {
+    end_ = std::max(end_, now);
+    if (++finished_ == sessions_.size()) cv_.notify_all();
+  }
+
+  Engine* engine_;
+  const std::vector<std::string>* session_ids_;
+  int layers_;
+  const std::vector<Tensor>* inputs_;
+  int64_t start_position_ = 0;
+  int64_t step_tokens_ = 1;
+  int64_t rounds_ = 0;
+  std::vector<SessionState> sessions_;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  size_t finished_ = 0;
+  Clock::time_point end_{};
+  PhaseResult result_;
+};
+
+struct Row {
+  std::string mode;
+  int64_t sessions = 0;
+  int64_t max_batch_sessions = 0;
+  int64_t kv_budget_bytes = 0;
+  double create_s = 0.0;
+  PhaseResult prefill;
+  PhaseResult decode;
+  mqa::core::EngineStats decode_stats_before;
+  mqa::core::EngineStats decode_stats_after;
+  std::optional<double> speedup;  // batched tokens/s over unbatched tokens/s at the same N
+
+  double tokens_per_s(const BenchConfig& c) const {
+    return decode.seconds > 0 ? static_cast<double>(sessions * c.tokens) / decode.seconds : 0.0;
+  }
+  double prefill_tokens_per_s(const BenchConfig& c) const {
+    return prefill.seconds > 0 ? static_cast<double>(sessions * c.prefill) / prefill.seconds : 0.0;
+  }
+  // Passes run during the decode phase and the steps in them (zeros when the engine does not count passes).
+  uint64_t decode_batches() const { return decode_stats_after.batches - decode_stats_before.batches; }
+  uint64_t decode_batched_steps() const {
+    return decode_stats_after.batched_steps - decode_stats_before.batched_steps;
+  }
+};
+
+// Block-rounded cache bytes for n sessions of max_tokens tokens, with one spare block per session and 1/16
+// headroom, so that a paged cache with guaranteed admission can take every session.
+int64_t KvBudget(const BenchConfig& c, int64_t n) {
+  const int64_t blocks = (c.max_tokens() + c.kv_block_size - 1) / c.kv_block_size + 1;
+  const int64_t bytes = n * blocks * c.kv_block_size * c.bytes_per_token();
+  return bytes + bytes / 16 + (int64_t{1} << 20);
+}
+
+Row RunOne(const BenchConfig& c, const std::string& mode, int64_t n) {
+  Row row;
+  row.mode = mode;
+  row.sessions = n;
+  row.max_batch_sessions = mode == "unbatched" ? 1 : c.max_batch_sessions;
+  row.kv_budget_bytes = KvBudget(c, n);
+
+  mqa::core::EngineOptions options;
+  mqa::core::ModelConfig model;
+  model.name = kModelName;
+  model.num_layers = c.layers;
+  model.options.dim = c.dim;
+  model.options.heads = c.heads;
+  model.options.attn_impl = c.attn_impl;
+  model.options.device = c.device;
+  model.options.dtype = c.dtype;
+  model.options.seed = c.seed;
+  model.max_tokens_per_session = c.max_tokens();
+  model.description = "mqa-bench-engine";
+  options.models.push_back(model);
+  options.batching.max_batch_sessions = row.max_batch_sessions;
+  options.batching.max_batch_tokens = c.max_batch_tokens;
+  options.batching.max_queue_delay = std::chrono::microseconds(c.max_queue_delay_us);
+  options.kv_cache.block_size = static_cast<int32_t>(c.kv_block_size);
+  options.kv_cache.budget_bytes = row.kv_budget_bytes;
+  options.max_sessions = std::max<size_t>(options.max_sessions, static_cast<size_t>(n));
+  options.max_queue = std::max<size_t>(options.max_queue, static_cast<size_t>(4 * n));
+  options.default_idle_ttl = std::chrono::minutes(30);
+
+  const auto created = Clock::now();
+  std::unique_ptr<Engine> engine = Check(Engine::Create(options), "Engine::Create (" + mode + ")");
+  std::vector<std::string> ids;
+  for (int64_t i = 0; i < n; ++i) {
+    mqa::core::SessionConfig sc;
+    sc.model = kModelName;
+    sc.admission = mqa::core::Admission::kGuaranteed;
+    sc.max_tokens = c.max_tokens();
+    ids.push_back(Check(engine->CreateSession(sc), "CreateSession " + std::to_string(i + 1) + " of " +
+                                                       std::to_string(n)).id);
+  }
+  row.create_s = std::chrono::duration<double>(Clock::now() - created).count();
+
+  // Inputs live on the CPU in the model's dtype (what a server hands the engine); a few distinct ones, reused.
+  std::vector<Tensor> prefill_inputs, decode_inputs;
+  for (uint64_t k = 0; k < 4; ++k) {
+    if (c.prefill > 0) {
+      prefill_inputs.push_back(Check(Tensor::Randn(c.dtype, {1, c.prefill, c.dim}, c.seed + 100 + k), "x"));
+    }
+  }
+  for (uint64_t k = 0; k < 16; ++k) {
+    decode_inputs.push_back(Check(Tensor::Randn(c.dtype, {1, 1, c.dim}, c.seed + 200 + k), "x"));
+  }
+
+  auto check_phase = [&](const PhaseResult& p, const char* phase) {
+    if (p.first_error) {
+      Die(std::string(phase) + " (" + mode + ", " + std::to_string(n) + " sessions): " + std::to_string(p.failed) +
+          " step(s) failed, first: " + p.first_error->ToString());
+    }
+  };
+  if (c.prefill > 0) {
+    ClosedLoop loop(engine.get(), &ids, c.layers, &prefill_inputs);
+    row.prefill = loop.Run(0, c.prefill, 1);
+    check_phase(row.prefill, "prefill");
+  }
+  {
+    ClosedLoop loop(engine.get(), &ids, c.layers, &decode_inputs);
+    check_phase(loop.Run(c.prefill, 1, c.warmup), "warm-up");
+  }
+  Check(mqa::core::Synchronize(c.device), "sync");
+  {
+    ClosedLoop loop(engine.get(), &ids, c.layers, &decode_inputs);
+    row.decode_stats_before = engine->stats();
+    row.decode = loop.Run(c.prefill + c.warmup, 1, c.tokens);
+    row.decode_stats_after = engine->stats();
+    check_phase(row.decode, "decode");
+  }
+  // The engine's own positions confirm that every step was applied exactly once.
+  for (const std::string& id : ids) {
+    mqa::core::SessionInfo info = Check(engine->GetSession(id), "GetSession");
+    for (size_t l = 0; l < info.layer_positions.size(); ++l) {
+      if (info.layer_positions[l] != c.max_tokens()) {
+        Die("session " + id + " layer " + std::to_string(l) + " holds " + std::to_string(info.layer_positions[l]) +
+            " tokens, expected " + std::to_string(c.max_tokens()));
+      }
+    }
+    Check(engine->CloseSession(id).status(), "CloseSession");
+  }
+  return row;
+}
+
+std::string HistogramJson(const std::vector<uint64_t>& after, const std::vector<uint64_t>& before) {
+  std::string out = "[";
+  for (size_t i = 0; i < after.size(); ++i) {
+    const uint64_t b = i < before.size() ? before[i] : 0;
+    out += (i ? "," : "") + std::to_string(after[i] - b);
+  }
+  return out + "]";
+}
+
+std::string RowJson(const BenchConfig& c, const Row& r) {
+  std::ostringstream os;
+  const uint64_t batches = r.decode_batches();
+  os << "{\"mode\":" << JsonString(r.mode) << ",\"sessions\":" << r.sessions
+     << ",\"max_batch_sessions\":" << r.max_batch_sessions << ",\"kv_budget_bytes\":" << r.kv_budget_bytes
+     << ",\"setup_s\":" << JsonNumber(r.create_s) << ",\"prefill_s\":" << JsonNumber(r.prefill.seconds)
+     << ",\"prefill_tokens_per_s\":" << JsonNumber(r.prefill_tokens_per_s(c))
+     << ",\"prefill_step_p50_ms\":" << JsonNumber(Percentile(r.prefill.latency_ms, 50))
+     << ",\"prefill_step_p99_ms\":" << JsonNumber(Percentile(r.prefill.latency_ms, 99))
+     << ",\"decode_s\":" << JsonNumber(r.decode.seconds) << ",\"tokens_per_s\":" << JsonNumber(r.tokens_per_s(c))
+     << ",\"steps_per_s\":"
+     << JsonNumber(r.decode.seconds > 0 ? static_cast<double>(r.decode.latency_ms.size()) / r.decode.seconds : 0.0)
+     << ",\"decode_steps\":" << r.decode.latency_ms.size()
+     << ",\"step_p50_ms\":" << JsonNumber(Percentile(r.decode.latency_ms, 50))
+     << ",\"step_p90_ms\":" << JsonNumber(Percentile(r.decode.latency_ms, 90))
+     << ",\"step_p99_ms\":" << JsonNumber(Percentile(r.decode.latency_ms, 99))
+     << ",\"step_mean_ms\":" << JsonNumber(Mean(r.decode.latency_ms))
+     << ",\"step_max_ms\":" << JsonNumber(Percentile(r.decode.latency_ms, 100))
+     << ",\"engine_queue_p50_ms\":" << JsonNumber(Percentile(r.decode.server_queue_ms, 50))
+     << ",\"engine_compute_p50_ms\":" << JsonNumber(Percentile(r.decode.server_compute_ms, 50))
+     << ",\"decode_batches\":" << batches << ",\"decode_batched_steps\":" << r.decode_batched_steps()
+     << ",\"mean_batch_size\":"
+     << (batches > 0 ? JsonNumber(static_cast<double>(r.decode_batched_steps()) / static_cast<double>(batches))
+                     : std::string("null"))
+     << ",\"batch_size_histogram\":"
+     << HistogramJson(r.decode_stats_after.batch_size_histogram, r.decode_stats_before.batch_size_histogram)
+     << ",\"kv_blocks_total\":" << r.decode_stats_after.kv_blocks_total
+     << ",\"kv_blocks_used\":" << r.decode_stats_after.kv_blocks_used
+     << ",\"speedup_vs_unbatched\":" << (r.speedup ? JsonNumber(*r.speedup) : std::string("null")) << "}";
+  return os.str();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Flags flags(argc, argv,
+                    {"device", "dtype", "dim", "heads", "layers", "sessions", "prefill", "tokens", "warmup",
+                     "attn-impl", "max-batch-sessions", "max-batch-tokens", "max-queue-delay-us", "kv-block-size",
+                     "modes", "seed", "json"});
+  BenchConfig c;
+  c.device = flags.Str("device", mqa::core::CudaAvailable() ? "cuda" : "cpu");
+  Check(mqa::core::ValidateDevice(c.device), "--device");
+  const bool on_gpu = c.device != "cpu";
+  c.dtype = Check(mqa::core::ParseDType(flags.Str("dtype", on_gpu ? "bfloat16" : "float32")), "--dtype");
+  c.dim = flags.Int("dim", on_gpu ? 4096 : 512, 1);
+  c.heads = flags.Int("heads", on_gpu ? 32 : 8, 1);
+  c.layers = static_cast<int>(flags.Int("layers", on_gpu ? 4 : 2, 1));
+  c.attn_impl = Check(mqa::core::ParseAttnImpl(flags.Str("attn-impl", on_gpu ? "flash" : "torch")), "--attn-impl");
+  const std::vector<int64_t> session_counts = flags.IntList("sessions", "1,8,64,256", 1);
+  c.prefill = flags.Int("prefill", 128, 0);
+  c.tokens = flags.Int("tokens", 64, 1);
+  c.warmup = flags.Int("warmup", 4, 0);
+  const mqa::core::BatchingOptions batching_defaults;
+  const mqa::core::KvCacheOptions kv_defaults;
+  c.max_batch_sessions = flags.Int("max-batch-sessions", batching_defaults.max_batch_sessions, 1);
+  c.max_batch_tokens = flags.Int("max-batch-tokens", batching_defaults.max_batch_tokens, 1);
+  c.max_queue_delay_us = flags.Int("max-queue-delay-us", batching_defaults.max_queue_delay.count(), 0);
+  c.kv_block_size = flags.Int("kv-block-size", kv_defaults.block_size, 1);
+  c.seed = static_cast<uint64_t>(flags.Int("seed", 0, 0));
+  const std::string json_path = flags.Str("json", "");
+  std::vector<std::string> modes;
+  {
+    std::stringstream ss(flags.Str("modes", "batched,unbatched"));
+    std::string m;
+    while (std::getline(ss, m, ',')) {
+      if (m.empty()) continue;
+      if (m != "batched" && m != "unbatched") Flags::UsageError("--modes takes batched and/or unbatched, got " + m);
+      modes.push_back(m);
+    }
+    if (modes.empty()) Flags::UsageError("--modes needs at least one mode");
+  }
+  if (c.dim % c.heads != 0) Flags::UsageError("--dim must be a multiple of --heads");
+  Check(mqa::core::ValidateOptions([&] {
+          mqa::core::MqaOptions o;
+          o.dim = c.dim;
+          o.heads = c.heads;
+          o.attn_impl = c.attn_impl;
+          o.device = c.device;
+          o.dtype = c.dtype;
+          return o;
+        }()),
+        "layer options");
+
+  const std::string card = mqa::core::DeviceName(c.device);
+  const std::string dtype_name(mqa::core::DTypeName(c.dtype));
+  const std::string impl_name(mqa::core::AttnImplName(c.attn_impl));
+  std::printf(
+      "mqa-bench-engine: %s (%s), %s, dim %" PRId64 ", heads %" PRId64 ", layers %d, attn_impl %s\n"
+      "  per session: prefill %" PRId64 ", warm-up %" PRId64 ", decode %" PRId64
+      " tokens (closed loop, one step in flight per session); KV %" PRId64 " bytes/token\n"
+      "  batched: max_batch_sessions %" PRId64 ", max_batch_tokens %" PRId64 ", max_queue_delay %" PRId64
+      " us; unbatched: max_batch_sessions 1\n",
+      c.device.c_str(), card.c_str(), dtype_name.c_str(), c.dim, c.heads, c.layers, impl_name.c_str(), c.prefill,
+      c.warmup, c.tokens, c.bytes_per_token(), c.max_batch_sessions, c.max_batch_tokens, c.max_queue_delay_us);
+  std::fflush(stdout);
+
+  std::vector<Row> rows;
+  for (int64_t n : session_counts) {
+    for (const std::string& mode : modes) {
+      rows.push_back(RunOne(c, mode, n));
+      const Row& r = rows.back();
+      std::fprintf(stderr, "  done: %s N=%" PRId64 ": %.1f tokens/s\n", mode.c_str(), n, r.tokens_per_s(c));
+    }
+  }
+  // Speedup of each batched row over the unbatched row of the same N, measured in this run.
+  for (Row& r : rows) {
+    if (r.mode != "batched") continue;
+    for (const Row& u : rows) {
+      if (u.mode == "unbatched" && u.sessions == r.sessions && u.tokens_per_s(c) > 0) {
+        r.speedup = r.tokens_per_s(c) / u.tokens_per_s(c);
+      }
+    }
+  }
+
+  std::printf("\n%-9s %5s %12s %10s %10s %10s %11s %10s %8s\n", "mode", "N", "tokens/s", "p50_ms", "p99_ms",
+              "batch", "prefill_s", "prefill/s", "speedup");
+  for (const Row& r : rows) {
+    const uint64_t batches = r.decode_batches();
+    char batch[32] = "-";
+    if (batches > 0) {
+      std::snprintf(batch, sizeof(batch), "%.1f",
+                    static_cast<double>(r.decode_batched_steps()) / static_cast<double>(batches));
+    }
+    char speedup[32] = "-";
+    if (r.speedup) std::snprintf(speedup, sizeof(speedup), "%.2fx", *r.speedup);
+    std::printf("%-9s %5" PRId64 " %12.1f %10.3f %10.3f %10s %11.3f %10.0f %8s\n", r.mode.c_str(), r.sessions,
+                r.tokens_per_s(c), Percentile(r.decode.latency_ms, 50), Percentile(r.decode.latency_ms, 99), batch,
+                r.prefill.seconds, r.prefill_tokens_per_s(c), speedup);
+  }
+  std::printf("(tokens/s: decode tokens through all %d layers per wall second; p50/p99: one layer step, submit to "
+              "callback; batch: mean steps per pass, '-' when the engine does not count passes)\n",
+              c.layers);
+
+  if (!json_path.empty()) {
+    std::ofstream out(json_path);
+    char when[32];
+    const std::time_t now = std::time(nullptr);
+    std::strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%S", std::localtime(&now));
+    out << "{\"bench\":\"engine\",\"when\":" << JsonString(when) << ",\"device\":" << JsonString(c.device)
+        << ",\"card\":" << JsonString(card) << ",\"dtype\":" << JsonString(dtype_name) << ",\"dim\":" << c.dim
+        << ",\"heads\":" << c.heads << ",\"head_dim\":" << c.head_dim() << ",\"layers\":" << c.layers
+        << ",\"attn_impl\":" << JsonString(impl_name) << ",\"prefill\":" << c.prefill << ",\"warmup\":" << c.warmup
+        << ",\"tokens\":" << c.tokens << ",\"kv_bytes_per_token\":" << c.bytes_per_token()
+        << ",\"kv_block_size\":" << c.kv_block_size << ",\"max_batch_sessions\":" << c.max_batch_sessions
+        << ",\"max_batch_tokens\":" << c.max_batch_tokens << ",\"max_queue_delay_us\":" << c.max_queue_delay_us
+        << ",\"seed\":" << c.seed << ",\"modes\":[";
+    for (size_t i = 0; i < modes.size(); ++i) out << (i ? "," : "") << JsonString(modes[i]);
+    out << "],\"sessions\":[";
+    for (size_t i = 0; i < session_counts.size(); ++i) out << (i ? "," : "") << session_counts[i];
+    out << "],\"rows\":[";
+    for (size_t i = 0; i < rows.size(); ++i) out << (i ? ",\n" : "\n") << RowJson(c, rows[i]);
+    out << "]}\n";
+    if (!out) Die("could not write " + json_path);
+    std::printf("wrote %s\n", json_path.c_str());
+  }
+  return 0;
+}
