@@ -4,6 +4,8 @@
 //   mqa-cli [common flags] models
 //   mqa-cli [common flags] forward [--layer L] [--tokens S] [--batch B] [--dtype T] [--in FILE] [--out FILE]
 //   mqa-cli [common flags] session-demo [--tokens N] [--prefill P] [--sessions K] [--window W] [--dtype T]
+//   mqa-cli [common flags] bench [--sessions 1,8,64,256] [--prefill P] [--tokens T] [--warmup W] [--streams S]
+//                                [--dtype T] [--json FILE]
 //
 // Exit status: 0 on success, 1 on an error (printed as "error: CODE: message"), 2 on bad usage.
 #include <unistd.h>
@@ -16,6 +18,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -47,6 +50,10 @@ constexpr char kUsage[] =
     "                [--no-causal] [--weights]  one stateless forward of one layer\n"
     "  session-demo  [--tokens N=64] [--prefill P=0] [--sessions K=1] [--window W] [--dtype T] [--seed N]\n"
     "                stream N tokens through every layer of K sessions on one multiplexed stream\n"
+    "  bench         [--sessions 1,8,64,256] [--prefill P=128] [--tokens T=64] [--warmup W=4] [--streams S=4]\n"
+    "                [--dtype T (default: the model's)] [--seed N] [--json FILE]\n"
+    "                decode tokens/s and step latency for N sessions, each a closed loop (one step in flight\n"
+    "                per session) through every layer, multiplexed on S streams\n"
     "\n"
     "common flags:\n"
     "  --target HOST:PORT   default $MQA_TARGET, else 127.0.0.1:50051\n"
@@ -483,6 +490,351 @@ int RunSessionDemo(Client& client, Args& args, const std::string& model_flag) {
   return 0;
 }
 
+// ---- bench ----------------------------------------------------------------------------------------------
+
+// What one phase of the bench measured.
+struct BenchPhase {
+  double seconds = 0.0;
+  std::vector<double> latency_ms;         // client: submit to callback, every step
+  std::vector<double> server_queue_ms;    // StepOutput::queue_time
+  std::vector<double> server_compute_ms;  // StepOutput::compute_time
+  int64_t failed = 0;
+  std::optional<Status> first_error;
+};
+
+// Drives sessions through one phase: each runs `rounds` rounds of one step per layer (`step_tokens` tokens
+// each), a closed loop advanced from the stream callbacks: a session's next step (the next layer, fed the
+// previous layer's output, or layer 0 of its next token) goes out when its current step completes. Session i
+// uses streams[i % streams.size()].
+class StreamLoop {
+ public:
+  StreamLoop(const std::vector<std::string>* session_ids, const std::vector<std::unique_ptr<StepStream>>* streams,
+             int64_t layers, const std::vector<HostTensor>* inputs, std::chrono::milliseconds step_timeout)
+      : session_ids_(session_ids), streams_(streams), layers_(layers), inputs_(inputs), step_timeout_(step_timeout) {}
+
+  BenchPhase Run(int64_t start_position, int64_t step_tokens, int64_t rounds) {
+    const size_t n = session_ids_->size();
+    start_position_ = start_position;
+    step_tokens_ = step_tokens;
+    rounds_ = rounds;
+    sessions_.assign(n, SessionState());
+    const auto start = Clock::now();
+    end_ = start;
+    if (rounds > 0) {
+      for (size_t i = 0; i < n; ++i) Submit(i);
+    } else {
+      finished_ = n;
+    }
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return finished_ == n; });
+    }
+    result_.seconds = std::chrono::duration<double>(end_ - start).count();
+    for (const SessionState& s : sessions_) {
+      result_.latency_ms.insert(result_.latency_ms.end(), s.latency_ms.begin(), s.latency_ms.end());
+      result_.server_queue_ms.insert(result_.server_queue_ms.end(), s.queue_ms.begin(), s.queue_ms.end());
+      result_.server_compute_ms.insert(result_.server_compute_ms.end(), s.compute_ms.begin(), s.compute_ms.end());
+    }
+    return std::move(result_);
+  }
+
+ private:
+  struct SessionState {
+    int64_t layer = 0;
+    int64_t round = 0;
+    HostTensor next_input;  // the previous layer's output within a round
+    Clock::time_point sent;
+    std::vector<double> latency_ms, queue_ms, compute_ms;
+  };
+
+  // Only the session's own chain of callbacks touches sessions_[i].
+  void Submit(size_t i) {
+    SessionState& s = sessions_[i];
+    StepRequest request;
+    request.session_id = (*session_ids_)[i];
+    request.layer = static_cast<int32_t>(s.layer);
+    request.position = start_position_ + s.round * step_tokens_;
+    request.timeout = step_timeout_;
+    request.x = s.layer == 0 ? (*inputs_)[(i + static_cast<size_t>(s.round)) % inputs_->size()]
+                             : std::move(s.next_input);
+    s.sent = Clock::now();
+    StepStream& stream = *(*streams_)[i % streams_->size()];
+    StatusOr<uint64_t> submitted =
+        stream.Submit(std::move(request), [this, i](StatusOr<StepOutput> out) { OnDone(i, std::move(out)); });
+    if (!submitted.ok()) Fail(submitted.status());
+  }
+
+  void OnDone(size_t i, StatusOr<StepOutput> out) {
+    SessionState& s = sessions_[i];
+    const auto now = Clock::now();
+    if (!out.ok()) {
+      Fail(out.status());
+      return;
+    }
+    s.latency_ms.push_back(std::chrono::duration<double, std::milli>(now - s.sent).count());
+    s.queue_ms.push_back(std::chrono::duration<double, std::milli>(out->queue_time).count());
+    s.compute_ms.push_back(std::chrono::duration<double, std::milli>(out->compute_time).count());
+    s.next_input = std::move(out->out);
+    if (++s.layer == layers_) {
+      s.layer = 0;
+      s.next_input = HostTensor();
+      ++s.round;
+    }
+    if (s.round < rounds_) {
+      Submit(i);
+      return;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    FinishLocked(now);
+  }
+
+  void Fail(const Status& status) {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++result_.failed;
+    if (!result_.first_error) result_.first_error = status;
+    FinishLocked(Clock::now());
+  }
+
+  void FinishLocked(Clock::time_point now) {
+    end_ = std::max(end_, now);
+    if (++finished_ == sessions_.size()) cv_.notify_all();
+  }
+
+  const std::vector<std::string>* session_ids_;
+  const std::vector<std::unique_ptr<StepStream>>* streams_;
+  int64_t layers_;
+  const std::vector<HostTensor>* inputs_;
+  std::chrono::milliseconds step_timeout_;
+  int64_t start_position_ = 0;
+  int64_t step_tokens_ = 1;
+  int64_t rounds_ = 0;
+  std::vector<SessionState> sessions_;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  size_t finished_ = 0;
+  Clock::time_point end_{};
+  BenchPhase result_;
+};
+
+std::vector<int64_t> IntListFlag(Args& args, const std::string& name, const std::string& fallback) {
+  std::vector<int64_t> out;
+  std::stringstream ss(args.Str(name, fallback));
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    if (item.empty()) continue;
+    char* end = nullptr;
+    const long long v = std::strtoll(item.c_str(), &end, 10);
+    if (end == item.c_str() || *end != '\0' || v < 1) {
+      throw UsageError{"--" + name + " needs a comma-separated list of integers >= 1, got '" + item + "'"};
+    }
+    out.push_back(v);
+  }
+  if (out.empty()) throw UsageError{"--" + name + " needs at least one value"};
+  return out;
+}
+
+std::string JsonString(const std::string& s) {
+  std::string out = "\"";
+  for (char c : s) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (static_cast<unsigned char>(c) < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof(buf), "\\u%04x", c);
+      out += buf;
+    } else {
+      out += c;
+    }
+  }
+  return out + "\"";
+}
+
+std::string JsonNumber(double v) {
+  if (!std::isfinite(v)) return "null";
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%.6g", v);
+  return buf;
+}
+
+struct BenchRow {
+  int64_t sessions = 0;
+  int64_t streams = 0;
+  BenchPhase prefill;
+  BenchPhase decode;
+};
+
+// One bench point: n sessions through prefill, warm-up and the timed decode phase; closes what it opened.
+StatusOr<BenchRow> RunBenchPoint(Client& client, const ModelInfo& model, int64_t n, int64_t num_streams,
+                                 int64_t prefill, int64_t warmup, int64_t tokens, DataType dtype, uint64_t seed) {
+  BenchRow row;
+  row.sessions = n;
+  row.streams = std::min(num_streams, n);
+  const int64_t layers = model.num_layers;
+  const int64_t dim = model.layers.front().dim;
+  std::vector<Session> sessions;
+  std::vector<std::string> ids;
+  for (int64_t i = 0; i < n; ++i) {
+    SessionOptions options;
+    options.model = model.name;
+    options.max_tokens = prefill + warmup + tokens;
+    StatusOr<Session> session = client.CreateSession(options);
+    if (!session.ok()) return session.status();
+    ids.push_back(session->id());
+    sessions.push_back(std::move(*session));
+  }
+  // The bench may outlast one call's deadline: the streams get none, and each step carries the call timeout as
+  // its queueing limit instead.
+  std::vector<std::unique_ptr<StepStream>> streams;
+  for (int64_t k = 0; k < row.streams; ++k) {
+    StreamOptions stream_options;
+    stream_options.deadline = std::chrono::milliseconds(0);
+    StatusOr<std::unique_ptr<StepStream>> opened = client.OpenStream(stream_options);
+    if (!opened.ok()) return opened.status();
+    streams.push_back(std::move(*opened));
+  }
+  // A few distinct inputs, reused; layer l > 0 is fed layer l - 1's output.
+  std::mt19937_64 rng(seed);
+  std::vector<HostTensor> prefill_inputs, decode_inputs;
+  for (int k = 0; k < 4 && prefill > 0; ++k) {
+    StatusOr<HostTensor> x = RandomTensor({1, prefill, dim}, dtype, rng);
+    if (!x.ok()) return x.status();
+    prefill_inputs.push_back(std::move(*x));
+  }
+  for (int k = 0; k < 16; ++k) {
+    StatusOr<HostTensor> x = RandomTensor({1, 1, dim}, dtype, rng);
+    if (!x.ok()) return x.status();
+    decode_inputs.push_back(std::move(*x));
+  }
+  const std::chrono::milliseconds step_timeout = client.options().default_timeout;
+  auto phase_error = [&](const BenchPhase& p, const char* phase) {
+    return Status(p.first_error->code(), std::string(phase) + " with " + std::to_string(n) + " sessions: " +
+                                             std::to_string(p.failed) + " step(s) failed, first: " +
+                                             p.first_error->message());
+  };
+  if (prefill > 0) {
+    row.prefill = StreamLoop(&ids, &streams, layers, &prefill_inputs, step_timeout).Run(0, prefill, 1);
+    if (row.prefill.first_error) return phase_error(row.prefill, "prefill");
+  }
+  BenchPhase warm = StreamLoop(&ids, &streams, layers, &decode_inputs, step_timeout).Run(prefill, 1, warmup);
+  if (warm.first_error) return phase_error(warm, "warm-up");
+  row.decode = StreamLoop(&ids, &streams, layers, &decode_inputs, step_timeout).Run(prefill + warmup, 1, tokens);
+  if (row.decode.first_error) return phase_error(row.decode, "decode");
+  for (auto& stream : streams) {
+    Status finished = stream->Finish();
+    if (!finished.ok()) return finished;
+  }
+  // The server's own count of tokens per layer confirms that no step was lost or applied twice.
+  for (Session& session : sessions) {
+    StatusOr<SessionInfo> info = session.Info();
+    if (!info.ok()) return info.status();
+    for (size_t layer = 0; layer < info->layer_positions.size(); ++layer) {
+      if (info->layer_positions[layer] != prefill + warmup + tokens) {
+        return Status(StatusCode::kInternal, "session " + session.id() + " layer " + std::to_string(layer) +
+                                                 " holds " + std::to_string(info->layer_positions[layer]) +
+                                                 " tokens, expected " + std::to_string(prefill + warmup + tokens));
+      }
+    }
+    StatusOr<SessionInfo> closed = session.Close();
+    if (!closed.ok()) return closed.status();
+  }
+  return row;
+}
+
+int RunBench(Client& client, Args& args, const std::string& model_flag) {
+  const std::vector<int64_t> session_counts = IntListFlag(args, "sessions", "1,8,64,256");
+  const int64_t prefill = args.Int("prefill", 128, 0);
+  const int64_t tokens = args.Int("tokens", 64, 1);
+  const int64_t warmup = args.Int("warmup", 4, 0);
+  const int64_t num_streams = args.Int("streams", 4, 1);
+  const uint64_t seed = static_cast<uint64_t>(args.Int("seed", 0, 0));
+  const bool dtype_given = args.Has("dtype");
+  std::optional<DataType> dtype_flag;
+  if (dtype_given) dtype_flag = DtypeFlag(args);
+  const std::string json_path = args.Str("json", "");
+  args.CheckAllUsed();
+
+  StatusOr<ModelInfo> model = PickModel(client, model_flag);
+  if (!model.ok()) return Fail(model.status());
+  if (model->layers.empty()) {
+    return Fail(Status(StatusCode::kFailedPrecondition, "model " + model->name + " has no layers"));
+  }
+  const LayerConfig& layer0 = model->layers.front();
+  // By default the inputs are in the model's own dtype, so the server converts nothing.
+  const DataType dtype = dtype_flag.value_or(layer0.dtype);
+  std::printf("mqa-cli bench: %s, model %s: %d layers, dim %" PRId64 ", heads %" PRId64 ", %s on %s, attn_impl %s\n"
+              "  per session: prefill %" PRId64 ", warm-up %" PRId64 ", decode %" PRId64
+              " tokens (closed loop, one step in flight per session); inputs %s; up to %" PRId64 " streams\n",
+              client.options().target.c_str(), model->name.c_str(), model->num_layers, layer0.dim, layer0.heads,
+              DataTypeName(layer0.dtype).c_str(), layer0.device.c_str(), layer0.attn_impl.c_str(), prefill, warmup,
+              tokens, DataTypeName(dtype).c_str(), num_streams);
+  std::fflush(stdout);
+
+  std::vector<BenchRow> rows;
+  for (int64_t n : session_counts) {
+    StatusOr<BenchRow> row = RunBenchPoint(client, *model, n, num_streams, prefill, warmup, tokens, dtype, seed);
+    if (!row.ok()) return Fail(row.status());
+    rows.push_back(std::move(*row));
+    const BenchRow& r = rows.back();
+    std::fprintf(stderr, "  done: N=%" PRId64 ": %.1f tokens/s\n", n,
+                 r.decode.seconds > 0 ? static_cast<double>(n * tokens) / r.decode.seconds : 0.0);
+  }
+
+  auto tokens_per_s = [&](const BenchRow& r) {
+    return r.decode.seconds > 0 ? static_cast<double>(r.sessions * tokens) / r.decode.seconds : 0.0;
+  };
+  auto prefill_tokens_per_s = [&](const BenchRow& r) {
+    return r.prefill.seconds > 0 ? static_cast<double>(r.sessions * prefill) / r.prefill.seconds : 0.0;
+  };
+  std::printf("\n%5s %7s %12s %10s %10s %12s %14s %11s %10s\n", "N", "streams", "tokens/s", "p50_ms", "p99_ms",
+              "srv_queue_ms", "srv_compute_ms", "prefill_s", "prefill/s");
+  for (const BenchRow& r : rows) {
+    std::printf("%5" PRId64 " %7" PRId64 " %12.1f %10.3f %10.3f %12.3f %14.3f %11.3f %10.0f\n", r.sessions, r.streams,
+                tokens_per_s(r), Percentile(r.decode.latency_ms, 50), Percentile(r.decode.latency_ms, 99),
+                Percentile(r.decode.server_queue_ms, 50), Percentile(r.decode.server_compute_ms, 50),
+                r.prefill.seconds, prefill_tokens_per_s(r));
+  }
+  std::printf("(tokens/s: decode tokens through all %d layers per wall second; p50/p99: one layer step, submit to "
+              "answer; srv_*: the server's queue and compute time per step, p50)\n",
+              model->num_layers);
+
+  if (!json_path.empty()) {
+    std::ostringstream os;
+    os << "{\"bench\":\"service\",\"target\":" << JsonString(client.options().target)
+       << ",\"model\":" << JsonString(model->name) << ",\"layers\":" << model->num_layers << ",\"dim\":" << layer0.dim
+       << ",\"heads\":" << layer0.heads << ",\"head_dim\":" << layer0.head_dim
+       << ",\"dtype\":" << JsonString(DataTypeName(layer0.dtype)) << ",\"input_dtype\":"
+       << JsonString(DataTypeName(dtype)) << ",\"device\":" << JsonString(layer0.device)
+       << ",\"attn_impl\":" << JsonString(layer0.attn_impl) << ",\"prefill\":" << prefill << ",\"warmup\":" << warmup
+       << ",\"tokens\":" << tokens << ",\"streams\":" << num_streams << ",\"seed\":" << seed << ",\"rows\":[";
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const BenchRow& r = rows[i];
+      const double steps = static_cast<double>(r.decode.latency_ms.size());
+      os << (i ? ",\n" : "\n") << "{\"sessions\":" << r.sessions << ",\"streams\":" << r.streams
+         << ",\"prefill_s\":" << JsonNumber(r.prefill.seconds)
+         << ",\"prefill_tokens_per_s\":" << JsonNumber(prefill_tokens_per_s(r))
+         << ",\"prefill_step_p50_ms\":" << JsonNumber(Percentile(r.prefill.latency_ms, 50))
+         << ",\"prefill_step_p99_ms\":" << JsonNumber(Percentile(r.prefill.latency_ms, 99))
+         << ",\"decode_s\":" << JsonNumber(r.decode.seconds) << ",\"tokens_per_s\":" << JsonNumber(tokens_per_s(r))
+         << ",\"steps_per_s\":" << JsonNumber(r.decode.seconds > 0 ? steps / r.decode.seconds : 0.0)
+         << ",\"decode_steps\":" << r.decode.latency_ms.size()
+         << ",\"step_p50_ms\":" << JsonNumber(Percentile(r.decode.latency_ms, 50))
+         << ",\"step_p90_ms\":" << JsonNumber(Percentile(r.decode.latency_ms, 90))
+         << ",\"step_p99_ms\":" << JsonNumber(Percentile(r.decode.latency_ms, 99))
+         << ",\"step_max_ms\":" << JsonNumber(Percentile(r.decode.latency_ms, 100))
+         << ",\"server_queue_p50_ms\":" << JsonNumber(Percentile(r.decode.server_queue_ms, 50))
+         << ",\"server_compute_p50_ms\":" << JsonNumber(Percentile(r.decode.server_compute_ms, 50)) << "}";
+    }
+    os << "]}\n";
+    std::ofstream out(json_path);
+    out << os.str();
+    if (!out) return Fail(Status(StatusCode::kInternal, "could not write " + json_path));
+    std::printf("wrote %s\n", json_path.c_str());
+  }
+  return 0;
+}
+
 int Main(int argc, char** argv) {
   Args args(argc, argv, {"help", "no-causal", "weights"});
   if (args.Has("help") || args.positional().empty()) {
@@ -498,7 +850,8 @@ int Main(int argc, char** argv) {
   // Fail fast with a clear message when nothing listens, instead of every call retrying.
   options.connect_timeout = std::min(options.default_timeout, std::chrono::milliseconds(10000));
   const std::string model = args.Str("model", "");
-  if (command != "health" && command != "models" && command != "forward" && command != "session-demo") {
+  if (command != "health" && command != "models" && command != "forward" && command != "session-demo" &&
+      command != "bench") {
     throw UsageError{"unknown command '" + command + "'"};
   }
   StatusOr<std::unique_ptr<Client>> client = Client::Connect(options);
@@ -506,6 +859,7 @@ int Main(int argc, char** argv) {
   if (command == "health") return RunHealth(**client, args);
   if (command == "models") return RunModels(**client, args);
   if (command == "forward") return RunForward(**client, args, model);
+  if (command == "bench") return RunBench(**client, args, model);
   return RunSessionDemo(**client, args, model);
 }
 
