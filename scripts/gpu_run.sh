@@ -2,7 +2,7 @@
 # One call on the GPU machine (device tool): build, run the whole test suite with the CUDA paths, benchmark.
 # Carried paths: .device-debs (../shared/gpu/fetch-debs.sh), .whl (Python wheels the machine lacks), and
 # .shared-gpu (a copy of ../shared/gpu, used when ../shared did not travel).
-# Usage: scripts/gpu_run.sh [all|test|bench|service]      results under $OUT (default /tmp/mqa-out)
+# Usage: scripts/gpu_run.sh [all|test|bench|service|batch]      results under $OUT (default /tmp/mqa-out)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -48,6 +48,11 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
     python3 bench/run_layer_bench.py --build build-gpu --out "$OUT/pass$pass" --devices cuda > "$OUT/bench$pass.txt" 2>&1
     sed -n '/== layer forward/,$p' "$OUT/bench$pass.txt"
   done
+fi
+if [ "$what" = all ] || [ "$what" = batch ]; then
+  # Continuous batching vs one step per pass, in process and over gRPC (issue 4), same run.
+  python3 bench/run_engine_bench.py --preset gpu --build build-gpu --out "$OUT/batch" > "$OUT/batch.txt" 2>&1
+  echo "batch bench rc=$?"; tail -30 "$OUT/batch.txt"
 fi
 if [ "$what" = all ] || [ "$what" = service ]; then
   # The main job on the GPU: mqa-server with its embedded default model (bf16 on cuda:0), then a model of
