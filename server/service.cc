@@ -172,6 +172,15 @@ grpc::ServerUnaryReactor* MqaServiceImpl::CreateSession(grpc::CallbackServerCont
                                                        "POSITION_BIAS_ALIBI, got " +
                                                        std::to_string(static_cast<int>(req->position_bias()))));
   }
+  switch (req->admission()) {
+    case v1::ADMISSION_UNSPECIFIED:
+    case v1::ADMISSION_BEST_EFFORT: config.admission = core::Admission::kBestEffort; break;
+    case v1::ADMISSION_GUARANTEED: config.admission = core::Admission::kGuaranteed; break;
+    default:
+      return FinishNow(ctx, core::InvalidArgumentError("admission: expected ADMISSION_BEST_EFFORT or "
+                                                       "ADMISSION_GUARANTEED, got " +
+                                                       std::to_string(static_cast<int>(req->admission()))));
+  }
   auto session = engine_->CreateSession(config);
   if (!session.ok()) {
     LogWarn("session_refused",
@@ -185,6 +194,8 @@ grpc::ServerUnaryReactor* MqaServiceImpl::CreateSession(grpc::CallbackServerCont
             {"model", session->model},
             {"max_tokens", session->max_tokens},
             {"idle_ttl_ms", session->idle_ttl.count()},
+            {"admission", session->admission == core::Admission::kGuaranteed ? "guaranteed" : "best_effort"},
+            {"cache_bytes", session->cache_bytes},
             {"peer", ctx->peer()}});
   return FinishNow(ctx, Status());
 }

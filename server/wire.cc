@@ -116,6 +116,8 @@ void ToWire(const core::SessionInfo& s, v1::Session* wire) {
   wire->set_causal(s.causal);
   wire->set_position_bias(s.position_bias == core::PositionBias::kAlibi ? v1::POSITION_BIAS_ALIBI
                                                                          : v1::POSITION_BIAS_NONE);
+  wire->set_admission(s.admission == core::Admission::kGuaranteed ? v1::ADMISSION_GUARANTEED
+                                                                  : v1::ADMISSION_BEST_EFFORT);
   wire->set_cache_bytes(s.cache_bytes);
 }
 

@@ -297,6 +297,89 @@ TEST_F(ServiceTest, ResourceExhaustedForSessionsAndMessageSize) {
   EXPECT_EQ(GetSession(sessions[0].session_id()).layer_positions(0), 0);
 }
 
+TEST_F(ServiceTest, AdmissionIsMappedBothWaysAndUnknownValuesAreInvalid) {
+  v1::Session best = CreateSession("small");
+  EXPECT_EQ(best.admission(), v1::ADMISSION_BEST_EFFORT);
+  EXPECT_EQ(best.cache_bytes(), 0);
+  for (v1::Admission a : {v1::ADMISSION_BEST_EFFORT, v1::ADMISSION_GUARANTEED}) {
+    grpc::ClientContext ctx;
+    v1::CreateSessionRequest req;
+    req.set_model("small");
+    req.set_admission(a);
+    v1::CreateSessionResponse resp;
+    ASSERT_TRUE(stub_->CreateSession(&ctx, req, &resp).ok());
+    EXPECT_EQ(resp.session().admission(), a);
+    EXPECT_EQ(GetSession(resp.session().session_id()).admission(), a);
+    // 64 tokens of 2 layers, k and v, head_dim 16, fp32: reserved up front only when guaranteed.
+    EXPECT_EQ(resp.session().cache_bytes(), a == v1::ADMISSION_GUARANTEED ? 64 * 2 * 2 * 16 * 4 : 0);
+  }
+  grpc::ClientContext ctx;
+  v1::CreateSessionRequest req;
+  req.set_model("small");
+  req.set_admission(static_cast<v1::Admission>(7));
+  v1::CreateSessionResponse resp;
+  grpc::Status st = stub_->CreateSession(&ctx, req, &resp);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(st.error_message().find("admission: expected ADMISSION_BEST_EFFORT or ADMISSION_GUARANTEED, got 7"),
+            std::string::npos)
+      << st.error_message();
+}
+
+// A KV cache of 5 usable blocks of 16 tokens (block 0 is reserved padding) for model "small" alone.
+TEST_F(ServiceTest, FullKvCacheRefusesGuaranteedSessionsAndBestEffortStepsWithoutChangingThem) {
+  ServerConfig config = TestConfig();
+  config.engine.models = {Model("small", 2, 64, 4, 64)};
+  constexpr int64_t kBlockBytes = 2 * 2 * 16 * 16 * 4;  // layers * (k, v) * block_size * head_dim * fp32
+  config.engine.kv_cache.block_size = 16;
+  config.engine.kv_cache.budget_bytes = 6 * kBlockBytes;
+  server_.reset();
+  StartServer(config);
+
+  auto create = [&](v1::Admission admission, v1::Session* session) {
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    v1::CreateSessionRequest req;
+    req.set_model("small");
+    req.set_admission(admission);
+    v1::CreateSessionResponse resp;
+    grpc::Status st = stub_->CreateSession(&ctx, req, &resp);
+    *session = resp.session();
+    return st;
+  };
+  v1::Session guaranteed, refused, best;
+  ASSERT_TRUE(create(v1::ADMISSION_GUARANTEED, &guaranteed).ok());  // 4 blocks
+  EXPECT_EQ(guaranteed.cache_bytes(), 4 * kBlockBytes);
+  grpc::Status st = create(v1::ADMISSION_GUARANTEED, &refused);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << st.error_message();
+  ASSERT_TRUE(create(v1::ADMISSION_BEST_EFFORT, &best).ok());
+
+  v1::StepResponse resp;
+  ASSERT_TRUE(Step(best.session_id(), 0, Randn(core::DType::kFloat32, {1, 16, 64}), &resp).ok());  // the 5th block
+  EXPECT_EQ(GetSession(best.session_id()).cache_bytes(), kBlockBytes);
+  const core::Tensor one = Randn(core::DType::kFloat32, {1, 1, 64});
+  st = Step(best.session_id(), 0, one, &resp);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << st.error_message();
+  v1::Session after = GetSession(best.session_id());
+  EXPECT_EQ(after.layer_positions(0), 16);
+  EXPECT_EQ(after.cache_bytes(), kBlockBytes);
+  // The guaranteed session never runs out: its blocks are its own.
+  ASSERT_TRUE(Step(guaranteed.session_id(), 0, Randn(core::DType::kFloat32, {1, 64, 64}), &resp).ok());
+
+  // Closing the guaranteed session frees its blocks; the refused step then succeeds as retried.
+  {
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx);
+    v1::CloseSessionRequest close;
+    close.set_session_id(guaranteed.session_id());
+    v1::CloseSessionResponse closed;
+    ASSERT_TRUE(stub_->CloseSession(&ctx, close, &closed).ok());
+  }
+  st = Step(best.session_id(), 0, one, &resp, 30000, /*position=*/16);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(resp.result().position(), 16);
+  EXPECT_EQ(GetSession(best.session_id()).cache_bytes(), 2 * kBlockBytes);
+}
+
 // A long prefill of another session keeps the device busy while the step under test waits in the queue.
 std::thread LongStep(v1::MqaService::Stub* stub, const std::string& session, std::atomic<bool>* ok) {
   return std::thread([stub, session, ok] {

@@ -103,6 +103,7 @@ struct SessionInfo {
   std::chrono::system_clock::time_point expire_time;  // last activity + idle_ttl
   bool causal = true;
   PositionBias position_bias = PositionBias::kNone;
+  Admission admission = Admission::kBestEffort;
   int64_t cache_bytes = 0;                     // bytes held by the session's caches
 };
 
