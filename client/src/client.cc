@@ -138,6 +138,8 @@ StatusOr<Session> Client::CreateSession(const SessionOptions& options, Timeout t
   if (options.causal) request.set_causal(*options.causal);
   request.set_position_bias(options.position_bias == PositionBias::kAlibi ? v1::POSITION_BIAS_ALIBI
                                                                           : v1::POSITION_BIAS_NONE);
+  request.set_admission(options.admission == Admission::kGuaranteed ? v1::ADMISSION_GUARANTEED
+                                                                    : v1::ADMISSION_BEST_EFFORT);
   v1::CreateSessionResponse response;
   grpc::Status status = impl_->CallOnce(timeout, [&](grpc::ClientContext* context) {
     return impl_->stub->CreateSession(context, request, &response);

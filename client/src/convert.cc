@@ -20,6 +20,10 @@ PositionBias PositionBiasFromProto(v1::PositionBias bias) {
   return bias == v1::POSITION_BIAS_ALIBI ? PositionBias::kAlibi : PositionBias::kNone;
 }
 
+Admission AdmissionFromProto(v1::Admission admission) {
+  return admission == v1::ADMISSION_GUARANTEED ? Admission::kGuaranteed : Admission::kBestEffort;
+}
+
 // Names the offending field, since the server would only say "x" or "bias" after a round trip.
 Status CheckTensor(const HostTensor& tensor, const char* what) {
   Status s = tensor.Validate();
@@ -97,6 +101,7 @@ SessionInfo SessionInfoFromProto(const v1::Session& proto) {
   s.create_time = TimeFromProto(proto.create_time());
   s.causal = proto.causal();
   s.position_bias = PositionBiasFromProto(proto.position_bias());
+  s.admission = AdmissionFromProto(proto.admission());
   s.cache_bytes = proto.cache_bytes();
   return s;
 }

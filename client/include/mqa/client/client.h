@@ -113,6 +113,12 @@ struct ForwardOutput {
 
 enum class PositionBias : int { kNone = 1, kAlibi = 2 };
 
+// How a session gets KV-cache blocks on the server (mqa.v1.Admission). Best effort: blocks are taken as the
+// session grows; a step that finds none free fails with RESOURCE_EXHAUSTED and leaves the session unchanged, so
+// the same step may be retried. Guaranteed: blocks for max_tokens are reserved at creation (CreateSession fails
+// with RESOURCE_EXHAUSTED when they are not free); its steps never fail for want of blocks.
+enum class Admission : int { kBestEffort = 1, kGuaranteed = 2 };
+
 // Options of a new session (mqa.v1.CreateSessionRequest).
 struct SessionOptions {
   std::string model;
@@ -120,6 +126,7 @@ struct SessionOptions {
   std::chrono::milliseconds idle_ttl{0};         // 0: the server's default
   std::optional<bool> causal;                    // absent: true
   PositionBias position_bias = PositionBias::kNone;
+  Admission admission = Admission::kBestEffort;
 };
 
 // A session's state on the server (mqa.v1.Session).
@@ -133,7 +140,8 @@ struct SessionInfo {
   std::chrono::system_clock::time_point create_time;
   bool causal = true;
   PositionBias position_bias = PositionBias::kNone;
-  int64_t cache_bytes = 0;
+  Admission admission = Admission::kBestEffort;
+  int64_t cache_bytes = 0;  // bytes of the KV blocks the session holds
 };
 
 // The output of one step (mqa.v1.StepResult).
