@@ -35,6 +35,8 @@ using core::StatusCode;
 using core::StatusOr;
 
 constexpr int64_t kOneYearMs = int64_t{365} * 24 * 3600 * 1000;
+constexpr int64_t kMaxQueueDelayUs = 1000 * 1000;  // a pass never waits longer than a second to fill
+constexpr int64_t kMaxKvBlockSize = 1024;
 constexpr std::string_view kDefaultModelName = "mqa-default";
 
 // What LoadConfig gathers before it decides on the models: the default model's device only matters when the
@@ -47,7 +49,7 @@ struct LoadState {
   std::vector<core::ModelConfig> file_models;
 };
 
-enum class Kind { kString, kInteger, kNone };
+enum class Kind { kString, kInteger, kNumber, kNone };
 
 struct Setting {
   std::string_view flag;        // "--listen"
@@ -73,6 +75,7 @@ StatusOr<int64_t> ParseInteger(std::string_view text, int64_t min, int64_t max, 
     } else {
       what += " between " + std::to_string(min) + " and " + std::to_string(max);
       if (max == kOneYearMs) what += " (one year)";
+      if (max == kMaxQueueDelayUs) what += " (one second)";
     }
     return InvalidArgumentError(origin + ": " + what + ", got " + Quoted(text));
   };
@@ -138,6 +141,12 @@ Status ApplyMillis(std::chrono::milliseconds& out, int64_t min, std::string_view
 Status ApplyCount(size_t& out, std::string_view v, const std::string& origin) {
   MQA_ASSIGN_OR_RETURN(int64_t n, ParseInteger(v, 1, INT64_MAX, origin));
   out = static_cast<size_t>(n);
+  return Status::Ok();
+}
+
+Status ApplyInteger(int64_t& out, int64_t min, std::string_view v, const std::string& origin,
+                    std::string_view unit = "") {
+  MQA_ASSIGN_OR_RETURN(out, ParseInteger(v, min, INT64_MAX, origin, unit));
   return Status::Ok();
 }
 
@@ -222,6 +231,56 @@ const std::vector<Setting>& Settings() {
        "how often idle sessions are looked for",
        [](LoadState& s, std::string_view v, const std::string& origin) {
          return ApplyMillis(s.config.engine.reap_interval, 1, v, origin);
+       }},
+      {"--max-batch-tokens", "MQA_MAX_BATCH_TOKENS", "max_batch_tokens", "N", Kind::kInteger, "4096",
+       "new tokens per batched pass at most (decode tokens plus prefill chunk tokens)",
+       [](LoadState& s, std::string_view v, const std::string& origin) {
+         return ApplyInteger(s.config.engine.batching.max_batch_tokens, 1, v, origin);
+       }},
+      {"--max-batch-sessions", "MQA_MAX_BATCH_SESSIONS", "max_batch_sessions", "N", Kind::kInteger, "256",
+       "steps per batched pass at most; 1 = unbatched (one step per pass)",
+       [](LoadState& s, std::string_view v, const std::string& origin) {
+         return ApplyInteger(s.config.engine.batching.max_batch_sessions, 1, v, origin);
+       }},
+      {"--max-queue-delay-us", "MQA_MAX_QUEUE_DELAY_US", "max_queue_delay_us", "US", Kind::kInteger, "0",
+       "how long a pass may wait for more steps to fill it (0 = run at once; at most one second)",
+       [](LoadState& s, std::string_view v, const std::string& origin) {
+         MQA_ASSIGN_OR_RETURN(int64_t us, ParseInteger(v, 0, kMaxQueueDelayUs, origin, "microseconds"));
+         s.config.engine.batching.max_queue_delay = std::chrono::microseconds(us);
+         return Status::Ok();
+       }},
+      {"--max-prefill-chunk", "MQA_MAX_PREFILL_CHUNK", "max_prefill_chunk", "N", Kind::kInteger, "512",
+       "longer prefills run in chunks of this many tokens, interleaved with other passes",
+       [](LoadState& s, std::string_view v, const std::string& origin) {
+         return ApplyInteger(s.config.engine.batching.max_prefill_chunk, 1, v, origin);
+       }},
+      {"--kv-block-size", "MQA_KV_BLOCK_SIZE", "kv_block_size", "N", Kind::kInteger, "16",
+       "tokens per KV-cache block (1 .. 1024)",
+       [](LoadState& s, std::string_view v, const std::string& origin) {
+         MQA_ASSIGN_OR_RETURN(int64_t n, ParseInteger(v, 1, kMaxKvBlockSize, origin));
+         s.config.engine.kv_cache.block_size = static_cast<int32_t>(n);
+         return Status::Ok();
+       }},
+      {"--kv-cache-bytes", "MQA_KV_CACHE_BYTES", "kv_cache_bytes", "N", Kind::kInteger, "0",
+       "KV-cache bytes per device, all its models; 0 = --kv-gpu-memory-fraction on CUDA, "
+       "--kv-cpu-budget-bytes on the CPU",
+       [](LoadState& s, std::string_view v, const std::string& origin) {
+         return ApplyInteger(s.config.engine.kv_cache.budget_bytes, 0, v, origin, "bytes");
+       }},
+      {"--kv-gpu-memory-fraction", "MQA_KV_GPU_MEMORY_FRACTION", "kv_gpu_memory_fraction", "F", Kind::kNumber,
+       "0.9", "with kv_cache_bytes 0: this fraction of a GPU's memory free after loading the weights, in (0, 1]",
+       [](LoadState& s, std::string_view v, const std::string& origin) {
+         MQA_ASSIGN_OR_RETURN(double f, ParseNumber(v, origin));
+         if (!(f > 0 && f <= 1)) {
+           return InvalidArgumentError(origin + ": expected a number in (0, 1], got " + Quoted(v));
+         }
+         s.config.engine.kv_cache.gpu_memory_fraction = f;
+         return Status::Ok();
+       }},
+      {"--kv-cpu-budget-bytes", "MQA_KV_CPU_BUDGET_BYTES", "kv_cpu_budget_bytes", "N", Kind::kInteger,
+       "1073741824", "with kv_cache_bytes 0: KV-cache bytes for the CPU (1 GiB)",
+       [](LoadState& s, std::string_view v, const std::string& origin) {
+         return ApplyInteger(s.config.engine.kv_cache.cpu_budget_bytes, 1, v, origin, "bytes");
        }},
       {"--device", "MQA_DEFAULT_DEVICE", "", "DEVICE", Kind::kString, "auto",
        "the default model's device: cpu, cuda[:N] or auto (cuda:0 if there is a GPU); bf16 on CUDA, else fp32",
@@ -527,6 +586,8 @@ Status ApplyFileRoot(const YAML::Node& root, const std::string& file, const fs::
     std::string text;
     if (s->kind == Kind::kInteger) {
       MQA_ASSIGN_OR_RETURN(text, FileNumberText(v, origin, "an integer"));
+    } else if (s->kind == Kind::kNumber) {
+      MQA_ASSIGN_OR_RETURN(text, FileNumberText(v, origin, "a number"));
     } else {
       MQA_ASSIGN_OR_RETURN(text, FileString(v, origin));
     }

@@ -15,6 +15,14 @@
 //   default_idle_ttl_ms: 300000    # 1 .. one year, <= max_idle_ttl_ms
 //   max_idle_ttl_ms: 3600000       # 1 .. one year
 //   reap_interval_ms: 200          # 1 .. one year
+//   max_batch_tokens: 4096         # >= 1: new tokens per batched pass (decode + prefill chunk tokens)
+//   max_batch_sessions: 256        # >= 1: steps per pass; 1 = unbatched
+//   max_queue_delay_us: 0          # 0 .. 1000000: how long a pass may wait to fill; 0 = run at once
+//   max_prefill_chunk: 512         # >= 1: longer prefills run in chunks of this many tokens
+//   kv_block_size: 16              # 1 .. 1024: tokens per KV-cache block
+//   kv_cache_bytes: 0              # >= 0: KV-cache bytes per device, all its models; 0 = from the two below
+//   kv_gpu_memory_fraction: 0.9    # (0, 1]: CUDA, of the memory free after loading the weights
+//   kv_cpu_budget_bytes: 1073741824  # >= 1: CPU
 //   models:                        # absent or empty: the embedded default model (DefaultModel())
 //     - name: mqa-7b               # required, unique, no whitespace
 //       num_layers: 32             # >= 1 (default 1)
@@ -66,7 +74,7 @@ struct ServerConfig {
   std::chrono::milliseconds drain_timeout{std::chrono::seconds(30)};  // SIGTERM: most time spent draining
   std::string log_level = "info";              // trace, debug, info, warn, error, critical, off
   std::string log_format = "text";             // "text" (key=value) or "json" (one object per line)
-  core::EngineOptions engine;                  // models, limits, TTLs
+  core::EngineOptions engine;                  // models, limits, TTLs, batching, KV cache
   bool default_model = true;                   // engine.models came from the embedded default
   std::string config_path;                     // the file it was read from ("" = none)
   bool show_help = false;                      // --help was given: print ConfigHelp() and exit 0

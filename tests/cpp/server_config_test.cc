@@ -88,6 +88,14 @@ TEST(ServerConfigTest, DefaultsWithNothingGiven) {
   EXPECT_EQ(c->engine.default_idle_ttl, std::chrono::minutes(5));
   EXPECT_EQ(c->engine.max_idle_ttl, std::chrono::hours(1));
   EXPECT_EQ(c->engine.reap_interval, std::chrono::milliseconds(200));
+  EXPECT_EQ(c->engine.batching.max_batch_tokens, 4096);
+  EXPECT_EQ(c->engine.batching.max_batch_sessions, 256);
+  EXPECT_EQ(c->engine.batching.max_queue_delay, std::chrono::microseconds(0));
+  EXPECT_EQ(c->engine.batching.max_prefill_chunk, 512);
+  EXPECT_EQ(c->engine.kv_cache.block_size, 16);
+  EXPECT_EQ(c->engine.kv_cache.budget_bytes, 0);
+  EXPECT_DOUBLE_EQ(c->engine.kv_cache.gpu_memory_fraction, 0.9);
+  EXPECT_EQ(c->engine.kv_cache.cpu_budget_bytes, int64_t{1} << 30);
   EXPECT_TRUE(c->default_model);
   EXPECT_EQ(c->config_path, "");
   EXPECT_FALSE(c->show_help);
@@ -275,11 +283,56 @@ TEST(ServerConfigTest, EnvOverridesFileAndFlagsOverrideEnv) {
   EXPECT_EQ(c->drain_timeout, std::chrono::milliseconds(5));
 }
 
+TEST(ServerConfigTest, BatchingAndKvCacheFromFileEnvAndFlags) {
+  TempDir dir;
+  const std::string path = dir.Write("c.yaml", R"(max_batch_tokens: 1000
+max_batch_sessions: 8
+max_queue_delay_us: 250
+max_prefill_chunk: 128
+kv_block_size: 32
+kv_cache_bytes: 1048576
+kv_gpu_memory_fraction: 0.5
+kv_cpu_budget_bytes: 2048
+)");
+  auto file = Load({"--config", path});
+  ASSERT_TRUE(file.ok()) << file.status().ToString();
+  EXPECT_EQ(file->engine.batching.max_batch_tokens, 1000);
+  EXPECT_EQ(file->engine.batching.max_batch_sessions, 8);
+  EXPECT_EQ(file->engine.batching.max_queue_delay, std::chrono::microseconds(250));
+  EXPECT_EQ(file->engine.batching.max_prefill_chunk, 128);
+  EXPECT_EQ(file->engine.kv_cache.block_size, 32);
+  EXPECT_EQ(file->engine.kv_cache.budget_bytes, 1048576);
+  EXPECT_DOUBLE_EQ(file->engine.kv_cache.gpu_memory_fraction, 0.5);
+  EXPECT_EQ(file->engine.kv_cache.cpu_budget_bytes, 2048);
+
+  const Env env = {{"MQA_MAX_BATCH_SESSIONS", "1"}, {"MQA_KV_BLOCK_SIZE", "64"},
+                   {"MQA_MAX_QUEUE_DELAY_US", "0"}, {"MQA_KV_GPU_MEMORY_FRACTION", "1"},
+                   {"MQA_KV_CACHE_BYTES", ""}};
+  auto c = Load({"--config", path, "--kv-block-size=8", "--kv-cache-bytes", "0"}, env);
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->engine.batching.max_batch_sessions, 1);                           // env > file
+  EXPECT_EQ(c->engine.batching.max_queue_delay, std::chrono::microseconds(0));  // env > file
+  EXPECT_DOUBLE_EQ(c->engine.kv_cache.gpu_memory_fraction, 1.0);                // env > file
+  EXPECT_EQ(c->engine.kv_cache.block_size, 8);                                   // flag > env > file
+  EXPECT_EQ(c->engine.kv_cache.budget_bytes, 0);                                 // flag > file; empty env unset
+  EXPECT_EQ(c->engine.batching.max_batch_tokens, 1000);                          // file only
+  EXPECT_EQ(c->engine.kv_cache.cpu_budget_bytes, 2048);                          // file only
+
+  const std::string json = dir.Write("c.json", R"({"max_prefill_chunk": 64, "kv_gpu_memory_fraction": 0.25})");
+  auto j = Load({"--config", json});
+  ASSERT_TRUE(j.ok()) << j.status().ToString();
+  EXPECT_EQ(j->engine.batching.max_prefill_chunk, 64);
+  EXPECT_DOUBLE_EQ(j->engine.kv_cache.gpu_memory_fraction, 0.25);
+}
+
 TEST(ServerConfigTest, EveryFlagInBothForms) {
   const std::vector<std::string> separate = {
       "--listen", "localhost:7", "--port-file", "/tmp/p", "--max-message-bytes", "1000", "--drain-timeout-ms", "0",
       "--log-level", "error", "--log-format", "json", "--max-sessions", "3", "--max-queue", "4",
-      "--default-idle-ttl-ms", "10", "--max-idle-ttl-ms", "20", "--reap-interval-ms", "5", "--device", "cpu"};
+      "--default-idle-ttl-ms", "10", "--max-idle-ttl-ms", "20", "--reap-interval-ms", "5", "--device", "cpu",
+      "--max-batch-tokens", "100", "--max-batch-sessions", "6", "--max-queue-delay-us", "7",
+      "--max-prefill-chunk", "9", "--kv-block-size", "1024", "--kv-cache-bytes", "4096",
+      "--kv-gpu-memory-fraction", "0.75", "--kv-cpu-budget-bytes", "1"};
   std::vector<std::string> joined;
   for (size_t i = 0; i < separate.size(); i += 2) joined.push_back(separate[i] + "=" + separate[i + 1]);
   for (const auto& args : {separate, joined}) {
@@ -297,6 +350,14 @@ TEST(ServerConfigTest, EveryFlagInBothForms) {
     EXPECT_EQ(c->engine.max_idle_ttl, std::chrono::milliseconds(20));
     EXPECT_EQ(c->engine.reap_interval, std::chrono::milliseconds(5));
     EXPECT_EQ(c->engine.models.at(0).options.device, "cpu");
+    EXPECT_EQ(c->engine.batching.max_batch_tokens, 100);
+    EXPECT_EQ(c->engine.batching.max_batch_sessions, 6);
+    EXPECT_EQ(c->engine.batching.max_queue_delay, std::chrono::microseconds(7));
+    EXPECT_EQ(c->engine.batching.max_prefill_chunk, 9);
+    EXPECT_EQ(c->engine.kv_cache.block_size, 1024);
+    EXPECT_EQ(c->engine.kv_cache.budget_bytes, 4096);
+    EXPECT_DOUBLE_EQ(c->engine.kv_cache.gpu_memory_fraction, 0.75);
+    EXPECT_EQ(c->engine.kv_cache.cpu_budget_bytes, 1);
   }
   // The last of a repeated flag wins; a value may contain '='.
   auto last = Load({"--max-queue=1", "--max-queue", "2", "--port-file=/tmp/a=b"});
@@ -322,7 +383,7 @@ TEST(ServerConfigTest, UnknownKeys) {
   const std::string top = dir.Write("top.yaml", "listen: 127.0.0.1:1\nmax_sesions: 3\n");
   ExpectError(Load({"--config", top}), StatusCode::kInvalidArgument,
               {top + ":2:1: max_sesions: unknown key; expected one of listen, max_message_bytes",
-               "reap_interval_ms, models"});
+               "reap_interval_ms, max_batch_tokens", "kv_cpu_budget_bytes, models"});
   const std::string model = dir.Write("model.yaml", R"(models:
   - name: a
     device: cpu
@@ -344,6 +405,11 @@ TEST(ServerConfigTest, WrongTypes) {
       {"max_sessions: \"12\"\n", {"max_sessions: expected an integer, got the quoted string \"12\""}},
       {"max_sessions: [1, 2]\n", {"max_sessions: expected an integer, got a list"}},
       {"max_sessions: 1.5\n", {"max_sessions: expected an integer >= 1, got '1.5'"}},
+      {"max_batch_tokens: \"64\"\n", {"max_batch_tokens: expected an integer, got the quoted string \"64\""}},
+      {"kv_gpu_memory_fraction: \"0.5\"\n",
+       {"kv_gpu_memory_fraction: expected a number, got the quoted string \"0.5\""}},
+      {"kv_gpu_memory_fraction: [0.5]\n", {"kv_gpu_memory_fraction: expected a number, got a list"}},
+      {"kv_block_size: 2048\n", {"kv_block_size: expected an integer between 1 and 1024, got '2048'"}},
       {"listen: {host: a}\n", {"listen: expected a string, got a map"}},
       {"log_format: xml\n", {"log_format: expected text or json, got 'xml'"}},
       {"log_level: verbose\n", {"log_level: expected one of trace, debug, info"}},
@@ -390,6 +456,44 @@ TEST(ServerConfigTest, BadNumbersFromFlagsAndEnv) {
   ExpectError(Load({"--log-level", "loud"}), StatusCode::kInvalidArgument, {"--log-level: expected one of"});
   ExpectError(Load({"--default-idle-ttl-ms=5000", "--max-idle-ttl-ms=1000"}), StatusCode::kInvalidArgument,
               {"default_idle_ttl_ms (5000) must not exceed max_idle_ttl_ms (1000)"});
+}
+
+TEST(ServerConfigTest, BatchingAndKvCacheRanges) {
+  ExpectError(Load({"--max-batch-tokens=0"}), StatusCode::kInvalidArgument,
+              {"--max-batch-tokens: expected an integer >= 1, got '0'"});
+  ExpectError(Load({"--max-batch-sessions", "0"}), StatusCode::kInvalidArgument,
+              {"--max-batch-sessions: expected an integer >= 1, got '0'"});
+  ExpectError(Load({}, {{"MQA_MAX_QUEUE_DELAY_US", "-1"}}), StatusCode::kInvalidArgument,
+              {"MQA_MAX_QUEUE_DELAY_US: expected an integer (microseconds) between 0 and 1000000 (one second), "
+               "got '-1'"});
+  ExpectError(Load({"--max-queue-delay-us=1000001"}), StatusCode::kInvalidArgument,
+              {"--max-queue-delay-us: expected an integer (microseconds) between 0 and 1000000"});
+  ExpectError(Load({"--max-queue-delay-us=5ms"}), StatusCode::kInvalidArgument,
+              {"--max-queue-delay-us: expected an integer (microseconds)", "got '5ms'"});
+  ExpectError(Load({"--max-prefill-chunk=-3"}), StatusCode::kInvalidArgument,
+              {"--max-prefill-chunk: expected an integer >= 1, got '-3'"});
+  ExpectError(Load({"--kv-block-size=0"}), StatusCode::kInvalidArgument,
+              {"--kv-block-size: expected an integer between 1 and 1024, got '0'"});
+  ExpectError(Load({}, {{"MQA_KV_BLOCK_SIZE", "1025"}}), StatusCode::kInvalidArgument,
+              {"MQA_KV_BLOCK_SIZE: expected an integer between 1 and 1024, got '1025'"});
+  ExpectError(Load({"--kv-cache-bytes=-1"}), StatusCode::kInvalidArgument,
+              {"--kv-cache-bytes: expected an integer (bytes) >= 0, got '-1'"});
+  ExpectError(Load({"--kv-cache-bytes=1GiB"}), StatusCode::kInvalidArgument,
+              {"--kv-cache-bytes: expected an integer (bytes) >= 0, got '1GiB'"});
+  ExpectError(Load({"--kv-cpu-budget-bytes=0"}), StatusCode::kInvalidArgument,
+              {"--kv-cpu-budget-bytes: expected an integer (bytes) >= 1, got '0'"});
+  for (const char* bad : {"0", "-0.5", "1.01", "2"}) {
+    ExpectError(Load({"--kv-gpu-memory-fraction", bad}), StatusCode::kInvalidArgument,
+                {"--kv-gpu-memory-fraction: expected a number in (0, 1], got '" + std::string(bad) + "'"});
+  }
+  ExpectError(Load({}, {{"MQA_KV_GPU_MEMORY_FRACTION", "nan"}}), StatusCode::kInvalidArgument,
+              {"MQA_KV_GPU_MEMORY_FRACTION: expected a finite number, got 'nan'"});
+  ExpectError(Load({}, {{"MQA_KV_GPU_MEMORY_FRACTION", "90%"}}), StatusCode::kInvalidArgument,
+              {"MQA_KV_GPU_MEMORY_FRACTION: expected a finite number, got '90%'"});
+  TempDir dir;
+  const std::string path = dir.Write("c.yaml", "kv_block_size: 16\nmax_batch_sessions: 0\n");
+  ExpectError(Load({"--config", path}), StatusCode::kInvalidArgument,
+              {path + ":2:1: max_batch_sessions: expected an integer >= 1, got '0'"});
 }
 
 TEST(ServerConfigTest, UnknownAndMalformedFlags) {
@@ -507,7 +611,15 @@ TEST(ServerConfigTest, Help) {
                         "--max-sessions", "MQA_MAX_SESSIONS", "--max-queue", "MQA_MAX_QUEUE",
                         "--default-idle-ttl-ms", "MQA_DEFAULT_IDLE_TTL_MS", "--max-idle-ttl-ms",
                         "MQA_MAX_IDLE_TTL_MS", "--reap-interval-ms", "MQA_REAP_INTERVAL_MS", "--device DEVICE",
-                        "MQA_DEFAULT_DEVICE", "--help, -h", "mqa-default", "models"}) {
+                        "MQA_DEFAULT_DEVICE", "--help, -h", "mqa-default", "models",
+                        "--max-batch-tokens N", "MQA_MAX_BATCH_TOKENS", "max_batch_tokens",
+                        "--max-batch-sessions N", "MQA_MAX_BATCH_SESSIONS", "max_batch_sessions",
+                        "--max-queue-delay-us US", "MQA_MAX_QUEUE_DELAY_US", "max_queue_delay_us",
+                        "--max-prefill-chunk N", "MQA_MAX_PREFILL_CHUNK", "max_prefill_chunk",
+                        "--kv-block-size N", "MQA_KV_BLOCK_SIZE", "kv_block_size", "--kv-cache-bytes N",
+                        "MQA_KV_CACHE_BYTES", "kv_cache_bytes", "--kv-gpu-memory-fraction F",
+                        "MQA_KV_GPU_MEMORY_FRACTION", "kv_gpu_memory_fraction", "--kv-cpu-budget-bytes N",
+                        "MQA_KV_CPU_BUDGET_BYTES", "kv_cpu_budget_bytes", "1073741824"}) {
     EXPECT_THAT(help, HasSubstr(s));
   }
 }
