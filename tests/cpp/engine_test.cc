@@ -319,6 +319,14 @@ TEST(Engine, FullQueueIsResourceExhaustedForThatStepOnly) {
   EXPECT_EQ(ok + exhausted, 5);
   EXPECT_GE(exhausted, 2);  // the long step runs while at most 2 wait
   EXPECT_EQ(Unwrap(e->GetSession(s.id)).layer_positions[0], 2048 + ok - 1);
+  // Another session is untouched by the overflow and carries on.
+  SessionInfo other = Create(*e, c);
+  Tensor x = Randn(DType::kFloat32, {1, 3, 512});
+  auto r = Unwrap(StepSync(*e, MakeStep(other.id, 0, x)));
+  ForwardArgs args;
+  args.x = x;
+  auto stack = Unwrap(MqaStack::Create(SlowModel().options, 1));
+  EXPECT_LT(RelativeError(Floats(r.out), Floats(Unwrap(stack->layer(0).Forward(args)).out)), 1e-5);
 }
 
 TEST(Engine, DrainingRefusesNewSessionsButServesOldOnes) {
@@ -438,6 +446,41 @@ TEST(Batching, BatchedEqualsSoloAndEqualsTheLayer) {
     }
   }
   EXPECT_EQ(batched_engine->stats().kv_blocks_used, 0);  // every block came back
+}
+
+TEST(Batching, BatchedEqualsSoloOnCudaInBf16) {
+  if (!CudaAvailable()) GTEST_SKIP() << "no CUDA device";
+  auto cuda_options = [](int64_t max_batch_sessions) {
+    EngineOptions o = Options(max_batch_sessions);
+    o.models[0].options.device = "cuda";
+    o.models[0].options.dtype = DType::kBFloat16;
+    o.kv_cache.budget_bytes = int64_t{64} << 20;
+    return o;
+  };
+  auto inputs = MixedInputs(12);
+  auto batched_engine = MakeEngine(cuda_options(64));
+  auto batched = RunSchedule(*batched_engine, inputs, 2);
+  EXPECT_LT(batched_engine->stats().batches, batched_engine->stats().batched_steps);
+  auto solo_engine = MakeEngine(cuda_options(1));
+  auto solo = RunSchedule(*solo_engine, inputs, 2);
+  MqaOptions ref = SmallModel().options;  // the same weights in fp32 on the CPU: the reference
+  auto stack = Unwrap(MqaStack::Create(ref, 2));
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    std::vector<float> all;
+    for (const auto& x : inputs[i]) {
+      auto v = Floats(x);
+      all.insert(all.end(), v.begin(), v.end());
+    }
+    ForwardArgs args;
+    args.x = Unwrap(Tensor::FromFloats(DType::kFloat32, {1, static_cast<int64_t>(all.size() / 64), 64}, all));
+    for (int layer = 0; layer < 2; ++layer) {
+      const size_t k = i * 2 + static_cast<size_t>(layer);
+      auto want = Floats(Unwrap(stack->layer(layer).Forward(args)).out);
+      EXPECT_LT(RelativeError(batched[k], want), 2e-2) << "session " << i << " layer " << layer;
+      EXPECT_LT(RelativeError(solo[k], want), 2e-2) << "session " << i << " layer " << layer;
+      EXPECT_LT(RelativeError(batched[k], solo[k]), 2e-2) << "session " << i << " layer " << layer;
+    }
+  }
 }
 
 TEST(Batching, NaNInOneSessionOfAPassLeavesTheOthersBitForBit) {
