@@ -411,6 +411,16 @@ std::vector<std::vector<float>> RunSchedule(Engine& e, const std::vector<std::ve
   return outs;
 }
 
+// One session's chunks as one [1, S, 64] fp32 tensor (for a full pass of the layer).
+Tensor Concat(const std::vector<Tensor>& chunks) {
+  std::vector<float> all;
+  for (const auto& x : chunks) {
+    auto v = Floats(x);
+    all.insert(all.end(), v.begin(), v.end());
+  }
+  return Unwrap(Tensor::FromFloats(DType::kFloat32, {1, static_cast<int64_t>(all.size() / 64), 64}, all));
+}
+
 std::vector<std::vector<Tensor>> MixedInputs(size_t n) {
   std::vector<std::vector<Tensor>> in(n);
   for (size_t i = 0; i < n; ++i) {
@@ -431,13 +441,8 @@ TEST(Batching, BatchedEqualsSoloAndEqualsTheLayer) {
   EXPECT_EQ(solo_engine->stats().batches, solo_engine->stats().batched_steps);  // one step (chunk) per pass
   auto stack = Unwrap(MqaStack::Create(SmallModel().options, 2));
   for (size_t i = 0; i < inputs.size(); ++i) {
-    std::vector<float> all;
-    for (const auto& x : inputs[i]) {
-      auto v = Floats(x);
-      all.insert(all.end(), v.begin(), v.end());
-    }
     ForwardArgs args;
-    args.x = Unwrap(Tensor::FromFloats(DType::kFloat32, {1, static_cast<int64_t>(all.size() / 64), 64}, all));
+    args.x = Concat(inputs[i]);
     for (int layer = 0; layer < 2; ++layer) {
       const size_t k = i * 2 + static_cast<size_t>(layer);
       EXPECT_LT(RelativeError(batched[k], solo[k]), 1e-6) << "session " << i << " layer " << layer;
@@ -466,13 +471,8 @@ TEST(Batching, BatchedEqualsSoloOnCudaInBf16) {
   MqaOptions ref = SmallModel().options;  // the same weights in fp32 on the CPU: the reference
   auto stack = Unwrap(MqaStack::Create(ref, 2));
   for (size_t i = 0; i < inputs.size(); ++i) {
-    std::vector<float> all;
-    for (const auto& x : inputs[i]) {
-      auto v = Floats(x);
-      all.insert(all.end(), v.begin(), v.end());
-    }
     ForwardArgs args;
-    args.x = Unwrap(Tensor::FromFloats(DType::kFloat32, {1, static_cast<int64_t>(all.size() / 64), 64}, all));
+    args.x = Concat(inputs[i]);
     for (int layer = 0; layer < 2; ++layer) {
       const size_t k = i * 2 + static_cast<size_t>(layer);
       auto want = Floats(Unwrap(stack->layer(layer).Forward(args)).out);
