@@ -5,8 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-cmake --preset release
-cmake --build --preset release -j "$(nproc)"
+bash scripts/build.sh
 
 work=$(mktemp -d)
 build/release/server/mqa-server --listen 127.0.0.1:0 --port-file "$work/port" &

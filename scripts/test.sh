@@ -3,6 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-cmake --preset release
-cmake --build --preset release -j "$(nproc)"
+bash scripts/build.sh
 ctest --preset release -j 2
