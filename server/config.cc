@@ -175,6 +175,40 @@ const std::vector<Setting>& Settings() {
          s.config.port_file = std::string(v);
          return Status::Ok();
        }},
+      {"--metrics-listen", "MQA_METRICS_LISTEN", "metrics_listen", "ADDR", Kind::kString, "0.0.0.0:9400",
+       "host:port for the Prometheus /metrics endpoint (HTTP; port 0 = any free port); '' = no endpoint",
+       [](LoadState& s, std::string_view v, const std::string& origin) {
+         // Plain HTTP over TCP only: the scraper speaks nothing else, so unix: is refused here.
+         if (!v.empty() && (v.rfind("unix:", 0) == 0 || !ValidListenAddress(v))) {
+           return InvalidArgumentError(origin + ": expected host:port (port 0..65535, IPv6 host in brackets) or "
+                                       "'' to disable, got " + Quoted(v));
+         }
+         s.config.metrics_listen = std::string(v);
+         return Status::Ok();
+       }},
+      {"--metrics-port-file", "MQA_METRICS_PORT_FILE", "", "PATH", Kind::kString, "(none)",
+       "write the bound metrics port there once serving (useful with port 0)",
+       [](LoadState& s, std::string_view v, const std::string&) {
+         s.config.metrics_port_file = std::string(v);
+         return Status::Ok();
+       }},
+      {"--health-listen", "MQA_HEALTH_LISTEN", "health_listen", "ADDR", Kind::kString, "(none)",
+       "an extra plaintext gRPC address of the same server (host:port or unix:PATH), e.g. for Kubernetes' "
+       "gRPC probes; '' = none",
+       [](LoadState& s, std::string_view v, const std::string& origin) {
+         if (!v.empty() && !ValidListenAddress(v)) {
+           return InvalidArgumentError(origin + ": expected host:port (port 0..65535, IPv6 host in brackets), "
+                                       "unix:PATH or '' for none, got " + Quoted(v));
+         }
+         s.config.health_listen = std::string(v);
+         return Status::Ok();
+       }},
+      {"--health-port-file", "MQA_HEALTH_PORT_FILE", "", "PATH", Kind::kString, "(none)",
+       "write the bound --health-listen port there once serving",
+       [](LoadState& s, std::string_view v, const std::string&) {
+         s.config.health_port_file = std::string(v);
+         return Status::Ok();
+       }},
       {"--max-message-bytes", "MQA_MAX_MESSAGE_BYTES", "max_message_bytes", "N", Kind::kInteger, "67108864",
        "largest gRPC message accepted or sent (64 MiB)",
        [](LoadState& s, std::string_view v, const std::string& origin) {

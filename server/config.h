@@ -7,6 +7,9 @@
 //
 //   listen: "0.0.0.0:50051"        # host:port ("[::]:50051", port 0 = any free port) or "unix:/path"
 //   max_message_bytes: 67108864    # 1 .. 2147483647, both directions
+//   metrics_listen: "0.0.0.0:9400" # host:port of the HTTP /metrics endpoint (port 0 = any); "" = none
+//   health_listen: ""              # extra plaintext gRPC address (host:port or unix:/path), e.g. for
+//                                  # Kubernetes' grpc probes; "" = none
 //   drain_timeout_ms: 30000        # 0 .. one year
 //   log_level: info                # trace, debug, info, warn (or warning), error, critical, off
 //   log_format: text               # text or json
@@ -70,6 +73,10 @@ namespace mqa::server {
 struct ServerConfig {
   std::string listen = "0.0.0.0:50051";        // host:port; port 0 picks a free port (printed at start-up)
   std::string port_file;                       // when set, the bound port is written there once serving
+  std::string metrics_listen = "0.0.0.0:9400";  // HTTP GET /metrics (Prometheus text); "" = no endpoint
+  std::string metrics_port_file;               // when set, the bound metrics port is written there
+  std::string health_listen;                   // extra plaintext gRPC address of the same server; "" = none
+  std::string health_port_file;                // when set, health_listen's bound port is written there
   size_t max_message_bytes = 64u << 20;        // both directions
   std::chrono::milliseconds drain_timeout{std::chrono::seconds(30)};  // SIGTERM: most time spent draining
   std::string log_level = "info";              // trace, debug, info, warn, error, critical, off

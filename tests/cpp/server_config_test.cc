@@ -382,7 +382,8 @@ TEST(ServerConfigTest, UnknownKeys) {
   TempDir dir;
   const std::string top = dir.Write("top.yaml", "listen: 127.0.0.1:1\nmax_sesions: 3\n");
   ExpectError(Load({"--config", top}), StatusCode::kInvalidArgument,
-              {top + ":2:1: max_sesions: unknown key; expected one of listen, max_message_bytes",
+              {top + ":2:1: max_sesions: unknown key; expected one of listen, metrics_listen, health_listen, "
+               "max_message_bytes",
                "reap_interval_ms, max_batch_tokens", "kv_cpu_budget_bytes, models"});
   const std::string model = dir.Write("model.yaml", R"(models:
   - name: a
@@ -597,6 +598,85 @@ TEST(ServerConfigTest, WeightsPathsResolveAgainstTheConfigDirectory) {
                "' not found"});
 }
 
+// ---- Metrics and health endpoints ----
+
+TEST(ServerConfigTest, MetricsAndHealthDefaults) {
+  auto c = Load({});
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->metrics_listen, "0.0.0.0:9400");
+  EXPECT_EQ(c->metrics_port_file, "");
+  EXPECT_EQ(c->health_listen, "");
+  EXPECT_EQ(c->health_port_file, "");
+}
+
+TEST(ServerConfigTest, MetricsAndHealthFromFileEnvAndFlags) {
+  TempDir dir;
+  const std::string yaml = dir.Write("c.yaml", "metrics_listen: 127.0.0.1:9500\nhealth_listen: \"[::1]:9600\"\n");
+  auto file = Load({"--config", yaml});
+  ASSERT_TRUE(file.ok()) << file.status().ToString();
+  EXPECT_EQ(file->metrics_listen, "127.0.0.1:9500");
+  EXPECT_EQ(file->health_listen, "[::1]:9600");
+
+  const Env env = {{"MQA_CONFIG", yaml},
+                   {"MQA_METRICS_LISTEN", "127.0.0.1:0"},
+                   {"MQA_METRICS_PORT_FILE", "/tmp/env-metrics-port"},
+                   {"MQA_HEALTH_LISTEN", "unix:/tmp/health.sock"},
+                   {"MQA_HEALTH_PORT_FILE", "/tmp/env-health-port"}};
+  auto from_env = Load({}, env);
+  ASSERT_TRUE(from_env.ok()) << from_env.status().ToString();
+  EXPECT_EQ(from_env->metrics_listen, "127.0.0.1:0");
+  EXPECT_EQ(from_env->metrics_port_file, "/tmp/env-metrics-port");
+  EXPECT_EQ(from_env->health_listen, "unix:/tmp/health.sock");
+  EXPECT_EQ(from_env->health_port_file, "/tmp/env-health-port");
+
+  for (const std::vector<std::string>& args : std::vector<std::vector<std::string>>{
+           {"--metrics-listen", "localhost:1", "--metrics-port-file", "/tmp/m", "--health-listen", "0.0.0.0:2",
+            "--health-port-file", "/tmp/h"},
+           {"--metrics-listen=localhost:1", "--metrics-port-file=/tmp/m", "--health-listen=0.0.0.0:2",
+            "--health-port-file=/tmp/h"}}) {
+    auto c = Load(args, env);
+    ASSERT_TRUE(c.ok()) << c.status().ToString();
+    EXPECT_EQ(c->metrics_listen, "localhost:1");  // flag > env > file
+    EXPECT_EQ(c->metrics_port_file, "/tmp/m");
+    EXPECT_EQ(c->health_listen, "0.0.0.0:2");
+    EXPECT_EQ(c->health_port_file, "/tmp/h");
+  }
+}
+
+TEST(ServerConfigTest, EmptyMetricsListenDisablesTheEndpoint) {
+  TempDir dir;
+  auto file = Load({"--config", dir.Write("c.yaml", "metrics_listen: \"\"\nhealth_listen: \"\"\n")});
+  ASSERT_TRUE(file.ok()) << file.status().ToString();
+  EXPECT_EQ(file->metrics_listen, "");
+  EXPECT_EQ(file->health_listen, "");
+  auto flag = Load({"--metrics-listen="});
+  ASSERT_TRUE(flag.ok()) << flag.status().ToString();
+  EXPECT_EQ(flag->metrics_listen, "");
+  // An empty environment variable counts as unset, as everywhere else: the default stays.
+  auto env = Load({}, {{"MQA_METRICS_LISTEN", ""}});
+  ASSERT_TRUE(env.ok()) << env.status().ToString();
+  EXPECT_EQ(env->metrics_listen, "0.0.0.0:9400");
+}
+
+TEST(ServerConfigTest, BadMetricsAndHealthAddresses) {
+  ExpectError(Load({"--metrics-listen", "9400"}), StatusCode::kInvalidArgument,
+              {"--metrics-listen", "expected host:port", "'9400'"});
+  ExpectError(Load({"--metrics-listen", "unix:/tmp/m.sock"}), StatusCode::kInvalidArgument,
+              {"--metrics-listen", "'unix:/tmp/m.sock'"});
+  ExpectError(Load({}, {{"MQA_METRICS_LISTEN", "0.0.0.0:65536"}}), StatusCode::kInvalidArgument,
+              {"MQA_METRICS_LISTEN", "'0.0.0.0:65536'"});
+  ExpectError(Load({"--health-listen", "::1:50"}), StatusCode::kInvalidArgument,
+              {"--health-listen", "IPv6 host in brackets", "'::1:50'"});
+  TempDir dir;
+  ExpectError(Load({"--config", dir.Write("a.yaml", "metrics_listen: 9400\n")}), StatusCode::kInvalidArgument,
+              {"a.yaml:1:1: metrics_listen", "expected host:port"});
+  ExpectError(Load({"--config", dir.Write("b.yaml", "health_listen: [1]\n")}), StatusCode::kInvalidArgument,
+              {"b.yaml:1:1: health_listen", "expected a string"});
+  // The port files are flags and environment variables only, like --port-file.
+  ExpectError(Load({"--config", dir.Write("c.yaml", "metrics_port_file: /tmp/x\n")}),
+              StatusCode::kInvalidArgument, {"metrics_port_file: unknown key"});
+}
+
 TEST(ServerConfigTest, Help) {
   for (const std::vector<std::string>& args : std::vector<std::vector<std::string>>{
            {"--help"}, {"-h"}, {"--max-sessions=oops", "--help"}, {"--help", "--no-such-flag"}}) {
@@ -606,6 +686,9 @@ TEST(ServerConfigTest, Help) {
   }
   const std::string help = ConfigHelp();
   for (const char* s : {"--listen ADDR", "MQA_LISTEN", "--port-file PATH", "MQA_PORT_FILE", "--config PATH",
+                        "--metrics-listen ADDR", "MQA_METRICS_LISTEN", "metrics_listen", "0.0.0.0:9400",
+                        "--metrics-port-file PATH", "MQA_METRICS_PORT_FILE", "--health-listen ADDR",
+                        "MQA_HEALTH_LISTEN", "health_listen", "--health-port-file PATH", "MQA_HEALTH_PORT_FILE",
                         "MQA_CONFIG", "--max-message-bytes", "max_message_bytes", "67108864", "--drain-timeout-ms",
                         "MQA_DRAIN_TIMEOUT_MS", "--log-level", "MQA_LOG_LEVEL", "--log-format", "MQA_LOG_FORMAT",
                         "--max-sessions", "MQA_MAX_SESSIONS", "--max-queue", "MQA_MAX_QUEUE",
