@@ -13,6 +13,18 @@
 #include "server/logging.h"
 #include "server/server.h"
 
+namespace {
+
+// Written to a temporary name and renamed, so a reader never sees a partial number. Nothing when path is empty.
+void WritePortFile(const std::string& path, int port) {
+  if (path.empty()) return;
+  const std::string tmp = path + ".tmp";
+  std::ofstream(tmp) << port << "\n";
+  std::rename(tmp.c_str(), path.c_str());
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   // Signals are taken by one thread with sigwait, so the drain runs in ordinary code rather than in a handler;
   // every thread created after this inherits the mask.
@@ -42,12 +54,10 @@ int main(int argc, char** argv) {
                            {"reason", server.status().message()}});
     return 1;
   }
-  if (!config->port_file.empty()) {
-    // Written to a temporary name and renamed, so a reader never sees a partial number.
-    const std::string tmp = config->port_file + ".tmp";
-    std::ofstream(tmp) << (*server)->port() << "\n";
-    std::rename(tmp.c_str(), config->port_file.c_str());
-  }
+  // The main port file last: whoever waits for it finds the other two already there.
+  WritePortFile(config->metrics_port_file, (*server)->metrics_port());
+  WritePortFile(config->health_port_file, (*server)->health_port());
+  WritePortFile(config->port_file, (*server)->port());
 
   std::thread signal_thread([&] {
     int sig = 0;

@@ -27,7 +27,10 @@ core::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   std::unique_ptr<Server> s(new Server());
   s->config_ = config;
   MQA_ASSIGN_OR_RETURN(s->engine_, core::Engine::Create(config.engine));
-  s->service_ = std::make_unique<MqaServiceImpl>(s->engine_.get(), ServiceOptions{});
+  s->metrics_ = std::make_unique<ServiceMetrics>();
+  ServiceOptions service_options;
+  service_options.metrics = s->metrics_.get();
+  s->service_ = std::make_unique<MqaServiceImpl>(s->engine_.get(), service_options);
 
   // gRPC's built-in health service keeps its schema outside protobuf's descriptor pool; touching our compiled copy
   // links it in, so reflection can describe grpc.health.v1.Health too.
@@ -36,13 +39,28 @@ core::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   builder.AddListeningPort(config.listen, grpc::InsecureServerCredentials(), &s->port_);
+  // Kubernetes' native gRPC probes speak plaintext only; a second address lets them reach grpc.health.v1 even
+  // when the main one is fronted by something else. It is the same server: same services, same health status.
+  if (!config.health_listen.empty()) {
+    builder.AddListeningPort(config.health_listen, grpc::InsecureServerCredentials(), &s->health_port_);
+  }
   builder.RegisterService(s->service_.get());
   const int max_bytes = static_cast<int>(std::min<size_t>(config.max_message_bytes, INT32_MAX));
   builder.SetMaxReceiveMessageSize(max_bytes);
   builder.SetMaxSendMessageSize(max_bytes);
   s->server_ = builder.BuildAndStart();
+  // BuildAndStart gives no server when any of the addresses cannot be bound.
   if (!s->server_ || s->port_ == 0) {
-    return core::UnavailableError("cannot listen on " + config.listen + " (address in use or not valid?)");
+    const std::string where =
+        config.listen + (config.health_listen.empty() ? "" : " and " + config.health_listen);
+    return core::UnavailableError("cannot listen on " + where + " (address in use or not valid?)");
+  }
+  if (!config.metrics_listen.empty()) {
+    Server* raw = s.get();
+    MQA_ASSIGN_OR_RETURN(s->metrics_server_, MetricsHttpServer::Start(config.metrics_listen, [raw] {
+                           return raw->metrics_->Render(raw->engine_->stats(), raw->service_->draining());
+                         }));
+    s->metrics_port_ = s->metrics_server_->port();
   }
   SetServing(s->server_.get(), true);
   std::string models;
@@ -51,12 +69,16 @@ core::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   }
   LogInfo("server_started",
            {{"listen", config.listen}, {"port", s->port_}, {"models", models},
+            {"health_listen", config.health_listen}, {"health_port", s->health_port_},
+            {"metrics_listen", config.metrics_listen}, {"metrics_port", s->metrics_port_},
             {"max_sessions", config.engine.max_sessions},
             {"max_message_bytes", config.max_message_bytes}});
   return s;
 }
 
 Server::~Server() {
+  // First, since a scrape reads the engine and the service.
+  if (metrics_server_) metrics_server_->Stop();
   if (server_) {
     server_->Shutdown(std::chrono::system_clock::now());
     server_->Wait();
@@ -94,7 +116,9 @@ void Server::Drain(std::chrono::milliseconds budget) {
   auto grace = std::min<core::Clock::duration>(left, std::chrono::seconds(2));
   server_->Shutdown(std::chrono::system_clock::now() +
                     std::chrono::duration_cast<std::chrono::system_clock::duration>(grace));
-  // Anything still queued ends now, answered UNAVAILABLE by the engine's shutdown.
+  // Anything still queued ends now, answered UNAVAILABLE by the engine's shutdown. The scrape endpoint goes
+  // last so that the whole drain is visible as mqa_draining 1.
+  if (metrics_server_) metrics_server_->Stop();
   LogInfo("drain_done",
            {{"elapsed_ms",
              std::chrono::duration_cast<std::chrono::milliseconds>(core::Clock::now() - start).count()}});

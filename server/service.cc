@@ -31,7 +31,20 @@ class UnaryCall final : public grpc::ServerUnaryReactor {
   std::shared_ptr<core::CancelFlag> cancel_;
 };
 
-grpc::ServerUnaryReactor* FinishNow(grpc::CallbackServerContext* ctx, const Status& status) {
+// Every status a client sees goes through here, so mqa_step_errors_total counts each failure exactly once.
+void Count(ServiceMetrics* metrics, const Status& status) {
+  if (metrics != nullptr && !status.ok()) metrics->RecordError(status.code());
+}
+
+void CountStep(ServiceMetrics* metrics, const Status& status, const StatusOr<core::StepResult>& result) {
+  if (metrics == nullptr) return;
+  Count(metrics, status);
+  if (status.ok()) metrics->RecordStepDuration(result->queue_us + result->compute_us);
+}
+
+grpc::ServerUnaryReactor* FinishNow(grpc::CallbackServerContext* ctx, ServiceMetrics* metrics,
+                                    const Status& status) {
+  Count(metrics, status);
   auto* reactor = ctx->DefaultReactor();
   reactor->Finish(ToGrpc(status));
   return reactor;
@@ -78,14 +91,14 @@ void MqaServiceImpl::StartDraining() {
 grpc::ServerUnaryReactor* MqaServiceImpl::ListModels(grpc::CallbackServerContext* ctx, const v1::ListModelsRequest*,
                                                      v1::ListModelsResponse* resp) {
   for (const core::ModelInfo& m : engine_->ListModels()) ToWire(m, resp->add_models());
-  return FinishNow(ctx, Status());
+  return FinishNow(ctx, options_.metrics, Status());
 }
 
 grpc::ServerUnaryReactor* MqaServiceImpl::GetModel(grpc::CallbackServerContext* ctx, const v1::GetModelRequest* req,
                                                    v1::GetModelResponse* resp) {
   auto model = engine_->GetModel(req->name());
   if (model.ok()) ToWire(*model, resp->mutable_model());
-  return FinishNow(ctx, model.status());
+  return FinishNow(ctx, options_.metrics, model.status());
 }
 
 grpc::ServerUnaryReactor* MqaServiceImpl::Forward(grpc::CallbackServerContext* ctx, const v1::ForwardRequest* req,
@@ -120,13 +133,14 @@ grpc::ServerUnaryReactor* MqaServiceImpl::Forward(grpc::CallbackServerContext* c
     fr.args.needs_weights = req->needs_weights();
     return Status();
   }();
-  if (!status.ok()) return FinishNow(ctx, status);
+  if (!status.ok()) return FinishNow(ctx, options_.metrics, status);
 
   auto* call = new UnaryCall();
   fr.deadline = SteadyDeadline(ctx->deadline());
   fr.cancel = call->cancel();
   const bool return_cache = req->return_cache();
-  engine_->SubmitForward(std::move(fr), [call, resp, return_cache](StatusOr<core::ForwardResult> result) {
+  engine_->SubmitForward(std::move(fr), [call, resp, return_cache, metrics = options_.metrics](
+                                            StatusOr<core::ForwardResult> result) {
     Status st = result.status();
     if (st.ok()) st = ToWire(result->out, resp->mutable_out());
     if (st.ok() && result->weights.defined()) st = ToWire(result->weights, resp->mutable_weights());
@@ -134,6 +148,7 @@ grpc::ServerUnaryReactor* MqaServiceImpl::Forward(grpc::CallbackServerContext* c
       st = ToWire(result->cache->k, resp->mutable_cache()->mutable_key());
       if (st.ok()) st = ToWire(result->cache->v, resp->mutable_cache()->mutable_value());
     }
+    Count(metrics, st);
     call->Finish(ToGrpc(st));
   });
   return call;
@@ -143,8 +158,9 @@ grpc::ServerUnaryReactor* MqaServiceImpl::CreateSession(grpc::CallbackServerCont
                                                         const v1::CreateSessionRequest* req,
                                                         v1::CreateSessionResponse* resp) {
   if (draining_.load()) {
-    return FinishNow(ctx, core::UnavailableError("the server is draining and accepts no new sessions; "
-                                                 "create the session on another replica"));
+    return FinishNow(ctx, options_.metrics,
+                     core::UnavailableError("the server is draining and accepts no new sessions; "
+                                            "create the session on another replica"));
   }
   core::SessionConfig config;
   config.model = req->model();
@@ -152,10 +168,10 @@ grpc::ServerUnaryReactor* MqaServiceImpl::CreateSession(grpc::CallbackServerCont
   if (req->has_idle_ttl()) {
     const auto& d = req->idle_ttl();
     if (d.seconds() < 0 || d.nanos() < 0) {
-      return FinishNow(ctx, core::InvalidArgumentError("idle_ttl: must not be negative"));
+      return FinishNow(ctx, options_.metrics, core::InvalidArgumentError("idle_ttl: must not be negative"));
     }
     if (d.seconds() > 10LL * 365 * 24 * 3600) {
-      return FinishNow(ctx, core::InvalidArgumentError("idle_ttl: at most 10 years"));
+      return FinishNow(ctx, options_.metrics, core::InvalidArgumentError("idle_ttl: at most 10 years"));
     }
     config.idle_ttl = std::chrono::milliseconds(google::protobuf::util::TimeUtil::DurationToMilliseconds(d));
     if (config.idle_ttl.count() == 0 && (d.seconds() != 0 || d.nanos() != 0)) {
@@ -168,25 +184,27 @@ grpc::ServerUnaryReactor* MqaServiceImpl::CreateSession(grpc::CallbackServerCont
     case v1::POSITION_BIAS_NONE: config.position_bias = core::PositionBias::kNone; break;
     case v1::POSITION_BIAS_ALIBI: config.position_bias = core::PositionBias::kAlibi; break;
     default:
-      return FinishNow(ctx, core::InvalidArgumentError("position_bias: expected POSITION_BIAS_NONE or "
-                                                       "POSITION_BIAS_ALIBI, got " +
-                                                       std::to_string(static_cast<int>(req->position_bias()))));
+      return FinishNow(ctx, options_.metrics,
+                       core::InvalidArgumentError("position_bias: expected POSITION_BIAS_NONE or "
+                                                  "POSITION_BIAS_ALIBI, got " +
+                                                  std::to_string(static_cast<int>(req->position_bias()))));
   }
   switch (req->admission()) {
     case v1::ADMISSION_UNSPECIFIED:
     case v1::ADMISSION_BEST_EFFORT: config.admission = core::Admission::kBestEffort; break;
     case v1::ADMISSION_GUARANTEED: config.admission = core::Admission::kGuaranteed; break;
     default:
-      return FinishNow(ctx, core::InvalidArgumentError("admission: expected ADMISSION_BEST_EFFORT or "
-                                                       "ADMISSION_GUARANTEED, got " +
-                                                       std::to_string(static_cast<int>(req->admission()))));
+      return FinishNow(ctx, options_.metrics,
+                       core::InvalidArgumentError("admission: expected ADMISSION_BEST_EFFORT or "
+                                                  "ADMISSION_GUARANTEED, got " +
+                                                  std::to_string(static_cast<int>(req->admission()))));
   }
   auto session = engine_->CreateSession(config);
   if (!session.ok()) {
     LogWarn("session_refused",
              {{"model", config.model}, {"code", std::string(core::StatusCodeName(session.status().code()))},
               {"reason", session.status().message()}});
-    return FinishNow(ctx, session.status());
+    return FinishNow(ctx, options_.metrics, session.status());
   }
   ToWire(*session, resp->mutable_session());
   LogInfo("session_created",
@@ -197,14 +215,14 @@ grpc::ServerUnaryReactor* MqaServiceImpl::CreateSession(grpc::CallbackServerCont
             {"admission", session->admission == core::Admission::kGuaranteed ? "guaranteed" : "best_effort"},
             {"cache_bytes", session->cache_bytes},
             {"peer", ctx->peer()}});
-  return FinishNow(ctx, Status());
+  return FinishNow(ctx, options_.metrics, Status());
 }
 
 grpc::ServerUnaryReactor* MqaServiceImpl::GetSession(grpc::CallbackServerContext* ctx,
                                                      const v1::GetSessionRequest* req, v1::GetSessionResponse* resp) {
   auto session = engine_->GetSession(req->session_id());
   if (session.ok()) ToWire(*session, resp->mutable_session());
-  return FinishNow(ctx, session.status());
+  return FinishNow(ctx, options_.metrics, session.status());
 }
 
 grpc::ServerUnaryReactor* MqaServiceImpl::CloseSession(grpc::CallbackServerContext* ctx,
@@ -218,7 +236,7 @@ grpc::ServerUnaryReactor* MqaServiceImpl::CloseSession(grpc::CallbackServerConte
     LogInfo("session_closed",
              {{"session", session->id}, {"model", session->model}, {"tokens", tokens}});
   }
-  return FinishNow(ctx, session.status());
+  return FinishNow(ctx, options_.metrics, session.status());
 }
 
 grpc::ServerUnaryReactor* MqaServiceImpl::Step(grpc::CallbackServerContext* ctx, const v1::StepRequest* req,
@@ -227,12 +245,15 @@ grpc::ServerUnaryReactor* MqaServiceImpl::Step(grpc::CallbackServerContext* ctx,
   auto* call = new UnaryCall();
   auto step = ToStepRequest(req->step(), SteadyDeadline(ctx->deadline()), call->cancel());
   if (!step.ok()) {
+    Count(options_.metrics, step.status());
     call->Finish(ToGrpc(step.status()));
     return call;
   }
-  engine_->SubmitStep(std::move(step).value(), [call, resp](StatusOr<core::StepResult> result) {
+  engine_->SubmitStep(std::move(step).value(), [call, resp, metrics = options_.metrics](
+                                                   StatusOr<core::StepResult> result) {
     Status st = result.status();
     if (st.ok()) st = FillResult(*result, resp->mutable_result());
+    CountStep(metrics, st, result);
     call->Finish(ToGrpc(st));
   });
   return call;
@@ -333,6 +354,7 @@ class MqaServiceImpl::StepStreamReactor final
     Status st = result.status();
     if (st.ok()) st = FillResult(*result, resp.mutable_result());
     if (!st.ok()) resp.mutable_result()->clear_out();
+    CountStep(service_->options_.metrics, st, result);
     resp.mutable_status()->set_code(static_cast<int>(st.code()));
     resp.mutable_status()->set_message(st.message());
     bool destroy = false;

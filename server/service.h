@@ -12,11 +12,15 @@
 
 #include "mqa/core/engine.h"
 #include "mqa/v1/mqa_service.grpc.pb.h"
+#include "server/metrics.h"
 
 namespace mqa::server {
 
 struct ServiceOptions {
   size_t max_steps_in_flight_per_stream = 1024;  // a stream stops reading (flow control) past this
+  // When set (it must outlive the service): every failed unary RPC and streamed step is counted by code, and
+  // every completed step's queue + compute time is observed.
+  ServiceMetrics* metrics = nullptr;
 };
 
 class MqaServiceImpl final : public v1::MqaService::CallbackService {

@@ -37,6 +37,7 @@ core::ModelConfig Model(const std::string& name, int layers, int64_t dim, int64_
 ServerConfig TestConfig() {
   ServerConfig c;
   c.listen = "127.0.0.1:0";
+  c.metrics_listen = "127.0.0.1:0";  // never the shared default port: test servers run side by side
   c.max_message_bytes = 8u << 20;
   c.engine.models = {Model("small", 2, 64, 4, 64), Model("slow", 1, 512, 8, 4096)};
   c.engine.max_sessions = 64;
