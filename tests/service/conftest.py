@@ -77,12 +77,15 @@ class ServerProcess:
         cfg = tmp / "config.json"
         cfg.write_text(json.dumps(config))
         self.port_file = tmp / "port"
+        self.metrics_port_file = tmp / "metrics_port"
         self.log_path = tmp / "server.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("MQA_")}
         env.update(env_extra or {})
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [binary, "--config", str(cfg), "--listen", "127.0.0.1:0", "--port-file", str(self.port_file), *args],
+            # /metrics on an ephemeral loopback port, never the shared default 0.0.0.0:9400 (args may override).
+            [binary, "--config", str(cfg), "--listen", "127.0.0.1:0", "--port-file", str(self.port_file),
+             "--metrics-listen", "127.0.0.1:0", "--metrics-port-file", str(self.metrics_port_file), *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 120
         while not self.port_file.exists():
@@ -94,6 +97,8 @@ class ServerProcess:
             time.sleep(0.02)
         self.port = int(self.port_file.read_text().strip())
         self.target = f"127.0.0.1:{self.port}"
+        # Written before the main port file; 0 when the endpoint is disabled.
+        self.metrics_port = int(self.metrics_port_file.read_text().strip())
 
     def log(self) -> str:
         self._log.flush()
