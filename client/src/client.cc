@@ -5,6 +5,8 @@
 #include <grpcpp/support/channel_arguments.h>
 
 #include <climits>
+#include <cstdint>
+#include <random>
 #include <string>
 #include <utility>
 #include <vector>
@@ -22,6 +24,36 @@ std::string HealthStatusName(HealthStatus status) {
   }
   return "UNKNOWN";
 }
+
+std::string NewRoutingKey() {
+  std::random_device device;
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string key;
+  key.reserve(32);
+  // std::random_device yields 32-bit values; four of them make the 128 bits.
+  for (int word = 0; word < 4; ++word) {
+    const uint32_t bits = static_cast<uint32_t>(device());
+    for (int shift = 28; shift >= 0; shift -= 4) key.push_back(kHex[(bits >> shift) & 0xf]);
+  }
+  return key;
+}
+
+namespace internal {
+
+Status ValidateRoutingKey(const std::string& key, const std::string& what) {
+  if (key.empty() || key.size() > 128) {
+    return Status(StatusCode::kInvalidArgument, what + " must have 1 to 128 characters");
+  }
+  for (const char c : key) {
+    if (c <= ' ' || c > '~') {
+      return Status(StatusCode::kInvalidArgument,
+                    what + " may hold only printable ASCII characters other than space");
+    }
+  }
+  return Status();
+}
+
+}  // namespace internal
 
 // ---- Client -------------------------------------------------------------------------------------------
 
@@ -102,22 +134,28 @@ StatusOr<ForwardOutput> Client::Forward(const ForwardInput& input, Timeout timeo
   return internal::ForwardOutputFromProto(response);
 }
 
-StatusOr<SessionInfo> Client::GetSession(const std::string& session_id, Timeout timeout) {
+StatusOr<SessionInfo> Client::GetSession(const std::string& session_id, Timeout timeout,
+                                         const std::string& routing_key) {
   v1::GetSessionRequest request;
   request.set_session_id(session_id);
   v1::GetSessionResponse response;
-  grpc::Status status = impl_->CallIdempotent(
-      timeout, [&](grpc::ClientContext* context) { return impl_->stub->GetSession(context, request, &response); });
+  grpc::Status status = impl_->CallIdempotent(timeout, [&](grpc::ClientContext* context) {
+    internal::SetRoutingKey(context, routing_key);
+    return impl_->stub->GetSession(context, request, &response);
+  });
   if (!status.ok()) return internal::FromGrpc(status);
   return internal::SessionInfoFromProto(response.session());
 }
 
-StatusOr<SessionInfo> Client::CloseSession(const std::string& session_id, Timeout timeout) {
+StatusOr<SessionInfo> Client::CloseSession(const std::string& session_id, Timeout timeout,
+                                           const std::string& routing_key) {
   v1::CloseSessionRequest request;
   request.set_session_id(session_id);
   v1::CloseSessionResponse response;
-  grpc::Status status = impl_->CallOnce(
-      timeout, [&](grpc::ClientContext* context) { return impl_->stub->CloseSession(context, request, &response); });
+  grpc::Status status = impl_->CallOnce(timeout, [&](grpc::ClientContext* context) {
+    internal::SetRoutingKey(context, routing_key);
+    return impl_->stub->CloseSession(context, request, &response);
+  });
   if (!status.ok()) return internal::FromGrpc(status);
   return internal::SessionInfoFromProto(response.session());
 }
@@ -127,10 +165,14 @@ StatusOr<SessionInfo> Client::CloseSession(const std::string& session_id, Timeou
 struct Session::State {
   std::shared_ptr<Client::Impl> impl;
   SessionInfo info;
-  std::string id;  // empty once closed or released
+  std::string id;           // empty once closed or released
+  std::string routing_key;  // sent with every call of the session
 };
 
 StatusOr<Session> Client::CreateSession(const SessionOptions& options, Timeout timeout) {
+  const std::string routing_key = options.routing_key.empty() ? NewRoutingKey() : options.routing_key;
+  Status valid_key = internal::ValidateRoutingKey(routing_key, "SessionOptions.routing_key");
+  if (!valid_key.ok()) return valid_key;
   v1::CreateSessionRequest request;
   request.set_model(options.model);
   request.set_max_tokens(options.max_tokens);
@@ -142,6 +184,7 @@ StatusOr<Session> Client::CreateSession(const SessionOptions& options, Timeout t
                                                                     : v1::ADMISSION_BEST_EFFORT);
   v1::CreateSessionResponse response;
   grpc::Status status = impl_->CallOnce(timeout, [&](grpc::ClientContext* context) {
+    internal::SetRoutingKey(context, routing_key);
     return impl_->stub->CreateSession(context, request, &response);
   });
   if (!status.ok()) return internal::FromGrpc(status);
@@ -149,6 +192,7 @@ StatusOr<Session> Client::CreateSession(const SessionOptions& options, Timeout t
   state->impl = impl_;
   state->info = internal::SessionInfoFromProto(response.session());
   state->id = state->info.session_id;
+  state->routing_key = routing_key;
   return Session(std::move(state));
 }
 
@@ -179,6 +223,11 @@ const std::string& Session::model() const {
   return state_ ? state_->info.model : kEmpty;
 }
 
+const std::string& Session::routing_key() const {
+  static const std::string kEmpty;
+  return state_ ? state_->routing_key : kEmpty;
+}
+
 const SessionInfo& Session::initial_info() const {
   static const SessionInfo kEmpty;
   return state_ ? state_->info : kEmpty;
@@ -190,6 +239,7 @@ StatusOr<SessionInfo> Session::Info(Timeout timeout) const {
   request.set_session_id(state_->id);
   v1::GetSessionResponse response;
   grpc::Status status = state_->impl->CallIdempotent(timeout, [&](grpc::ClientContext* context) {
+    internal::SetRoutingKey(context, state_->routing_key);
     return state_->impl->stub->GetSession(context, request, &response);
   });
   if (!status.ok()) return internal::FromGrpc(status);
@@ -204,8 +254,10 @@ StatusOr<StepOutput> Session::Step(int32_t layer, const HostTensor& x, std::opti
   if (!valid.ok()) return valid;
   request.mutable_step()->set_sequence(sequence);
   v1::StepResponse response;
-  grpc::Status status = state_->impl->CallOnce(
-      timeout, [&](grpc::ClientContext* context) { return state_->impl->stub->Step(context, request, &response); });
+  grpc::Status status = state_->impl->CallOnce(timeout, [&](grpc::ClientContext* context) {
+    internal::SetRoutingKey(context, state_->routing_key);
+    return state_->impl->stub->Step(context, request, &response);
+  });
   if (!status.ok()) return internal::FromGrpc(status);
   return internal::StepOutputFromProto(response.result());
 }
@@ -219,6 +271,7 @@ StatusOr<SessionInfo> Session::Close(Timeout timeout) {
   request.set_session_id(id);
   v1::CloseSessionResponse response;
   grpc::Status status = state_->impl->CallOnce(timeout, [&](grpc::ClientContext* context) {
+    internal::SetRoutingKey(context, state_->routing_key);
     return state_->impl->stub->CloseSession(context, request, &response);
   });
   if (!status.ok()) return internal::FromGrpc(status);

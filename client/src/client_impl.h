@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <memory>
+#include <string>
 #include <thread>
 
 #include "mqa/client/client.h"
@@ -14,6 +15,18 @@
 #include "mqa/v1/mqa_service.grpc.pb.h"
 
 namespace mqa::client {
+namespace internal {
+
+// INVALID_ARGUMENT unless `key` is 1 to 128 printable ASCII characters other than space (a valid header value
+// for gRPC, and nothing a proxy would trim or fold). `what` names the option in the message.
+Status ValidateRoutingKey(const std::string& key, const std::string& what);
+
+// Adds the routing-key header to a call; does nothing for an empty key.
+inline void SetRoutingKey(grpc::ClientContext* context, const std::string& key) {
+  if (!key.empty()) context->AddMetadata(kRoutingKeyHeader, key);
+}
+
+}  // namespace internal
 
 // Immutable after construction, so every method is safe to call from many threads (the stubs are).
 struct Client::Impl {

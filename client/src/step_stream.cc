@@ -34,9 +34,11 @@ struct DoneSignal {
 class StepStream::Reactor final
     : public grpc::ClientBidiReactor<v1::StreamStepsRequest, v1::StreamStepsResponse> {
  public:
-  Reactor(std::shared_ptr<Client::Impl> impl, std::optional<std::chrono::system_clock::time_point> deadline)
-      : impl_(std::move(impl)), done_signal_(std::make_shared<DoneSignal>()) {
+  Reactor(std::shared_ptr<Client::Impl> impl, std::optional<std::chrono::system_clock::time_point> deadline,
+          std::string routing_key)
+      : impl_(std::move(impl)), routing_key_(std::move(routing_key)), done_signal_(std::make_shared<DoneSignal>()) {
     if (deadline) context_.set_deadline(*deadline);
+    internal::SetRoutingKey(&context_, routing_key_);
     impl_->stub->async()->StreamSteps(&context_, this);
     AddHold();
     StartRead(&response_);
@@ -101,6 +103,8 @@ class StepStream::Reactor final
     std::lock_guard<std::mutex> lock(mu_);
     return pending_.size();
   }
+
+  const std::string& routing_key() const { return routing_key_; }
 
   void OnWriteDone(bool ok) override {
     {
@@ -198,6 +202,7 @@ class StepStream::Reactor final
   }
 
   std::shared_ptr<Client::Impl> impl_;
+  const std::string routing_key_;  // sent once, in the stream's request headers
   grpc::ClientContext context_;
   std::shared_ptr<DoneSignal> done_signal_;
   v1::StreamStepsResponse response_;  // only touched by the read chain
@@ -238,6 +243,41 @@ std::future<StatusOr<StepOutput>> StepStream::Submit(StepRequest request) {
   return future;
 }
 
+namespace {
+
+// OK when a step of `session` may go on a stream opened with `stream_key`; sets the request's session id.
+Status PrepareSessionStep(const Session& session, const std::string& stream_key, StepRequest* request) {
+  if (session.id().empty()) return Status(StatusCode::kInvalidArgument, "the session is closed or released");
+  if (session.routing_key() != stream_key) {
+    return Status(StatusCode::kInvalidArgument,
+                  "session " + session.id() + " has routing key " + session.routing_key() +
+                      " but the stream has " + stream_key +
+                      "; create the session with SessionOptions::routing_key = stream->routing_key()");
+  }
+  request->session_id = session.id();
+  return Status();
+}
+
+}  // namespace
+
+StatusOr<uint64_t> StepStream::Submit(const Session& session, StepRequest request, StepCallback done) {
+  Status ready = PrepareSessionStep(session, reactor_->routing_key(), &request);
+  if (!ready.ok()) return ready;
+  return Submit(std::move(request), std::move(done));
+}
+
+std::future<StatusOr<StepOutput>> StepStream::Submit(const Session& session, StepRequest request) {
+  Status ready = PrepareSessionStep(session, reactor_->routing_key(), &request);
+  if (!ready.ok()) {
+    std::promise<StatusOr<StepOutput>> failed;
+    failed.set_value(ready);
+    return failed.get_future();
+  }
+  return Submit(std::move(request));
+}
+
+const std::string& StepStream::routing_key() const { return reactor_->routing_key(); }
+
 Status StepStream::Finish() { return reactor_->Finish(); }
 
 void StepStream::Cancel() { reactor_->Cancel(); }
@@ -248,7 +288,10 @@ StatusOr<std::unique_ptr<StepStream>> Client::OpenStream(StreamOptions options) 
   std::optional<std::chrono::system_clock::time_point> deadline;
   const auto length = options.deadline.value_or(impl_->options.default_timeout);
   if (length.count() > 0) deadline = std::chrono::system_clock::now() + length;
-  auto reactor = std::make_unique<StepStream::Reactor>(impl_, deadline);
+  std::string routing_key = options.routing_key.empty() ? NewRoutingKey() : std::move(options.routing_key);
+  Status valid_key = internal::ValidateRoutingKey(routing_key, "StreamOptions.routing_key");
+  if (!valid_key.ok()) return valid_key;
+  auto reactor = std::make_unique<StepStream::Reactor>(impl_, deadline, std::move(routing_key));
   return std::unique_ptr<StepStream>(new StepStream(std::move(reactor)));
 }
 

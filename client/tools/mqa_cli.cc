@@ -341,11 +341,22 @@ int RunSessionDemo(Client& client, Args& args, const std::string& model_flag) {
   const int64_t window = args.Int("window", 2 * layers * num_sessions, 1);
   args.CheckAllUsed();
 
+  // The demo may run longer than one call's deadline; the stream gets none, and each step carries the call
+  // timeout as its queueing limit instead.
+  StreamOptions stream_options;
+  stream_options.deadline = std::chrono::milliseconds(0);
+  StatusOr<std::unique_ptr<StepStream>> opened = client.OpenStream(stream_options);
+  if (!opened.ok()) return Fail(opened.status());
+  StepStream& stream = **opened;
+
+  // Every session shares the stream's routing key: behind a proxy that hashes on it, the sessions and the
+  // stream that steps them all land on the same replica.
   std::vector<Session> sessions;
   for (int64_t i = 0; i < num_sessions; ++i) {
     SessionOptions options;
     options.model = model->name;
     options.max_tokens = prefill + tokens;
+    options.routing_key = stream.routing_key();
     StatusOr<Session> session = client.CreateSession(options);
     if (!session.ok()) return Fail(session.status());
     sessions.push_back(std::move(*session));
@@ -354,14 +365,6 @@ int RunSessionDemo(Client& client, Args& args, const std::string& model_flag) {
                "model %s: %" PRId64 " layers, %" PRId64 " session(s), prefill %" PRId64 ", %" PRId64
                " tokens, window %" PRId64 "\n",
                model->name.c_str(), layers, num_sessions, prefill, tokens, window);
-
-  // The demo may run longer than one call's deadline; the stream gets none, and each step carries the call
-  // timeout as its queueing limit instead.
-  StreamOptions stream_options;
-  stream_options.deadline = std::chrono::milliseconds(0);
-  StatusOr<std::unique_ptr<StepStream>> opened = client.OpenStream(stream_options);
-  if (!opened.ok()) return Fail(opened.status());
-  StepStream& stream = **opened;
 
   DemoState state;
   const int64_t total = num_sessions * layers * ((prefill > 0 ? 1 : 0) + tokens);
@@ -377,7 +380,6 @@ int RunSessionDemo(Client& client, Args& args, const std::string& model_flag) {
       ++state.in_flight;
     }
     StepRequest request;
-    request.session_id = session.id();
     request.layer = static_cast<int32_t>(layer);
     request.position = position;
     request.timeout = client.options().default_timeout;
@@ -388,7 +390,7 @@ int RunSessionDemo(Client& client, Args& args, const std::string& model_flag) {
       request.x = std::move(*x);
       const auto sent = Clock::now();
       StatusOr<uint64_t> submitted =
-          stream.Submit(std::move(request), [&state, sent, is_prefill](StatusOr<StepOutput> out) {
+          stream.Submit(session, std::move(request), [&state, sent, is_prefill](StatusOr<StepOutput> out) {
             const double ms = std::chrono::duration<double, std::milli>(Clock::now() - sent).count();
             std::lock_guard<std::mutex> lock(state.mu);
             --state.in_flight;
@@ -673,17 +675,6 @@ StatusOr<BenchRow> RunBenchPoint(Client& client, const ModelInfo& model, int64_t
   row.streams = std::min(num_streams, n);
   const int64_t layers = model.num_layers;
   const int64_t dim = model.layers.front().dim;
-  std::vector<Session> sessions;
-  std::vector<std::string> ids;
-  for (int64_t i = 0; i < n; ++i) {
-    SessionOptions options;
-    options.model = model.name;
-    options.max_tokens = prefill + warmup + tokens;
-    StatusOr<Session> session = client.CreateSession(options);
-    if (!session.ok()) return session.status();
-    ids.push_back(session->id());
-    sessions.push_back(std::move(*session));
-  }
   // The bench may outlast one call's deadline: the streams get none, and each step carries the call timeout as
   // its queueing limit instead.
   std::vector<std::unique_ptr<StepStream>> streams;
@@ -693,6 +684,20 @@ StatusOr<BenchRow> RunBenchPoint(Client& client, const ModelInfo& model, int64_t
     StatusOr<std::unique_ptr<StepStream>> opened = client.OpenStream(stream_options);
     if (!opened.ok()) return opened.status();
     streams.push_back(std::move(*opened));
+  }
+  // Session i is stepped on streams[i % streams.size()] (StreamLoop), so it takes that stream's routing key:
+  // behind a proxy that hashes on the key, a stream and its sessions land on the same replica.
+  std::vector<Session> sessions;
+  std::vector<std::string> ids;
+  for (int64_t i = 0; i < n; ++i) {
+    SessionOptions options;
+    options.model = model.name;
+    options.max_tokens = prefill + warmup + tokens;
+    options.routing_key = streams[static_cast<size_t>(i) % streams.size()]->routing_key();
+    StatusOr<Session> session = client.CreateSession(options);
+    if (!session.ok()) return session.status();
+    ids.push_back(session->id());
+    sessions.push_back(std::move(*session));
   }
   // A few distinct inputs, reused; layer l > 0 is fed layer l - 1's output.
   std::mt19937_64 rng(seed);

@@ -227,6 +227,51 @@ TEST_F(ClientE2E, ErrorsArriveAsStatusAndOneBadStepLeavesTheStreamAlone) {
   EXPECT_TRUE(stream->Finish().ok());
 }
 
+// Routing keys (docs/affinity.md): random unless given, checked before anything is sent, and a session may be
+// submitted on a stream only with the stream's key.
+TEST_F(ClientE2E, RoutingKeysAreCheckedAndSessionsOnAStreamShareItsKey) {
+  auto client = ConnectTo(server_.target());
+  const std::string key = NewRoutingKey();
+  ASSERT_EQ(key.size(), 32u);
+  EXPECT_EQ(key.find_first_not_of("0123456789abcdef"), std::string::npos) << key;
+  EXPECT_NE(NewRoutingKey(), key);
+
+  SessionOptions bad_key;
+  bad_key.model = "small";
+  bad_key.routing_key = "has space";
+  EXPECT_EQ(client->CreateSession(bad_key).status().code(), StatusCode::kInvalidArgument);
+  StreamOptions bad_stream;
+  bad_stream.routing_key = std::string(129, 'k');
+  EXPECT_EQ(client->OpenStream(bad_stream).status().code(), StatusCode::kInvalidArgument);
+
+  StreamOptions stream_options;
+  stream_options.routing_key = key;
+  auto stream = client->OpenStream(stream_options).value();
+  EXPECT_EQ(stream->routing_key(), key);
+  SessionOptions options;
+  options.model = "small";
+  options.routing_key = stream->routing_key();
+  auto on_stream = client->CreateSession(options).value();
+  EXPECT_EQ(on_stream.routing_key(), key);
+  options.routing_key.clear();
+  auto elsewhere = client->CreateSession(options).value();
+  EXPECT_EQ(elsewhere.routing_key().size(), 32u);
+  EXPECT_NE(elsewhere.routing_key(), key);
+
+  StepRequest step;
+  step.x = RandomX(1, 64, 4);
+  auto mismatch = stream->Submit(elsewhere, step).get();
+  EXPECT_EQ(mismatch.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(mismatch.status().message().find("routing key"), std::string::npos) << mismatch.status().ToString();
+  EXPECT_EQ(stream->pending(), 0u);
+  auto done = stream->Submit(on_stream, step).get();
+  ASSERT_TRUE(done.ok()) << done.status().ToString();
+  EXPECT_EQ(done->session_id, on_stream.id());
+  EXPECT_TRUE(stream->Finish().ok());
+  EXPECT_EQ(on_stream.Info().value().layer_positions[0], 1);
+  EXPECT_EQ(client->GetSession(elsewhere.id(), std::nullopt, elsewhere.routing_key()).value().layer_positions[0], 0);
+}
+
 TEST_F(ClientE2E, ADeadlinePassedInTheQueueIsDeadlineExceededAndNothingIsComputed) {
   auto client = ConnectTo(server_.target());
   auto busy = client->CreateSession(SessionOptions{"slow"}).value();

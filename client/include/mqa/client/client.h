@@ -17,6 +17,27 @@
 //
 // Lifetimes: Sessions and StepStreams keep the connection alive on their own, so they may outlive the Client
 // that made them.
+//
+// Session affinity (docs/affinity.md): a session lives in the memory of the one replica that created it. So
+// that a proxy in front of several replicas (nginx, Envoy) sends every call of a session to that replica, each
+// session has a routing key, chosen when it is created (SessionOptions::routing_key, else a random one), and
+// every call of the session (CreateSession, Step, GetSession, CloseSession) carries it in the request header
+// kRoutingKeyHeader. The proxy hashes on that header; the server ignores it.
+//
+// A StepStream is one HTTP/2 stream, which a proxy routes as a whole to one replica, so a stream has one
+// routing key too (StreamOptions::routing_key, else a random one) and can carry only sessions created with
+// that key. Open the stream first, then create its sessions with its key:
+//
+//   auto stream = client->OpenStream();
+//   SessionOptions options;
+//   options.model = "default";
+//   options.routing_key = (*stream)->routing_key();
+//   auto session = client->CreateSession(options);
+//
+// (or pick the key first with NewRoutingKey() and give it to both). A step of a session with another key
+// would reach a replica that does not hold the session and fail with NOT_FOUND. StepStream::Submit(session,
+// ...) checks the keys before sending; Submit(StepRequest) only has a session id and cannot check.
+// Without a proxy (one server) the keys change nothing.
 #ifndef MQA_CLIENT_CLIENT_H_
 #define MQA_CLIENT_CLIENT_H_
 
@@ -35,6 +56,12 @@
 #include "mqa/client/tensor.h"
 
 namespace mqa::client {
+
+// The request header that carries a session's (or a stream's) routing key; proxies hash on it.
+inline constexpr char kRoutingKeyHeader[] = "x-mqa-session-key";
+
+// A new random routing key: 128 bits from std::random_device as 32 lowercase hex digits.
+MQA_CLIENT_EXPORT std::string NewRoutingKey();
 
 // A per-call timeout; nullopt: ClientOptions::default_timeout.
 using Timeout = std::optional<std::chrono::milliseconds>;
@@ -127,6 +154,10 @@ struct SessionOptions {
   std::optional<bool> causal;                    // absent: true
   PositionBias position_bias = PositionBias::kNone;
   Admission admission = Admission::kBestEffort;
+  // Sent in kRoutingKeyHeader with every call of the session. Empty: a new NewRoutingKey(). Give a session
+  // that will be stepped on a StepStream that stream's routing_key(). At most 128 characters, each a printable
+  // ASCII character other than space (else CreateSession fails with INVALID_ARGUMENT, nothing sent).
+  std::string routing_key;
 };
 
 // A session's state on the server (mqa.v1.Session).
@@ -175,6 +206,10 @@ using StepCallback = std::function<void(StatusOr<StepOutput>)>;
 struct StreamOptions {
   // Deadline of the whole stream. nullopt: ClientOptions::default_timeout. Zero or negative: no deadline.
   Timeout deadline;
+  // Sent in kRoutingKeyHeader when the stream opens; a proxy routes the whole stream by it, so every session
+  // stepped on the stream must have been created with this key. Empty: a new NewRoutingKey(). Same rules as
+  // SessionOptions::routing_key.
+  std::string routing_key;
 };
 
 class Client;
@@ -193,6 +228,9 @@ class MQA_CLIENT_EXPORT Session {
   // Empty after Close(), Release() or a move.
   const std::string& id() const;
   const std::string& model() const;
+  // The routing key sent with every call of this session (kept after Close() and Release(); empty after a
+  // move).
+  const std::string& routing_key() const;
   // The state returned by CreateSession (every layer at position 0).
   const SessionInfo& initial_info() const;
 
@@ -237,6 +275,15 @@ class MQA_CLIENT_EXPORT StepStream {
 
   // The same, with a future. The future holds the submit error if Submit itself fails.
   std::future<StatusOr<StepOutput>> Submit(StepRequest request);
+
+  // A step of `session`: sets request.session_id to session.id() and fails with INVALID_ARGUMENT, nothing
+  // queued, when the session is closed or its routing key is not this stream's (behind a proxy the step would
+  // reach a replica that does not hold the session). Otherwise as Submit(request, done).
+  StatusOr<uint64_t> Submit(const Session& session, StepRequest request, StepCallback done);
+  std::future<StatusOr<StepOutput>> Submit(const Session& session, StepRequest request);
+
+  // The routing key this stream was opened with (StreamOptions::routing_key or a random one).
+  const std::string& routing_key() const;
 
   // Half-closes the stream after every queued step was written, waits for every answer and the end of the
   // call, and returns the stream's final status (OK when the server ended it normally). Idempotent. Must
@@ -283,12 +330,16 @@ class MQA_CLIENT_EXPORT Client {
 
   // Opens a session. Never retried.
   StatusOr<Session> CreateSession(const SessionOptions& options, Timeout timeout = std::nullopt);
-  // Any session's state by id.
-  StatusOr<SessionInfo> GetSession(const std::string& session_id, Timeout timeout = std::nullopt);
-  // Closes any session by id. Never retried.
-  StatusOr<SessionInfo> CloseSession(const std::string& session_id, Timeout timeout = std::nullopt);
+  // Any session's state by id. Behind a proxy, pass the session's routing key (Session::routing_key()) so
+  // that the call reaches the replica that holds it; empty: no header is sent.
+  StatusOr<SessionInfo> GetSession(const std::string& session_id, Timeout timeout = std::nullopt,
+                                   const std::string& routing_key = std::string());
+  // Closes any session by id. Never retried. `routing_key`: as for GetSession.
+  StatusOr<SessionInfo> CloseSession(const std::string& session_id, Timeout timeout = std::nullopt,
+                                     const std::string& routing_key = std::string());
 
-  // Starts a StreamSteps call. Fails only on bad options; connection errors surface through the steps.
+  // Starts a StreamSteps call. Fails only on bad options (INVALID_ARGUMENT for a malformed routing key);
+  // connection errors surface through the steps.
   StatusOr<std::unique_ptr<StepStream>> OpenStream(StreamOptions options = {});
 
   struct Impl;  // private; public only so that Session and StepStream can share it
