@@ -34,7 +34,9 @@ cmake --build build-gpu -j16 > "$OUT/build.log" 2>&1 || { grep -E 'error' -A5 "$
 set +e
 rc=0
 if [ "$what" = all ] || [ "$what" = test ]; then
-  ctest --test-dir build-gpu --output-on-failure -j4 > "$OUT/ctest.log" 2>&1; rc=$?
+  # Deployment lint (hadolint, yamllint, kubernetes-validate) is CPU-side work that CI runs; nginx and
+  # Prometheus are not on this machine, so their tests skip here (and only here).
+  MQA_ALLOW_MISSING_TOOLS=1 ctest --test-dir build-gpu --output-on-failure -j4 -LE deploy > "$OUT/ctest.log" 2>&1; rc=$?
   grep -E "tests passed|tests failed|Failed|\*\*\*" "$OUT/ctest.log" | grep -v Skipped | tail -30
   build-gpu/tests/mqa_reference_test build-gpu/reference_cases --gtest_brief=1 > "$OUT/reference.log" 2>&1
   grep -cE "^\[       OK \].*cuda_" "$OUT/reference.log" >/dev/null

@@ -5,7 +5,7 @@ else fails with NOT_FOUND), and the sessions must spread over the replicas. The 
 multiplexes sessions on streams) must work through the proxy too.
 
 MQA_SERVER_BIN names the server; MQA_CLI_BIN names mqa-cli (else <build>/client/mqa-cli next to the server's
-build directory). Skipped when /usr/sbin/nginx is missing."""
+build directory). Fails when nginx is missing, unless MQA_ALLOW_MISSING_TOOLS=1."""
 
 import collections
 import hashlib
@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import ROOT, SMALL, to_wire
+from conftest import ROOT, SMALL, to_wire, require_tool
 
 NGINX = shutil.which("nginx", path="/usr/sbin:/usr/bin:" + os.environ.get("PATH", ""))
 NGINX_CONF = ROOT / "deploy" / "nginx" / "mqa.conf"
@@ -29,7 +29,9 @@ KEY = "x-mqa-session-key"
 REPLICAS = 3
 SESSIONS = 48
 
-pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light)")
+@pytest.fixture(autouse=True)
+def _needs_nginx():
+    require_tool(NGINX, "nginx")
 
 
 def free_port() -> int:

@@ -18,10 +18,16 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import to_wire
+from conftest import to_wire, require_tool
 
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+
+
+@pytest.fixture
+def prometheus_tools():
+    require_tool(PROMTOOL, "promtool (Debian package prometheus)")
+    require_tool(PROMETHEUS, "prometheus")
 
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
 
@@ -65,7 +71,7 @@ def step(pb, stub, session_id, layer, x, position):
     return stub.Step(req, timeout=30).result
 
 
-def test_metrics_after_traffic_pass_promtool_and_reach_prometheus(pb, start_server, stub_for, tmp_path):
+def test_metrics_after_traffic_pass_promtool_and_reach_prometheus(pb, start_server, stub_for, tmp_path, prometheus_tools):
     server = start_server()
     assert server.metrics_port > 0
     stub = stub_for(server)
