@@ -8,7 +8,9 @@ bash scripts/setup.sh
 bash scripts/build.sh
 
 work=$(mktemp -d)
-build/release/server/mqa-server --listen 127.0.0.1:0 --port-file "$work/port" &
+# Loopback only, ephemeral ports (the metrics endpoint too, so nothing on the machine can be in the way).
+build/release/server/mqa-server --listen 127.0.0.1:0 --port-file "$work/port" \
+  --metrics-listen 127.0.0.1:0 --metrics-port-file "$work/metrics-port" &
 server=$!
 cleanup() {
   kill -TERM "$server" 2>/dev/null || true
@@ -27,3 +29,6 @@ echo "demo: mqa-server listening on 127.0.0.1:$port"
 build/release/client/mqa-cli health --target "127.0.0.1:$port"
 build/release/client/mqa-cli models --target "127.0.0.1:$port"
 build/release/client/mqa-cli session-demo --target "127.0.0.1:$port" "$@"
+echo "demo: the server's metrics (http://127.0.0.1:$(cat "$work/metrics-port")/metrics):"
+curl -s "http://127.0.0.1:$(cat "$work/metrics-port")/metrics" 2>/dev/null \
+  | grep -E '^mqa_(steps_total|sessions_created_total|kv_cache_blocks|batch_size_count) ' || true

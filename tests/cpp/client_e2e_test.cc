@@ -95,6 +95,12 @@ class ServerProcess {
   int port_ = 0;
 };
 
+SessionOptions ModelSession(const std::string& model) {
+  SessionOptions o;
+  o.model = model;
+  return o;
+}
+
 std::unique_ptr<Client> ConnectTo(const std::string& target) {
   ClientOptions o;
   o.target = target;
@@ -149,7 +155,7 @@ TEST_F(ClientE2E, SessionStepsAndAStreamAgreeWithOneForwardOfTheLayer) {
   std::vector<float> want = Floats(client->Forward(f).value().out);
 
   // Unary steps: a prefill chunk, then single tokens.
-  auto session = client->CreateSession(SessionOptions{"small"}).value();
+  auto session = client->CreateSession(ModelSession("small")).value();
   std::vector<float> unary;
   auto r = session.Step(1, rows(0, 3)).value();
   unary = Floats(r.out);
@@ -163,7 +169,7 @@ TEST_F(ClientE2E, SessionStepsAndAStreamAgreeWithOneForwardOfTheLayer) {
 
   // The same tokens through 8 sessions multiplexed on one stream, all submitted before any answer is read.
   std::vector<Session> sessions;
-  for (int i = 0; i < 8; ++i) sessions.push_back(client->CreateSession(SessionOptions{"small"}).value());
+  for (int i = 0; i < 8; ++i) sessions.push_back(client->CreateSession(ModelSession("small")).value());
   auto stream = client->OpenStream().value();
   std::vector<std::vector<std::future<StatusOr<StepOutput>>>> answers(sessions.size());
   for (int64_t t = 0; t < total; ++t) {
@@ -193,7 +199,7 @@ TEST_F(ClientE2E, SessionDestructorClosesItOnTheServer) {
   auto client = ConnectTo(server_.target());
   std::string id;
   {
-    auto session = client->CreateSession(SessionOptions{"small"}).value();
+    auto session = client->CreateSession(ModelSession("small")).value();
     id = session.id();
     ASSERT_TRUE(client->GetSession(id).ok());
   }
@@ -204,11 +210,11 @@ TEST_F(ClientE2E, SessionDestructorClosesItOnTheServer) {
 
 TEST_F(ClientE2E, ErrorsArriveAsStatusAndOneBadStepLeavesTheStreamAlone) {
   auto client = ConnectTo(server_.target());
-  auto session = client->CreateSession(SessionOptions{"small"}).value();
+  auto session = client->CreateSession(ModelSession("small")).value();
   EXPECT_EQ(session.Step(0, RandomX(1, 64, 1), 5).status().code(), StatusCode::kFailedPrecondition);
   EXPECT_EQ(session.Step(0, RandomX(1, 32, 1)).status().code(), StatusCode::kInvalidArgument);
-  EXPECT_EQ(client->CreateSession(SessionOptions{"nope"}).status().code(), StatusCode::kNotFound);
-  SessionOptions too_long{"small"};
+  EXPECT_EQ(client->CreateSession(ModelSession("nope")).status().code(), StatusCode::kNotFound);
+  SessionOptions too_long = ModelSession("small");
   too_long.max_tokens = 2;
   auto short_session = client->CreateSession(too_long).value();
   EXPECT_EQ(short_session.Step(0, RandomX(3, 64, 1)).status().code(), StatusCode::kOutOfRange);
@@ -274,8 +280,8 @@ TEST_F(ClientE2E, RoutingKeysAreCheckedAndSessionsOnAStreamShareItsKey) {
 
 TEST_F(ClientE2E, ADeadlinePassedInTheQueueIsDeadlineExceededAndNothingIsComputed) {
   auto client = ConnectTo(server_.target());
-  auto busy = client->CreateSession(SessionOptions{"slow"}).value();
-  auto victim = client->CreateSession(SessionOptions{"slow"}).value();
+  auto busy = client->CreateSession(ModelSession("slow")).value();
+  auto victim = client->CreateSession(ModelSession("slow")).value();
   auto stream = client->OpenStream().value();
   StepRequest long_step;
   long_step.session_id = busy.id();
