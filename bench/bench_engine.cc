@@ -42,9 +42,13 @@
 #include "mqa/core/mqa_layer.h"
 #include "mqa/core/status.h"
 #include "mqa/core/tensor.h"
+#include "bench_report.h"
 
 namespace {
 
+using mqa::bench::JsonNumber;
+using mqa::bench::JsonString;
+using mqa::bench::Percentile;
 using mqa::core::Clock;
 using mqa::core::Engine;
 using mqa::core::Status;
@@ -147,43 +151,11 @@ class Flags {
   std::map<std::string, std::string> values_;
 };
 
-// Nearest-rank percentile (p in [0, 100]); 0 for no values.
-double Percentile(std::vector<double> values, double p) {
-  if (values.empty()) return 0.0;
-  std::sort(values.begin(), values.end());
-  const size_t rank = static_cast<size_t>(std::ceil(p / 100.0 * static_cast<double>(values.size())));
-  return values[std::min(values.size() - 1, rank == 0 ? 0 : rank - 1)];
-}
-
 double Mean(const std::vector<double>& values) {
   if (values.empty()) return 0.0;
   double sum = 0.0;
   for (double v : values) sum += v;
   return sum / static_cast<double>(values.size());
-}
-
-std::string JsonString(const std::string& s) {
-  std::string out = "\"";
-  for (char c : s) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += c;
-    } else if (static_cast<unsigned char>(c) < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof(buf), "\\u%04x", c);
-      out += buf;
-    } else {
-      out += c;
-    }
-  }
-  return out + "\"";
-}
-
-std::string JsonNumber(double v) {
-  if (!std::isfinite(v)) return "null";
-  char buf[64];
-  std::snprintf(buf, sizeof(buf), "%.6g", v);
-  return buf;
 }
 
 struct BenchConfig {

@@ -31,6 +31,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench_report.h"
 #include "mqa/client/client.h"
 #include "safetensors_io.h"
 
@@ -38,6 +39,9 @@ namespace mqa::client {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+using mqa::bench::JsonNumber;
+using mqa::bench::JsonString;
+using mqa::bench::Percentile;
 
 constexpr char kUsage[] =
     "usage: mqa-cli [--target HOST:PORT] [--timeout-ms MS] [--model NAME] COMMAND [flags]\n"
@@ -304,13 +308,6 @@ class Progress {
   Clock::time_point start_;
   Clock::time_point last_{};
 };
-
-double Percentile(std::vector<double> values, double p) {
-  if (values.empty()) return 0.0;
-  std::sort(values.begin(), values.end());
-  const size_t rank = static_cast<size_t>(std::ceil(p / 100.0 * static_cast<double>(values.size())));
-  return values[std::min(values.size() - 1, rank == 0 ? 0 : rank - 1)];
-}
 
 // Completion bookkeeping shared with the stream's callbacks (gRPC threads).
 struct DemoState {
@@ -634,30 +631,6 @@ std::vector<int64_t> IntListFlag(Args& args, const std::string& name, const std:
   }
   if (out.empty()) throw UsageError{"--" + name + " needs at least one value"};
   return out;
-}
-
-std::string JsonString(const std::string& s) {
-  std::string out = "\"";
-  for (char c : s) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += c;
-    } else if (static_cast<unsigned char>(c) < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof(buf), "\\u%04x", c);
-      out += buf;
-    } else {
-      out += c;
-    }
-  }
-  return out + "\"";
-}
-
-std::string JsonNumber(double v) {
-  if (!std::isfinite(v)) return "null";
-  char buf[64];
-  std::snprintf(buf, sizeof(buf), "%.6g", v);
-  return buf;
 }
 
 struct BenchRow {
