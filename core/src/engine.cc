@@ -854,7 +854,7 @@ void Engine::Impl::RunBatch(std::vector<WorkItem>& batch, std::vector<WorkItem>*
     seq.row = rows;
     seq.tokens = chunk[i];
     seq.past = job.start + job.done;
-    seq.blocks = &job.session->table->blocks();
+    seq.table = job.session->table.get();
     seq.causal = job.session->causal;
     seq.alibi = job.session->position_bias == PositionBias::kAlibi;
     seqs.push_back(seq);

@@ -540,8 +540,7 @@ StatusOr<at::Tensor> PagedForward(const MultiQueryAttention& layer, const at::Te
     new_slots.reserve(static_cast<size_t>(T));
     for (const PagedSeq& s : seqs) {
       for (int64_t p = s.past; p < s.past + s.tokens; ++p) {
-        new_slots.push_back(static_cast<int64_t>((*s.blocks)[static_cast<size_t>(p / block_size)]) * block_size +
-                            p % block_size);
+        new_slots.push_back(s.table->Slot(p));
       }
     }
     const at::Tensor slot_index = to_dev(at::tensor(new_slots, i64));
@@ -570,7 +569,7 @@ StatusOr<at::Tensor> PagedForward(const MultiQueryAttention& layer, const at::Te
       for (int64_t b = 0; b < B; ++b) {
         const PagedSeq& s = *decode[static_cast<size_t>(b)];
         const int64_t used = (s.past + 1 + block_size - 1) / block_size;
-        for (int64_t i = 0; i < used; ++i) tables[static_cast<size_t>(b * nb + i)] = (*s.blocks)[static_cast<size_t>(i)];
+        for (int64_t i = 0; i < used; ++i) tables[static_cast<size_t>(b * nb + i)] = s.table->blocks()[static_cast<size_t>(i)];
         lengths.push_back(s.past + 1);
         rows.push_back(s.row);
       }
@@ -606,8 +605,7 @@ StatusOr<at::Tensor> PagedForward(const MultiQueryAttention& layer, const at::Te
       const int64_t len = s.past + s.tokens;
       std::vector<int64_t> sl(static_cast<size_t>(len));
       for (int64_t p = 0; p < len; ++p) {
-        sl[static_cast<size_t>(p)] =
-            static_cast<int64_t>((*s.blocks)[static_cast<size_t>(p / block_size)]) * block_size + p % block_size;
+        sl[static_cast<size_t>(p)] = s.table->Slot(p);
       }
       const at::Tensor idx = to_dev(at::tensor(sl, i64));
       const at::Tensor kk = k_cache.index_select(0, idx);                           // [len, d]

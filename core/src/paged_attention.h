@@ -8,19 +8,19 @@
 #include <cstdint>
 #include <vector>
 
+#include "mqa/core/block_pool.h"
 #include "mqa/core/mqa_layer.h"
 #include "mqa/core/status.h"
 
 namespace mqa::core {
 
 // One session's share of a pass: rows [row, row + tokens) of x are its new tokens, at positions
-// [past, past + tokens) of the session. blocks[i] holds positions [i*block_size, (i+1)*block_size); they must
-// cover past + tokens positions.
+// [past, past + tokens) of the session. The session's block table must already cover past + tokens positions.
 struct PagedSeq {
   int64_t row = 0;
   int64_t tokens = 0;
   int64_t past = 0;
-  const std::vector<int32_t>* blocks = nullptr;
+  const BlockTable* table = nullptr;
   bool causal = true;  // bottom-right causal mask within the chunk
   bool alibi = false;  // ALiBi bias (causal form for causal sessions, symmetric otherwise)
 };
