@@ -2,8 +2,9 @@
 """The include firewall (DEVELOPERS.md, ../shared/gpu/README.md rule 2).
 
 LibTorch ships its own protobuf and fmt headers, which shadow the system ones. So:
-  1. torch/ATen/c10/caffe2 headers may be included only by core's private sources (core/src/);
-  2. no file under core/ may include protobuf, gRPC, spdlog or fmt headers;
+  1. torch/ATen/c10/caffe2 headers may be included only by core's private sources (core/src/), and by the
+     kernel tests and benchmarks of core (tests/kernels/, bench/kernels/), which compare against LibTorch;
+  2. no file under core/ (or those two folders) may include protobuf, gRPC, spdlog or fmt headers;
   3. core's public headers (core/include/) include only the C++ standard library and other public core headers;
   4. the client library's public headers (client/include/) include only the C++ standard library and other
      public client headers (no protobuf or gRPC types reach the users of mqa::client).
@@ -22,6 +23,7 @@ SOURCE_EXT = (".h", ".hh", ".hpp", ".cc", ".cpp", ".cxx", ".cu", ".cuh", ".inc")
 SKIP_DIRS = {".git", ".venv", ".device-debs", ".whl", "__pycache__", "node_modules"}
 INCLUDE = re.compile(r'^\s*#\s*include\s*([<"])([^>"]+)[>"]', re.M)
 TORCH = re.compile(r"^(torch|ATen|c10|caffe2)/")
+TORCH_ALLOWED = ("core/src/", "tests/kernels/", "bench/kernels/")
 BANNED_IN_CORE = re.compile(r"^(google/protobuf|grpcpp|grpc|grpc\+\+|spdlog|fmt)/")
 STD_HEADERS = set(
     "algorithm any array atomic bitset cassert cctype cerrno cfloat charconv chrono cinttypes climits cmath "
@@ -48,9 +50,10 @@ def violations(root):
         with open(path, encoding="utf-8", errors="replace") as fh:
             text = fh.read()
         for kind, header in INCLUDE.findall(text):
-            if TORCH.match(header) and not rel.startswith("core/src/"):
-                found.append(f"{rel}: includes <{header}>: LibTorch may only be included by core/src/")
-            if rel.startswith("core/") and BANNED_IN_CORE.match(header):
+            if TORCH.match(header) and not rel.startswith(TORCH_ALLOWED):
+                found.append(f"{rel}: includes <{header}>: LibTorch may only be included by core/src/ "
+                             "(and the kernel tests and benchmarks)")
+            if rel.startswith(("core/",) + TORCH_ALLOWED) and BANNED_IN_CORE.match(header):
                 found.append(f"{rel}: includes <{header}>: core must not include protobuf/gRPC/spdlog/fmt")
             if rel.startswith("core/include/"):
                 if kind == "<" and header not in STD_HEADERS:

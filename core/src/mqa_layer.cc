@@ -11,11 +11,19 @@
 #include <limits>
 #include <mutex>
 #include <sstream>
+#include <stdexcept>
 
 #include "mqa/core/device.h"
 #include "mqa/core/logging.h"
 #include "paged_attention.h"
 #include "tensor_impl.h"
+
+#ifdef MQA_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+
+#include "copy_bandwidth.h"
+#include "paged_mqa.h"
+#endif
 
 namespace mqa::core {
 
@@ -123,6 +131,13 @@ double MostNegative(at::ScalarType t) {
 
 std::string Str(const std::vector<int64_t>& v) { return ShapeToString(v); }
 
+#ifdef MQA_WITH_CUDA
+// Kernel launch errors become exceptions inside CatchAll, which turns them into INTERNAL statuses.
+void CudaCheck(int error, const char* what) {
+  if (error != 0) throw std::runtime_error(std::string(what) + ": " + cuda::ErrorString(error));
+}
+#endif
+
 // Bottom-right causal mask [1, 1, s_q, s_k], true where a query may NOT look: query i (0-based within the new
 // chunk) sees key j iff j <= i + (s_k - s_q), so a chunk appended to a cache is causal against its absolute
 // positions. Shared by the torch and flash paths so both mask the same keys.
@@ -143,6 +158,24 @@ struct MultiQueryAttention::Impl {
   mutable std::once_flag fallback_logged;
 
   const at::Tensor& P(const char* name) const { return params.at(name); }
+
+  // True when attn_impl triton's own kernels serve this layer: CUDA, 16-bit, a head_dim they are built for.
+  bool KernelsServe() const {
+#ifdef MQA_WITH_CUDA
+    return opt.attn_impl == AttnImpl::kTriton && device.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf) &&
+           cuda::PagedDecodeSupports(static_cast<int>(opt.heads), static_cast<int>(opt.head_dim()));
+#else
+    return false;
+#endif
+  }
+  // A flash or triton request served by another path: counted every time, logged once per layer.
+  void NoteFallback(const std::string& why) const {
+    fallbacks.fetch_add(1, std::memory_order_relaxed);
+    std::call_once(fallback_logged, [&] {
+      Log(LogLevel::kInfo, "attn_impl=" + std::string(AttnImplName(opt.attn_impl)) + ": " + why +
+                               " (counted in fallbacks_to_torch)");
+    });
+  }
 
   at::Tensor Norm(const at::Tensor& x, const char* prefix) const;
   StatusOr<ForwardResult> Forward(const ForwardArgs& a) const;
@@ -314,14 +347,23 @@ StatusOr<ForwardResult> MultiQueryAttention::Impl::Forward(const ForwardArgs& a)
     if (mask.device() != device) return InvalidArgumentError("mask must live on the layer's device " + dev);
   }
 
-  const bool use_flash = opt.attn_impl == AttnImpl::kFlash && !a.needs_weights;
-  if (opt.attn_impl == AttnImpl::kFlash && a.needs_weights) {
-    // The fused kernel never materialises the probabilities; the torch path computes the same function.
-    fallbacks.fetch_add(1, std::memory_order_relaxed);
-    std::call_once(fallback_logged, [] {
-      Log(LogLevel::kInfo, "attn_impl=flash: needs_weights requests are served by the torch path (counted in "
-                           "fallbacks_to_torch)");
-    });
+  // triton's own kernels work on the paged cache; a stateless forward with triton uses flash's fused kernels on
+  // CUDA in 16 bits, and the torch math elsewhere.
+  const bool fused_dtype = device.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf);
+  bool use_flash = false;
+  if (opt.attn_impl == AttnImpl::kFlash || opt.attn_impl == AttnImpl::kTriton) {
+    if (a.needs_weights) {
+      // The fused kernels never materialise the probabilities; the torch path computes the same function.
+      NoteFallback("needs_weights requests are served by the torch path");
+    } else if (opt.attn_impl == AttnImpl::kTriton && !fused_dtype) {
+      NoteFallback("the fused kernels need a CUDA device and bfloat16 or float16; this layer (" + dev + ", " +
+                   std::string(dt) + ") computes with the torch path");
+    } else if (opt.attn_impl == AttnImpl::kTriton) {
+      NoteFallback("stateless forwards (no paged cache) are served by LibTorch's fused attention");
+      use_flash = true;
+    } else {
+      use_flash = true;
+    }
   }
 
   return CatchAll("MultiQueryAttention::Forward", [&]() -> StatusOr<ForwardResult> {
@@ -378,11 +420,6 @@ const MqaOptions& MultiQueryAttention::options() const { return impl_->opt; }
 
 StatusOr<std::unique_ptr<MultiQueryAttention>> MultiQueryAttention::Create(const MqaOptions& options) {
   MQA_RETURN_IF_ERROR(ValidateOptions(options));
-  if (options.attn_impl == AttnImpl::kTriton) {
-    return UnimplementedError(
-        "attn_impl 'triton' selects the project's own fused CUDA kernels, which are not built yet (issue "
-        "\"GPU speed: fused paged MQA attention kernels\"); use 'torch' or 'flash'");
-  }
   auto impl = std::make_unique<Impl>();
   impl->opt = options;
   MQA_ASSIGN_OR_RETURN(impl->device, ParseDevice(options.device));
@@ -544,64 +581,136 @@ StatusOr<at::Tensor> PagedForward(const MultiQueryAttention& layer, const at::Te
       }
     }
     const at::Tensor slot_index = to_dev(at::tensor(new_slots, i64));
-    k_cache.index_copy_(0, slot_index, k.contiguous());
-    v_cache.index_copy_(0, slot_index, v.contiguous());
+    const bool kernels = L.KernelsServe();
+    if (!kernels && opt.attn_impl == AttnImpl::kTriton) {
+      L.NoteFallback("the paged pass needs CUDA, bfloat16 or float16 and head_dim 64 or 128 for the fused kernels; "
+                     "it computes with the torch path");
+    }
+#ifdef MQA_WITH_CUDA
+    if (kernels) {
+      const cuda::KvType kv_type = x.scalar_type() == at::kBFloat16 ? cuda::KvType::kBFloat16 : cuda::KvType::kFloat16;
+      // k and v are read in place (row stride of the projection output, or of the normed k).
+      CudaCheck(cuda::KvAppend(kv_type, static_cast<int>(T), static_cast<int>(d), k.data_ptr(), k.stride(0),
+                               v.data_ptr(), v.stride(0), slot_index.data_ptr<int64_t>(), k_cache.data_ptr(),
+                               v_cache.data_ptr(), at::cuda::getCurrentCUDAStream().stream()),
+                "KvAppend");
+    } else
+#endif
+    {
+      k_cache.index_copy_(0, slot_index, k.contiguous());
+      v_cache.index_copy_(0, slot_index, v.contiguous());
+    }
 
     at::Tensor ctx = at::empty({T, H, d}, x.options());
     bool any_alibi = false;
     for (const PagedSeq& s : seqs) any_alibi = any_alibi || s.alibi;
-    const at::Tensor slopes =
-        any_alibi ? to_dev(at::tensor(AlibiSlopes(H), at::TensorOptions().dtype(at::kFloat))).to(x.scalar_type())
-                  : at::Tensor();
+    const at::Tensor slopes_f32 =
+        any_alibi ? to_dev(at::tensor(AlibiSlopes(H), at::TensorOptions().dtype(at::kFloat))) : at::Tensor();
+    const at::Tensor slopes = any_alibi ? slopes_f32.to(x.scalar_type()) : at::Tensor();
 
-    // Decode tokens (one per session) attend together: each session's slots are gathered into a padded
-    // [B, L_max] index; padding and the unused tail of a block point at block 0 (zeros) and are masked out.
     std::vector<const PagedSeq*> decode;
     for (const PagedSeq& s : seqs) {
       if (s.tokens == 1) decode.push_back(&s);
     }
-    if (!decode.empty()) {
+#ifdef MQA_WITH_CUDA
+    if (kernels && !decode.empty()) {
+      // One kernel for every decode token: block tables, lengths and ALiBi flags travel in one int32 buffer.
       const int64_t B = static_cast<int64_t>(decode.size());
       int64_t len_max = 0;
-      for (const PagedSeq* s : decode) len_max = std::max(len_max, s->past + 1);
+      bool in_order = true;  // decode rows are 0..B-1: q and ctx are read and written in place
+      for (int64_t b = 0; b < B; ++b) {
+        len_max = std::max(len_max, decode[static_cast<size_t>(b)]->past + 1);
+        in_order = in_order && decode[static_cast<size_t>(b)]->row == b;
+      }
       const int64_t nb = (len_max + block_size - 1) / block_size;
-      std::vector<int64_t> tables(static_cast<size_t>(B * nb), 0), lengths, rows;
+      at::Tensor host = at::zeros({B * nb + 2 * B}, at::TensorOptions().dtype(at::kInt));
+      int32_t* h = host.data_ptr<int32_t>();
+      std::vector<int64_t> rows;
       for (int64_t b = 0; b < B; ++b) {
         const PagedSeq& s = *decode[static_cast<size_t>(b)];
         const int64_t used = (s.past + 1 + block_size - 1) / block_size;
-        for (int64_t i = 0; i < used; ++i) tables[static_cast<size_t>(b * nb + i)] = s.table->blocks()[static_cast<size_t>(i)];
-        lengths.push_back(s.past + 1);
+        for (int64_t i = 0; i < used; ++i) h[b * nb + i] = static_cast<int32_t>(s.table->blocks()[static_cast<size_t>(i)]);
+        h[B * nb + b] = static_cast<int32_t>(s.past + 1);
+        h[B * nb + B + b] = s.alibi ? 1 : 0;
         rows.push_back(s.row);
       }
-      const at::Tensor table = to_dev(at::tensor(tables, i64).view({B, nb}));
-      const at::Tensor length = to_dev(at::tensor(lengths, i64)).view({B, 1});
-      const at::Tensor pos = at::arange(len_max, i64.device(dev)).view({1, len_max});
-      const at::Tensor valid = pos < length;                                        // [B, L_max]
-      at::Tensor slots = (table.unsqueeze(-1) * block_size + at::arange(block_size, i64.device(dev)))
-                             .view({B, nb * block_size})
-                             .narrow(1, 0, len_max);
-      slots = at::where(valid, slots, at::zeros_like(slots));
-      const at::Tensor kg = k_cache.index_select(0, slots.reshape(-1)).view({B, len_max, d});
-      const at::Tensor vg = v_cache.index_select(0, slots.reshape(-1)).view({B, len_max, d});
-      const at::Tensor row_index = to_dev(at::tensor(rows, i64));
-      const at::Tensor qd = q.index_select(0, row_index).view({B, H, d});
-      at::Tensor attn = at::bmm(qd, kg.transpose(1, 2)) * L.scale;                 // [B, H, L_max]
-      std::vector<uint8_t> alibi_rows;
-      for (const PagedSeq* s : decode) alibi_rows.push_back(s->alibi ? 1 : 0);
+      const at::Tensor meta = to_dev(host);
+      cuda::PagedDecodeParams p;
+      p.dtype = x.scalar_type() == at::kBFloat16 ? cuda::KvType::kBFloat16 : cuda::KvType::kFloat16;
+      p.batch = static_cast<int>(B);
+      p.heads = static_cast<int>(H);
+      p.head_dim = static_cast<int>(d);
+      at::Tensor q_dec = in_order ? q : q.index_select(0, to_dev(at::tensor(rows, i64)));
+      p.q = q_dec.data_ptr();
+      p.q_stride = q_dec.stride(0);
+      p.k_cache = k_cache.data_ptr();
+      p.v_cache = v_cache.data_ptr();
+      p.block_tables = meta.data_ptr<int32_t>();
+      p.block_table_stride = static_cast<int>(nb);
+      p.seq_lens = meta.data_ptr<int32_t>() + B * nb;
+      p.block_size = block_size;
+      p.scale = static_cast<float>(L.scale);
       if (any_alibi) {
-        // Causal form relative to each session's last key: m_h * (j - (len - 1)).
-        const at::Tensor rel = (pos - (length - 1)).to(x.scalar_type()).view({B, 1, len_max});
-        const at::Tensor on = to_dev(at::tensor(alibi_rows, at::TensorOptions().dtype(at::kByte))).to(at::kBool).view({B, 1, 1});
-        attn = attn + at::where(on, slopes.view({1, H, 1}) * rel, at::zeros({}, attn.options()));
+        p.alibi_slopes = slopes_f32.data_ptr<float>();
+        p.alibi_on = meta.data_ptr<int32_t>() + B * nb + B;
       }
-      attn = attn.masked_fill(valid.logical_not().view({B, 1, len_max}), -std::numeric_limits<double>::infinity());
-      const at::Tensor p = at::softmax(attn, -1);
-      ctx.index_copy_(0, row_index, at::bmm(p.to(vg.scalar_type()), vg));         // [B, H, d]
+      at::Tensor out = in_order ? ctx : at::empty({B, H, d}, x.options());
+      p.out = out.data_ptr();
+      p.out_stride = H * d;
+      p.num_splits = cuda::PagedDecodeSplits(p.batch, static_cast<int>(len_max), p.heads, p.head_dim,
+                                             at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+      at::Tensor workspace;
+      if (p.num_splits > 1) {
+        const size_t bytes = cuda::PagedDecodeWorkspaceBytes(p.batch, p.heads, p.head_dim, p.num_splits);
+        workspace = at::empty({static_cast<int64_t>(bytes / sizeof(float))}, x.options().dtype(at::kFloat));
+        p.workspace = workspace.data_ptr<float>();
+      }
+      CudaCheck(cuda::PagedDecode(p, at::cuda::getCurrentCUDAStream().stream()), "PagedDecode");
+      if (!in_order) ctx.index_copy_(0, to_dev(at::tensor(rows, i64)), out);
+      decode.clear();
     }
-
+#endif
+    // Decode tokens (one per session) attend together: each session's slots are gathered into a padded
+    // [B, L_max] index; padding and the unused tail of a block point at block 0 (zeros) and are masked out.
+#ifdef MQA_WITH_CUDA
+    if (kernels) {
+      // Prefill chunks of the same (causal, alibi) kind go through one variable-length flash call against their
+      // gathered K/V (one shared head). Flash aligns the causal mask bottom-right when a chunk has fewer queries
+      // than keys, as the spec does; its causal ALiBi adds slope * j, which differs from the spec's
+      // slope * (j - (len - 1)) by a constant per row (softmax ignores it), and its symmetric ALiBi is the spec's.
+      for (int kind = 0; kind < 4; ++kind) {
+        const bool causal = kind & 1, alibi = kind & 2;
+        std::vector<int64_t> q_rows, kv_slots;
+        std::vector<int32_t> cu_q{0}, cu_k{0};
+        int64_t max_q = 0, max_k = 0;
+        for (const PagedSeq& s : seqs) {
+          if (s.tokens == 1 || s.causal != causal || s.alibi != alibi) continue;
+          const int64_t len = s.past + s.tokens;
+          for (int64_t r = 0; r < s.tokens; ++r) q_rows.push_back(s.row + r);
+          for (int64_t p = 0; p < len; ++p) kv_slots.push_back(s.table->Slot(p));
+          cu_q.push_back(static_cast<int32_t>(q_rows.size()));
+          cu_k.push_back(static_cast<int32_t>(kv_slots.size()));
+          max_q = std::max(max_q, s.tokens);
+          max_k = std::max(max_k, len);
+        }
+        if (q_rows.empty()) continue;
+        const at::Tensor q_index = to_dev(at::tensor(q_rows, i64));
+        const at::Tensor kv_index = to_dev(at::tensor(kv_slots, i64));
+        const auto i32 = at::TensorOptions().dtype(at::kInt);
+        const at::Tensor qp = q.index_select(0, q_index).view({-1, H, d});
+        const at::Tensor kp = k_cache.index_select(0, kv_index).view({-1, 1, d});
+        const at::Tensor vp = v_cache.index_select(0, kv_index).view({-1, 1, d});
+        auto result = at::_flash_attention_forward(
+            qp, kp, vp, to_dev(at::tensor(cu_q, i32)), to_dev(at::tensor(cu_k, i32)), max_q, max_k, 0.0, causal,
+            false, L.scale, std::nullopt, std::nullopt, std::nullopt,
+            alibi ? std::optional<at::Tensor>(slopes_f32) : std::nullopt);
+        ctx.index_copy_(0, q_index, std::get<0>(result));
+      }
+    }
+#endif
     // Prefill chunks: one attention each, against exactly the session's slots (no padding).
     for (const PagedSeq& s : seqs) {
-      if (s.tokens == 1) continue;
+      if (s.tokens == 1 || kernels) continue;
       const int64_t len = s.past + s.tokens;
       std::vector<int64_t> sl(static_cast<size_t>(len));
       for (int64_t p = 0; p < len; ++p) {

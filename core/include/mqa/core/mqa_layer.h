@@ -23,7 +23,12 @@ namespace mqa::core {
 
 // torch: explicit matmul/softmax math (supports everything). flash: LibTorch's fused scaled-dot-product
 // attention; it falls back to torch, logged and counted, where it cannot serve a request (needs_weights).
-// triton: the project's own fused CUDA kernels (the spec's name for them).
+// triton: the project's own fused CUDA kernels (the spec's name for them): the engine's paged pass runs its
+// decode tokens through the paged MQA decode kernel, appends K/V with one kernel, and runs prefill chunks through
+// LibTorch's variable-length flash kernel against the gathered cache. They need a CUDA device, bfloat16 or
+// float16 and head_dim 64 or 128; elsewhere (and for needs_weights, and for the stateless Forward, which has no
+// paged cache and uses flash's kernels) the layer falls back visibly: logged once, counted in
+// fallbacks_to_torch.
 enum class AttnImpl : int { kTorch = 0, kFlash = 1, kTriton = 2 };
 std::string_view AttnImplName(AttnImpl impl);
 StatusOr<AttnImpl> ParseAttnImpl(std::string_view name);
@@ -81,14 +86,13 @@ struct ForwardResult {
 
 struct LayerCounters {
   uint64_t forwards = 0;
-  uint64_t fallbacks_to_torch = 0;  // flash requests served by the torch path (see AttnImpl)
+  uint64_t fallbacks_to_torch = 0;  // flash/triton requests served by another path (see AttnImpl)
 };
 
 class MultiQueryAttention {
  public:
   // Builds a layer with freshly initialised parameters (see MqaOptions::seed). Errors: INVALID_ARGUMENT for
-  // bad options, UNAVAILABLE when the device does not exist here, UNIMPLEMENTED for attn_impl triton until the
-  // fused kernels exist.
+  // bad options, UNAVAILABLE when the device does not exist here.
   static StatusOr<std::unique_ptr<MultiQueryAttention>> Create(const MqaOptions& options);
   ~MultiQueryAttention();
   MultiQueryAttention(const MultiQueryAttention&) = delete;
