@@ -33,6 +33,17 @@ int CudaDeviceCount() {
   }
 }
 
+std::vector<std::string> AllCudaDevices() {
+  std::vector<std::string> out;
+  const int n = CudaAvailable() ? CudaDeviceCount() : 0;
+  for (int i = 0; i < n; ++i) out.push_back("cuda:" + std::to_string(i));
+  return out;
+}
+
+std::string NormaliseDevice(std::string_view device) {
+  return device == "cuda" ? std::string("cuda:0") : std::string(device);
+}
+
 bool BuiltWithCuda() {
 #ifdef MQA_WITH_CUDA
   return true;

@@ -3,10 +3,12 @@
 #include <sys/random.h>
 
 #include <algorithm>
-#include <limits>
+#include <atomic>
 #include <cerrno>
+#include <climits>
 #include <condition_variable>
 #include <deque>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -15,6 +17,7 @@
 #include <utility>
 
 #include "mqa/core/block_pool.h"
+#include "mqa/core/device.h"
 #include "mqa/core/logging.h"
 #include "paged_attention.h"
 #include "tensor_impl.h"
@@ -60,8 +63,6 @@ StatusOr<std::string> NewSessionId() {
   return id;
 }
 
-std::string NormaliseDevice(const std::string& device) { return device == "cuda" ? "cuda:0" : device; }
-
 Status CheckLayer(const ModelInfo& model, int layer) {
   if (layer >= 0 && layer < model.num_layers) return Status();
   return InvalidArgumentError("layer " + std::to_string(layer) + " is out of range: model " + model.name +
@@ -93,11 +94,12 @@ StatusOr<Tensor> ToCaller(const Tensor& t, DType dtype) {
 
 struct Session;
 struct Model;
+struct Replica;
 
 // A step on its way through the worker: a long prefill runs as several chunks, each in some pass.
 struct StepJob {
   std::shared_ptr<Session> session;
-  const Model* model = nullptr;
+  const Replica* replica = nullptr;  // the session's; batching groups steps by (replica, layer)
   StepRequest request;
   at::Tensor x;                    // the layer's dtype and device, set when the first chunk runs
   int64_t start = -1;              // the layer's position before the step; -1 until the first chunk runs
@@ -119,19 +121,28 @@ struct WorkItem {
   std::shared_ptr<StepJob> job;
 };
 
-struct Model {
-  ModelInfo info;
-  std::unique_ptr<MqaStack> stack;
+// One copy of a model on one device: its layers and its paged KV cache. Every step of a session placed here runs
+// on this device's worker, against this pool.
+struct Replica {
+  const Model* model = nullptr;
   std::string device;
+  std::unique_ptr<MqaStack> stack;
   // The paged KV cache: one block pool shared by the layers; per layer k and v [num_blocks * block_size, d].
   std::unique_ptr<BlockPool> pool;
   std::vector<at::Tensor> k_cache, v_cache;
-  int64_t block_bytes = 0;  // all layers' k and v for one block
+  int64_t block_bytes = 0;           // all layers' k and v for one block
+  std::atomic<size_t> sessions{0};   // open sessions placed here (placement's tie-break)
+};
+
+struct Model {
+  ModelInfo info;
+  std::vector<std::unique_ptr<Replica>> replicas;  // one per device, in info.devices order
 };
 
 struct Session {
   std::string id;
   const Model* model = nullptr;
+  Replica* replica = nullptr;  // where it lives: set at creation, never changes
   int64_t max_tokens = 0;
   std::chrono::milliseconds idle_ttl{0};
   bool causal = true;
@@ -139,7 +150,7 @@ struct Session {
   std::chrono::system_clock::time_point create_time;
 
   Admission admission = Admission::kBestEffort;
-  // Touched only by the worker of the model's device (after creation), and by the destructor of the last
+  // Touched only by the worker of the replica's device (after creation), and by the destructor of the last
   // reference, which returns the blocks: a step still running keeps them alive until it ends.
   std::unique_ptr<BlockTable> table;
 
@@ -165,6 +176,7 @@ struct Session {
     s.position_bias = position_bias;
     s.admission = admission;
     s.cache_bytes = cache_bytes;
+    s.device = replica->device;
     return s;
   }
 
@@ -289,7 +301,7 @@ class Worker {
         continue;
       }
       seen.insert(key);
-      if (job.model != first.model || job.request.layer != first.request.layer) {
+      if (job.replica != first.replica || job.request.layer != first.request.layer) {
         ++it;
         continue;
       }
@@ -443,6 +455,7 @@ struct Engine::Impl {
         if (idle) {
           RememberEnded(s.id, "expired after " + FormatMillis(s.idle_ttl) + " idle (its idle TTL)");
           ++counters.sessions_expired;
+          s.replica->sessions.fetch_sub(1, std::memory_order_relaxed);
           expired.push_back(std::move(it->second));
           it = sessions.erase(it);
         } else {
@@ -470,10 +483,10 @@ struct Engine::Impl {
     if (!queued.ok()) fail(queued);
   }
 
-  // Runs one pass: the next chunk of every step in batch (all of one model and layer). Finished steps are
+  // Runs one pass: the next chunk of every step in batch (all of one replica and layer). Finished steps are
   // completed; steps with prefill left go to *unfinished.
   void RunBatch(std::vector<WorkItem>& batch, std::vector<WorkItem>* unfinished);
-  void RunForward(const Model& model, const ForwardRequest& req, Clock::time_point enqueued,
+  void RunForward(const Replica& replica, const ForwardRequest& req, Clock::time_point enqueued,
                   const ForwardCallback& done);
 };
 
@@ -509,8 +522,10 @@ StatusOr<int64_t> DeviceKvBudget(const KvCacheOptions& kv, const std::string& de
 #endif
 }
 
-// Gives every model a block pool and per-layer k/v storage, splitting each device's budget evenly among the
-// models on it. Refuses (with the numbers) a budget that cannot hold one session of the longest length.
+// Gives every replica a block pool and per-layer k/v storage, splitting each device's budget evenly among the
+// replicas on it (of all models). Every device's budget is read before anything is allocated, so replicas on one
+// GPU share the memory that was free after all weights were loaded. Refuses (with the numbers) a share that
+// cannot hold one session of the model's longest length.
 Status SizeKvPools(const EngineOptions& options, std::map<std::string, std::unique_ptr<Model>>& models) {
   const KvCacheOptions& kv = options.kv_cache;
   if (kv.block_size < 1) return InvalidArgumentError("kv_cache.block_size must be >= 1, got " + std::to_string(kv.block_size));
@@ -519,47 +534,100 @@ Status SizeKvPools(const EngineOptions& options, std::map<std::string, std::uniq
                                 std::to_string(kv.gpu_memory_fraction));
   }
   std::map<std::string, int> per_device;
-  for (const auto& [name, m] : models) ++per_device[m->device];
+  for (const auto& [name, m] : models) {
+    for (const auto& r : m->replicas) ++per_device[r->device];
+  }
+  std::map<std::string, int64_t> budgets;
+  for (const auto& [device, n] : per_device) {
+    MQA_ASSIGN_OR_RETURN(budgets[device], DeviceKvBudget(kv, device));
+  }
   for (auto& [name, m] : models) {
-    MQA_ASSIGN_OR_RETURN(int64_t budget, DeviceKvBudget(kv, m->device));
-    const int64_t share = budget / per_device[m->device];
-    const MqaOptions& o = m->info.options;
-    const int64_t d = o.head_dim();
-    m->block_bytes = static_cast<int64_t>(m->info.num_layers) * 2 * kv.block_size * d *
-                     static_cast<int64_t>(DTypeSize(o.dtype));
-    const int64_t blocks = std::min<int64_t>(share / m->block_bytes, std::numeric_limits<int32_t>::max());
-    const int64_t need = BlockPool::BlocksFor(m->info.max_tokens_per_session, kv.block_size);
-    if (blocks - 1 < need) {
-      return ResourceExhaustedError(
-          "model \"" + name + "\": its KV cache share of " + std::to_string(share) + " bytes on " + m->device +
-          " holds " + std::to_string(std::max<int64_t>(blocks - 1, 0)) + " blocks of " +
-          std::to_string(kv.block_size) + " tokens (" + std::to_string(m->block_bytes) + " bytes each), fewer than the " +
-          std::to_string(need) + " one session of max_tokens_per_session " +
-          std::to_string(m->info.max_tokens_per_session) + " needs; raise the KV cache budget or lower max_tokens");
-    }
-    m->pool = std::make_unique<BlockPool>(static_cast<int32_t>(blocks), kv.block_size);
-    Status st = CatchAll("allocating the KV cache", [&]() -> Status {
-      MQA_ASSIGN_OR_RETURN(at::Device dev, ParseDevice(m->device));
-      const auto opts = at::TensorOptions().dtype(ToScalarType(o.dtype)).device(dev);
-      for (int i = 0; i < m->info.num_layers; ++i) {
-        m->k_cache.push_back(at::empty({blocks * kv.block_size, d}, opts));
-        m->v_cache.push_back(at::empty({blocks * kv.block_size, d}, opts));
-        // Block 0 is the padding target of batched attention: it must read as zeros, never as stale data.
-        m->k_cache.back().narrow(0, 0, kv.block_size).zero_();
-        m->v_cache.back().narrow(0, 0, kv.block_size).zero_();
+    for (auto& r : m->replicas) {
+      const int64_t share = budgets[r->device] / per_device[r->device];
+      const MqaOptions& o = m->info.options;
+      const int64_t d = o.head_dim();
+      r->block_bytes = static_cast<int64_t>(m->info.num_layers) * 2 * kv.block_size * d *
+                       static_cast<int64_t>(DTypeSize(o.dtype));
+      const int64_t blocks = std::min<int64_t>(share / r->block_bytes, std::numeric_limits<int32_t>::max());
+      const int64_t need = BlockPool::BlocksFor(m->info.max_tokens_per_session, kv.block_size);
+      if (blocks - 1 < need) {
+        return ResourceExhaustedError(
+            "model \"" + name + "\": its KV cache share of " + std::to_string(share) + " bytes on " + r->device +
+            " holds " + std::to_string(std::max<int64_t>(blocks - 1, 0)) + " blocks of " +
+            std::to_string(kv.block_size) + " tokens (" + std::to_string(r->block_bytes) +
+            " bytes each), fewer than the " + std::to_string(need) + " one session of max_tokens_per_session " +
+            std::to_string(m->info.max_tokens_per_session) + " needs; raise the KV cache budget or lower max_tokens");
       }
-      return Status();
-    });
-    if (!st.ok()) return Status(st.code(), "model \"" + name + "\": " + st.message());
-    Log(LogLevel::kInfo, "KV cache of model " + name + " on " + m->device + ": " + std::to_string(blocks - 1) +
-                             " blocks of " + std::to_string(kv.block_size) + " tokens (" +
-                             std::to_string((blocks - 1) * kv.block_size) + " tokens, " +
-                             std::to_string(blocks * m->block_bytes >> 20) + " MiB)");
+      r->pool = std::make_unique<BlockPool>(static_cast<int32_t>(blocks), kv.block_size);
+      Status st = CatchAll("allocating the KV cache", [&]() -> Status {
+        MQA_ASSIGN_OR_RETURN(at::Device dev, ParseDevice(r->device));
+        const auto opts = at::TensorOptions().dtype(ToScalarType(o.dtype)).device(dev);
+        for (int i = 0; i < m->info.num_layers; ++i) {
+          r->k_cache.push_back(at::empty({blocks * kv.block_size, d}, opts));
+          r->v_cache.push_back(at::empty({blocks * kv.block_size, d}, opts));
+          // Block 0 is the padding target of batched attention: it must read as zeros, never as stale data.
+          r->k_cache.back().narrow(0, 0, kv.block_size).zero_();
+          r->v_cache.back().narrow(0, 0, kv.block_size).zero_();
+        }
+        return Status();
+      });
+      if (!st.ok()) return Status(st.code(), "model \"" + name + "\" on " + r->device + ": " + st.message());
+      Log(LogLevel::kInfo, "KV cache of model " + name + " on " + r->device + ": " + std::to_string(blocks - 1) +
+                               " blocks of " + std::to_string(kv.block_size) + " tokens (" +
+                               std::to_string((blocks - 1) * kv.block_size) + " tokens, " +
+                               std::to_string(blocks * r->block_bytes >> 20) + " MiB)");
+    }
   }
   return Status();
 }
 
+// The model's devices, normalised ("cuda" -> "cuda:0"), in the configured order; a device named twice is refused.
+StatusOr<std::vector<std::string>> ReplicaDevices(const ModelConfig& mc) {
+  const std::string where = "model \"" + mc.name + "\": ";
+  std::vector<std::string> devices;
+  std::vector<std::string> spelled;  // as given, for the message
+  for (const std::string& d : mc.devices.empty() ? std::vector<std::string>{mc.options.device} : mc.devices) {
+    const std::string device = NormaliseDevice(d);
+    const auto seen = std::find(devices.begin(), devices.end(), device);
+    if (seen != devices.end()) {
+      const std::string& first = spelled[static_cast<size_t>(seen - devices.begin())];
+      const bool aliased = first != device || d != device;
+      return InvalidArgumentError(where + "device " + device + " is listed twice" +
+                                  (aliased ? " (\"cuda\" means \"cuda:0\")" : std::string()) +
+                                  "; a model has at most one replica per device (two on one device would only "
+                                  "split its KV cache and its batches)");
+    }
+    devices.push_back(device);
+    spelled.push_back(d);
+  }
+  return devices;
+}
+
 }  // namespace
+
+int DeviceOrdinal(const std::string& device) {
+  if (device == "cpu") return -1;
+  if (device == "cuda") return 0;
+  if (device.rfind("cuda:", 0) == 0 && device.size() > 5 && device.size() <= 14 &&
+      std::all_of(device.begin() + 5, device.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+    const long long n = std::stoll(device.substr(5));
+    if (n < INT_MAX) return static_cast<int>(n);
+  }
+  return INT_MAX;
+}
+
+std::vector<size_t> RankReplicas(const std::vector<ReplicaLoad>& replicas) {
+  std::vector<size_t> order(replicas.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    const ReplicaLoad& x = replicas[a];
+    const ReplicaLoad& y = replicas[b];
+    if (x.free_blocks != y.free_blocks) return x.free_blocks > y.free_blocks;
+    if (x.sessions != y.sessions) return x.sessions < y.sessions;
+    return x.device_ordinal < y.device_ordinal;  // equal: stable, so the lower index first
+  });
+  return order;
+}
 
 StatusOr<std::unique_ptr<Engine>> Engine::Create(EngineOptions options) {
   if (options.models.empty()) return InvalidArgumentError("the engine needs at least one model");
@@ -583,27 +651,51 @@ StatusOr<std::unique_ptr<Engine>> Engine::Create(EngineOptions options) {
       return InvalidArgumentError(where + "max_tokens_per_session must be positive, got " +
                                   std::to_string(mc.max_tokens_per_session));
     }
+    MQA_ASSIGN_OR_RETURN(std::vector<std::string> devices, ReplicaDevices(mc));
     auto model = std::make_unique<Model>();
     MqaOptions o = mc.options;
-    o.device = NormaliseDevice(o.device);
-    StatusOr<std::unique_ptr<MqaStack>> stack = mc.weights_path.empty()
-                                                    ? MqaStack::Create(o, mc.num_layers)
-                                                    : MqaStack::Load(mc.weights_path, o, std::max(mc.num_layers, 0));
-    if (!stack.ok()) return Status(stack.status().code(), where + stack.status().message());
-    model->stack = std::move(stack).value();
-    model->device = o.device;
+    o.device = devices[0];
+    // The same seed or the same file on every device: the replicas hold identical weights (seeded
+    // initialisation draws on the CPU whatever the device).
+    for (const std::string& device : devices) {
+      MqaOptions od = o;
+      od.device = device;
+      StatusOr<std::unique_ptr<MqaStack>> stack = mc.weights_path.empty()
+                                                      ? MqaStack::Create(od, mc.num_layers)
+                                                      : MqaStack::Load(mc.weights_path, od, std::max(mc.num_layers, 0));
+      if (!stack.ok()) {
+        return Status(stack.status().code(),
+                      where + (devices.size() > 1 ? "replica on " + device + ": " : std::string()) +
+                          stack.status().message());
+      }
+      auto replica = std::make_unique<Replica>();
+      replica->model = model.get();
+      replica->device = device;
+      replica->stack = std::move(stack).value();
+      model->replicas.push_back(std::move(replica));
+      if (!impl->workers.count(device)) {
+        impl->workers[device] = std::make_unique<Worker>(device, options.max_queue, options.batching);
+      }
+    }
     model->info.name = mc.name;
-    model->info.num_layers = model->stack->num_layers();
+    model->info.num_layers = model->replicas[0]->stack->num_layers();
     model->info.options = o;
+    model->info.devices = devices;
     model->info.max_tokens_per_session = mc.max_tokens_per_session;
     model->info.description = mc.description;
-    if (!impl->workers.count(o.device)) {
-      impl->workers[o.device] = std::make_unique<Worker>(o.device, options.max_queue, options.batching);
-    }
+    std::string on;
+    for (const std::string& d : devices) on += (on.empty() ? "" : ", ") + d;
     Log(LogLevel::kInfo, "loaded model " + mc.name + ": " + std::to_string(model->info.num_layers) + " layers, dim " +
                              std::to_string(o.dim) + ", heads " + std::to_string(o.heads) + ", " +
-                             std::string(DTypeName(o.dtype)) + " on " + o.device + ", attn_impl " +
+                             std::string(DTypeName(o.dtype)) + " on " + on + ", attn_impl " +
                              std::string(AttnImplName(o.attn_impl)));
+    const bool has_cpu = std::count(devices.begin(), devices.end(), "cpu") > 0;
+    if (has_cpu && devices.size() > 1) {
+      // It works (each session stays on its replica, and the results agree within the dtype's rounding), but
+      // placement looks at free KV blocks only, so some sessions land on the CPU and run far slower.
+      Log(LogLevel::kWarning, "model " + mc.name + " has replicas on the CPU and on GPUs: sessions placed on the "
+                              "CPU replica run much slower than the others");
+    }
     impl->models[mc.name] = std::move(model);
   }
   if (Status pools = SizeKvPools(options, impl->models); !pools.ok()) return pools;
@@ -661,29 +753,59 @@ StatusOr<SessionInfo> Engine::CreateSession(const SessionConfig& config) {
   s->position_bias = config.position_bias;
   s->create_time = std::chrono::system_clock::now();
   s->admission = config.admission;
-  s->table = std::make_unique<BlockTable>(model.pool.get());
   s->positions.assign(static_cast<size_t>(model.info.num_layers), 0);
+
+  // Placement: the replica with the most free blocks (RankReplicas). Concurrent creations may read the same
+  // numbers and pick the same replica; the pool's all-or-nothing Allocate keeps reservations exact regardless.
+  std::vector<ReplicaLoad> loads;
+  for (const auto& r : model.replicas) {
+    loads.push_back({r->pool->free_blocks(), r->sessions.load(std::memory_order_relaxed), DeviceOrdinal(r->device)});
+  }
+  const std::vector<size_t> order = RankReplicas(loads);
   if (config.admission == Admission::kGuaranteed) {
-    // Reserved now, so the session can never run out of blocks later.
-    if (Status reserved = s->table->EnsureCapacity(s->max_tokens); !reserved.ok()) {
+    // Reserved now, so the session can never run out of blocks later: on the best replica, else the next one
+    // that has them.
+    std::string refusals;
+    Status first_refusal;
+    for (size_t i : order) {
+      Replica* r = model.replicas[i].get();
+      auto table = std::make_unique<BlockTable>(r->pool.get());
+      Status reserved = table->EnsureCapacity(s->max_tokens);
+      if (reserved.ok()) {
+        s->replica = r;
+        s->table = std::move(table);
+        break;
+      }
+      if (first_refusal.ok()) first_refusal = reserved;
+      refusals += (refusals.empty() ? "" : "; ") + r->device + ": " + reserved.message();
+    }
+    if (s->replica == nullptr) {
       std::lock_guard<std::mutex> lock(impl_->mu);
       ++impl_->counters.kv_exhausted;
-      return Status(reserved.code(), reserved.message() + " for a guaranteed session of " +
-                                         std::to_string(s->max_tokens) + " tokens; ask for fewer max_tokens, use "
-                                         "best-effort admission, or retry when sessions close");
+      const std::string why = model.replicas.size() == 1
+                                  ? first_refusal.message()
+                                  : "no device of model " + model.info.name + " has the blocks (" + refusals + ")";
+      return Status(first_refusal.code(), why + " for a guaranteed session of " + std::to_string(s->max_tokens) +
+                                              " tokens; ask for fewer max_tokens, use best-effort admission, or "
+                                              "retry when sessions close");
     }
-    s->cache_bytes = static_cast<int64_t>(s->table->blocks().size()) * model.block_bytes;
+    s->cache_bytes = static_cast<int64_t>(s->table->blocks().size()) * s->replica->block_bytes;
+  } else {
+    s->replica = model.replicas[order[0]].get();
+    s->table = std::make_unique<BlockTable>(s->replica->pool.get());
   }
   s->last_active = Clock::now();
   s->last_active_wall = s->create_time;
   {
     std::lock_guard<std::mutex> lock(impl_->mu);
+    // A refusal here drops s, whose table's destructor returns any reserved blocks.
     if (!impl_->accepting) return UnavailableError("the server is draining and accepts no new sessions");
     if (impl_->sessions.size() >= eo.max_sessions) {
       return ResourceExhaustedError("the server holds its maximum of " + std::to_string(eo.max_sessions) +
                                     " sessions; close one or retry later");
     }
     impl_->sessions[id] = s;
+    s->replica->sessions.fetch_add(1, std::memory_order_relaxed);
     ++impl_->counters.sessions_created;
   }
   return s->Info();
@@ -702,6 +824,7 @@ StatusOr<SessionInfo> Engine::CloseSession(const std::string& id) {
     if (it == impl_->sessions.end()) return impl_->SessionNotFound(id);
     s = std::move(it->second);
     impl_->sessions.erase(it);
+    s->replica->sessions.fetch_sub(1, std::memory_order_relaxed);
     impl_->RememberEnded(id, "was closed");
     ++impl_->counters.sessions_closed;
   }
@@ -770,17 +893,17 @@ void Engine::SubmitStep(StepRequest request, StepCallback done) {
   auto cancel = request.cancel;
   auto job = std::make_shared<StepJob>();
   job->session = session;
-  job->model = &model;
+  job->replica = session->replica;
   job->request = std::move(request);
   job->finish = finish;
-  impl_->Enqueue(model.device, deadline, std::move(cancel), nullptr, finish, std::move(job));
+  impl_->Enqueue(session->replica->device, deadline, std::move(cancel), nullptr, finish, std::move(job));
 }
 
 void Engine::Impl::RunBatch(std::vector<WorkItem>& batch, std::vector<WorkItem>* unfinished) {
-  const Model& model = *batch[0].job->model;
-  const MqaOptions& o = model.info.options;
+  const Replica& replica = *batch[0].job->replica;
+  const MqaOptions& o = replica.model->info.options;
   const int layer = batch[0].job->request.layer;
-  const int32_t bs = model.pool->block_size();
+  const int32_t bs = replica.pool->block_size();
   auto start = Clock::now();
   // First chunks are checked against the session state; refusals leave the session unchanged.
   std::vector<WorkItem*> run;
@@ -836,7 +959,7 @@ void Engine::Impl::RunBatch(std::vector<WorkItem>& batch, std::vector<WorkItem>*
     }
     {
       std::lock_guard<std::mutex> slock(session.mu);
-      session.cache_bytes = static_cast<int64_t>(session.table->blocks().size()) * model.block_bytes;
+      session.cache_bytes = static_cast<int64_t>(session.table->blocks().size()) * replica.block_bytes;
     }
     run.push_back(&item);
   }
@@ -862,10 +985,10 @@ void Engine::Impl::RunBatch(std::vector<WorkItem>& batch, std::vector<WorkItem>*
     rows += chunk[i];
   }
   StatusOr<at::Tensor> out = CatchAll("batched pass", [&]() -> StatusOr<at::Tensor> {
-    const at::Tensor& cache = model.k_cache[static_cast<size_t>(layer)];
+    const at::Tensor& cache = replica.k_cache[static_cast<size_t>(layer)];
     const at::Tensor x = (xs.size() == 1 ? xs[0] : at::cat(xs, 0)).to(cache.device());
-    MQA_ASSIGN_OR_RETURN(at::Tensor y, PagedForward(model.stack->layer(layer), x, seqs, bs, cache,
-                                                    model.v_cache[static_cast<size_t>(layer)]));
+    MQA_ASSIGN_OR_RETURN(at::Tensor y, PagedForward(replica.stack->layer(layer), x, seqs, bs, cache,
+                                                    replica.v_cache[static_cast<size_t>(layer)]));
     // One copy back for the whole pass (one synchronisation), sliced per step on the CPU.
     return y.is_cpu() ? y : y.to(at::kCPU);
   });
@@ -933,15 +1056,25 @@ void Engine::SubmitForward(ForwardRequest request, ForwardCallback done) {
   const Clock::time_point deadline = request.deadline;
   auto cancel = request.cancel;
   auto req = std::make_shared<ForwardRequest>(std::move(request));
-  const Model* m = &model;
-  impl_->Enqueue(model.device, deadline, std::move(cancel),
-                 [this, m, req, finish](Clock::time_point enqueued) { impl_->RunForward(*m, *req, enqueued, finish); },
+  // Stateless, so any replica will do: the one whose device has the fewest items queued.
+  const Replica* r = model.replicas[0].get();
+  size_t least = impl_->workers.at(r->device)->queued();
+  for (const auto& candidate : model.replicas) {
+    const size_t queued = impl_->workers.at(candidate->device)->queued();
+    if (queued < least) {
+      least = queued;
+      r = candidate.get();
+    }
+  }
+  impl_->Enqueue(r->device, deadline, std::move(cancel),
+                 [this, r, req, finish](Clock::time_point enqueued) { impl_->RunForward(*r, *req, enqueued, finish); },
                  finish);
 }
 
-void Engine::Impl::RunForward(const Model& model, const ForwardRequest& req, Clock::time_point /*enqueued*/,
+void Engine::Impl::RunForward(const Replica& replica, const ForwardRequest& req, Clock::time_point /*enqueued*/,
                               const ForwardCallback& done) {
-  const MqaOptions& o = model.info.options;
+  MqaOptions o = replica.model->info.options;
+  o.device = replica.device;  // info.options names the first replica's device
   const DType caller = req.args.x.dtype();
   ForwardArgs args = req.args;
   auto convert = [&](Tensor& t, bool floating, const char* name) -> Status {
@@ -959,7 +1092,7 @@ void Engine::Impl::RunForward(const Model& model, const ForwardRequest& req, Clo
   }
   if (!st.ok()) return done(st);
   args.training = false;
-  auto result = model.stack->layer(req.layer).Forward(args);
+  auto result = replica.stack->layer(req.layer).Forward(args);
   if (!result.ok()) return done(result.status());
   ForwardResult r;
   auto out = ToCaller(result->out, caller);
@@ -1014,16 +1147,33 @@ EngineStats Engine::stats() const {
   }
   s.queue_depth = 0;
   s.running = 0;
+  std::map<std::string, DeviceStats> per_device;
   for (const auto& [device, worker] : impl_->workers) {
-    s.queue_depth += worker->queued();
-    s.running += worker->running();
+    DeviceStats& d = per_device[device];
+    d.device = device;
+    d.queue_depth = worker->queued();
+    d.running = worker->running();
+    s.queue_depth += d.queue_depth;
+    s.running += d.running;
   }
   for (const auto& [name, m] : impl_->models) {
-    s.kv_block_size = m->pool->block_size();
-    s.kv_blocks_total += m->pool->capacity();
-    s.kv_blocks_used += m->pool->used_blocks();
-    s.kv_blocks_free += m->pool->free_blocks();
+    for (const auto& r : m->replicas) {
+      DeviceStats& d = per_device[r->device];
+      const int64_t total = r->pool->capacity(), used = r->pool->used_blocks(), avail = r->pool->free_blocks();
+      d.kv_blocks_total += total;
+      d.kv_blocks_used += used;
+      d.kv_blocks_free += avail;
+      d.sessions_open += r->sessions.load(std::memory_order_relaxed);
+      s.kv_block_size = r->pool->block_size();
+      s.kv_blocks_total += total;
+      s.kv_blocks_used += used;
+      s.kv_blocks_free += avail;
+    }
   }
+  for (auto& [device, d] : per_device) s.devices.push_back(std::move(d));
+  std::stable_sort(s.devices.begin(), s.devices.end(), [](const DeviceStats& a, const DeviceStats& b) {
+    return DeviceOrdinal(a.device) < DeviceOrdinal(b.device);
+  });
   return s;
 }
 

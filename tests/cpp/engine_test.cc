@@ -4,9 +4,12 @@
 
 #include <gtest/gtest.h>
 
+#include <climits>
 #include <future>
+#include <map>
 #include <set>
 #include <thread>
+#include <utility>
 
 #include "test_util.h"
 
@@ -577,5 +580,292 @@ TEST(Batching, TtlExpiryReturnsBlocks) {
 }
 
 }  // namespace batching
+
+// ---- Several devices: one replica of a model per device, sessions placed by free KV blocks (issue 5) ----
+namespace multi_device {
+
+using batching::Concat;
+using batching::kBlockBytes;
+using batching::MixedInputs;
+
+TEST(Placement, MostFreeBlocksThenFewestSessionsThenLowestDevice) {
+  EXPECT_TRUE(RankReplicas({}).empty());
+  EXPECT_EQ(RankReplicas({{5, 9, 3}}), (std::vector<size_t>{0}));
+  // Free blocks decide first, whatever the session counts and devices.
+  EXPECT_EQ(RankReplicas({{10, 0, 0}, {30, 7, 1}, {20, 0, 2}}), (std::vector<size_t>{1, 2, 0}));
+  // Equal free blocks: fewest sessions.
+  EXPECT_EQ(RankReplicas({{8, 3, 0}, {8, 1, 1}, {8, 2, 2}}), (std::vector<size_t>{1, 2, 0}));
+  // Equal blocks and sessions: the lowest device ordinal (cpu = -1, cuda:N = N), not the position in the list.
+  EXPECT_EQ(RankReplicas({{8, 1, 3}, {8, 1, 1}, {8, 1, -1}}), (std::vector<size_t>{2, 1, 0}));
+  // All equal: the configured order.
+  EXPECT_EQ(RankReplicas({{4, 0, 2}, {4, 0, 2}}), (std::vector<size_t>{0, 1}));
+  // No free blocks anywhere still ranks every replica (best effort takes blocks later; guaranteed tries each).
+  EXPECT_EQ(RankReplicas({{0, 2, 0}, {0, 1, 1}}), (std::vector<size_t>{1, 0}));
+}
+
+TEST(Placement, DeviceOrdinals) {
+  EXPECT_EQ(DeviceOrdinal("cpu"), -1);
+  EXPECT_EQ(DeviceOrdinal("cuda"), 0);
+  EXPECT_EQ(DeviceOrdinal("cuda:0"), 0);
+  EXPECT_EQ(DeviceOrdinal("cuda:1"), 1);
+  EXPECT_EQ(DeviceOrdinal("cuda:12"), 12);
+  EXPECT_EQ(DeviceOrdinal("cuda:"), INT_MAX);
+  EXPECT_EQ(DeviceOrdinal("cuda:x"), INT_MAX);
+  EXPECT_EQ(DeviceOrdinal("cuda:99999999999999"), INT_MAX);
+  EXPECT_EQ(DeviceOrdinal("tpu"), INT_MAX);
+}
+
+TEST(Devices, AllCudaDevicesListsWhatTorchSees) {
+  const std::vector<std::string> all = AllCudaDevices();
+  ASSERT_EQ(all.size(), CudaAvailable() ? static_cast<size_t>(CudaDeviceCount()) : 0u);
+  for (size_t i = 0; i < all.size(); ++i) EXPECT_EQ(all[i], "cuda:" + std::to_string(i));
+  EXPECT_EQ(NormaliseDevice("cuda"), "cuda:0");
+  EXPECT_EQ(NormaliseDevice("cuda:1"), "cuda:1");
+  EXPECT_EQ(NormaliseDevice("cpu"), "cpu");
+}
+
+TEST(Replicas, ADeviceListedTwiceIsRefused) {
+  for (const auto& [devices, says] : std::vector<std::pair<std::vector<std::string>, std::string>>{
+           {{"cpu", "cpu"}, "device cpu is listed twice"},
+           // Refused before any device is touched, so this holds without a GPU too.
+           {{"cuda", "cuda:1", "cuda:0"}, "device cuda:0 is listed twice (\"cuda\" means \"cuda:0\")"}}) {
+    EngineOptions o;
+    o.models.push_back(SmallModel());
+    o.models[0].devices = devices;
+    auto e = Engine::Create(std::move(o));
+    ASSERT_EQ(e.status().code(), StatusCode::kInvalidArgument);
+    EXPECT_NE(e.status().message().find("model \"small\": " + says), std::string::npos) << e.status().message();
+  }
+}
+
+TEST(Replicas, AMissingDeviceIsUnavailableAndNamed) {
+  EngineOptions o;
+  o.models.push_back(SmallModel());
+  o.models[0].devices = {"cpu", "cuda:99"};
+  auto e = Engine::Create(std::move(o));
+  ASSERT_EQ(e.status().code(), StatusCode::kUnavailable);
+  EXPECT_NE(e.status().message().find("model \"small\": replica on cuda:99: "), std::string::npos)
+      << e.status().message();
+}
+
+TEST(Replicas, OneListedDeviceReplacesOptionsDeviceAndIsReported) {
+  EngineOptions o = batching::Options(64, 65 * kBlockBytes);
+  o.models[0].options.device = "cuda:99";  // ignored: devices is set
+  o.models[0].devices = {"cpu"};
+  auto e = MakeEngine(std::move(o));
+  ModelInfo m = Unwrap(e->GetModel("small"));
+  EXPECT_EQ(m.devices, (std::vector<std::string>{"cpu"}));
+  EXPECT_EQ(m.options.device, "cpu");
+  SessionInfo s = Create(*e);
+  EXPECT_EQ(s.device, "cpu");
+  ASSERT_TRUE(StepSync(*e, MakeStep(s.id, 0, Randn(DType::kFloat32, {1, 10, 64}))).ok());
+  EXPECT_EQ(Unwrap(e->GetSession(s.id)).device, "cpu");
+  EngineStats st = e->stats();
+  ASSERT_EQ(st.devices.size(), 1u);
+  EXPECT_EQ(st.devices[0].device, "cpu");
+  EXPECT_EQ(st.devices[0].kv_blocks_total, 64);
+  EXPECT_EQ(st.devices[0].kv_blocks_used, 3);
+  EXPECT_EQ(st.devices[0].kv_blocks_free, 61);
+  EXPECT_EQ(st.devices[0].sessions_open, 1u);
+  EXPECT_EQ(st.devices[0].queue_depth, 0u);
+  EXPECT_EQ(st.kv_blocks_used, 3);
+  ASSERT_TRUE(e->CloseSession(s.id).ok());
+  st = e->stats();
+  EXPECT_EQ(st.devices[0].kv_blocks_used, 0);
+  EXPECT_EQ(st.devices[0].sessions_open, 0u);
+}
+
+TEST(Replicas, TwoModelsOnOneDeviceSplitItsBudgetAndItsStats) {
+  EngineOptions o = batching::Options(64, 130 * kBlockBytes);
+  o.models.push_back(SmallModel("other", 2, 256));
+  auto e = MakeEngine(std::move(o));
+  EngineStats st = e->stats();
+  ASSERT_EQ(st.devices.size(), 1u);
+  EXPECT_EQ(st.devices[0].kv_blocks_total, 2 * 64);  // 65 blocks each (one reserved): half the budget
+  EXPECT_EQ(st.kv_blocks_total, 2 * 64);
+}
+
+// The rest needs GPUs: two for the replicas on cuda:0 and cuda:1, one for a CPU + GPU model.
+bool HasCudaDevices(int n) { return CudaAvailable() && CudaDeviceCount() >= n; }
+
+// SmallModel in fp32 (so the CPU reference holds to 1e-4), blocks of 4 tokens, 64 usable blocks per device.
+EngineOptions ReplicatedOptions(std::vector<std::string> devices, int64_t blocks_per_device = 64) {
+  EngineOptions o = batching::Options(64, (blocks_per_device + 1) * kBlockBytes);
+  o.models[0].devices = std::move(devices);
+  return o;
+}
+
+const DeviceStats& On(const EngineStats& st, const std::string& device) {
+  for (const DeviceStats& d : st.devices) {
+    if (d.device == device) return d;
+  }
+  ADD_FAILURE() << "no stats for " << device;
+  static const DeviceStats none;
+  return none;
+}
+
+TEST(MultiDevice, PlacementFollowsFreeBlocksAndClosingFreesTheRightDevice) {
+  if (!HasCudaDevices(2)) GTEST_SKIP() << "needs two CUDA devices, found " << CudaDeviceCount();
+  auto e = MakeEngine(ReplicatedOptions({"cuda", "cuda:1"}));
+  ModelInfo m = Unwrap(e->GetModel("small"));
+  EXPECT_EQ(m.devices, (std::vector<std::string>{"cuda:0", "cuda:1"}));  // "cuda" normalised
+  EXPECT_EQ(m.options.device, "cuda:0");
+  auto step = [&](const SessionInfo& s, int64_t tokens) {
+    ASSERT_TRUE(StepSync(*e, MakeStep(s.id, 0, Randn(DType::kFloat32, {1, tokens, 64}))).ok());
+  };
+  // Equal free blocks and sessions: the lower device; then the one with fewer sessions.
+  SessionInfo a = Create(*e);
+  EXPECT_EQ(a.device, "cuda:0");
+  SessionInfo b = Create(*e);
+  EXPECT_EQ(b.device, "cuda:1");
+  // a's long prefill takes 10 of cuda:0's blocks: new sessions go to cuda:1 even as its session count grows.
+  step(a, 40);
+  SessionInfo c = Create(*e), d = Create(*e);
+  EXPECT_EQ(c.device, "cuda:1");
+  EXPECT_EQ(d.device, "cuda:1");
+  // Prefills on cuda:1's three sessions take 15 blocks there: 49 free against cuda:0's 54.
+  step(b, 20);
+  step(c, 20);
+  step(d, 20);
+  SessionInfo f = Create(*e);
+  EXPECT_EQ(f.device, "cuda:0");
+  EXPECT_EQ(Unwrap(e->GetSession(c.id)).device, "cuda:1");
+  EngineStats st = e->stats();
+  ASSERT_EQ(st.devices.size(), 2u);
+  EXPECT_EQ(st.devices[0].device, "cuda:0");
+  EXPECT_EQ(st.devices[1].device, "cuda:1");
+  EXPECT_EQ(On(st, "cuda:0").kv_blocks_used, 10);
+  EXPECT_EQ(On(st, "cuda:1").kv_blocks_used, 15);
+  EXPECT_EQ(On(st, "cuda:0").sessions_open, 2u);
+  EXPECT_EQ(On(st, "cuda:1").sessions_open, 3u);
+  EXPECT_EQ(st.kv_blocks_total, 128);
+  EXPECT_EQ(st.kv_blocks_used, 25);
+  EXPECT_EQ(st.sessions_open, 5u);
+
+  // Closing b and c frees their blocks on cuda:1 only.
+  ASSERT_TRUE(e->CloseSession(b.id).ok());
+  ASSERT_TRUE(e->CloseSession(c.id).ok());
+  st = e->stats();
+  EXPECT_EQ(On(st, "cuda:0").kv_blocks_used, 10);
+  EXPECT_EQ(On(st, "cuda:1").kv_blocks_used, 5);
+  EXPECT_EQ(On(st, "cuda:1").sessions_open, 1u);
+
+  // Guaranteed sessions reserve on the device with the most free blocks: cuda:1 (59 free), then cuda:0 (54);
+  // a third fits on neither.
+  SessionConfig guaranteed;
+  guaranteed.model = "small";
+  guaranteed.admission = Admission::kGuaranteed;
+  guaranteed.max_tokens = 200;  // 50 blocks
+  SessionInfo g1 = Create(*e, guaranteed);
+  EXPECT_EQ(g1.device, "cuda:1");
+  SessionInfo g2 = Create(*e, guaranteed);
+  EXPECT_EQ(g2.device, "cuda:0");
+  auto refused = e->CreateSession(guaranteed);
+  ASSERT_EQ(refused.status().code(), StatusCode::kResourceExhausted);
+  // Tried in placement order: cuda:1 (9 free), then cuda:0 (4 free).
+  EXPECT_NE(refused.status().message().find("no device of model small has the blocks (cuda:1: KV cache full: 50"),
+            std::string::npos)
+      << refused.status().message();
+  EXPECT_NE(refused.status().message().find("; cuda:0: KV cache full: 50"), std::string::npos);
+  EXPECT_NE(refused.status().message().find("guaranteed session of 200 tokens"), std::string::npos);
+  st = e->stats();
+  EXPECT_EQ(On(st, "cuda:0").kv_blocks_used, 60);
+  EXPECT_EQ(On(st, "cuda:1").kv_blocks_used, 55);
+  EXPECT_GE(st.kv_exhausted, 1u);
+  // The guaranteed session steps on its own device and never runs short.
+  step(g1, 200);
+  EXPECT_EQ(Unwrap(e->GetSession(g1.id)).layer_positions[0], 200);
+
+  for (const SessionInfo& s : {a, d, f, g1, g2}) ASSERT_TRUE(e->CloseSession(s.id).ok());
+  st = e->stats();
+  EXPECT_EQ(On(st, "cuda:0").kv_blocks_used, 0);
+  EXPECT_EQ(On(st, "cuda:1").kv_blocks_used, 0);
+  EXPECT_EQ(On(st, "cuda:0").sessions_open + On(st, "cuda:1").sessions_open, 0u);
+}
+
+// Runs every session through a prefill then decode steps on both layers, all sessions' steps submitted together
+// (so both devices' workers run at once), and checks each session against one full pass of the same layer on
+// its own device and on the CPU.
+void CheckSessionsMatchTheLayer(const std::vector<std::string>& devices, size_t n) {
+  auto e = MakeEngine(ReplicatedOptions(devices, 256));
+  auto inputs = MixedInputs(n);
+  std::vector<SessionInfo> sessions;
+  std::map<std::string, int> per_device;
+  for (size_t i = 0; i < n; ++i) {
+    sessions.push_back(Create(*e));
+    ++per_device[sessions.back().device];
+  }
+  ASSERT_EQ(per_device.size(), devices.size()) << "every device gets sessions";
+  for (const auto& [device, count] : per_device) EXPECT_EQ(count, static_cast<int>(n / devices.size())) << device;
+  std::vector<std::vector<float>> outs(n * 2);
+  for (size_t t = 0; t < inputs[0].size(); ++t) {
+    for (int layer = 0; layer < 2; ++layer) {
+      std::vector<std::promise<StatusOr<StepResult>>> done(n);
+      for (size_t i = 0; i < n; ++i) {
+        auto req = MakeStep(sessions[i].id, layer, inputs[i][t]);
+        req.position = Unwrap(e->GetSession(sessions[i].id)).layer_positions[static_cast<size_t>(layer)];
+        e->SubmitStep(std::move(req), [&done, i](StatusOr<StepResult> r) { done[i].set_value(std::move(r)); });
+      }
+      for (size_t i = 0; i < n; ++i) {
+        auto v = Floats(Unwrap(done[i].get_future().get(), "step").out);
+        auto& o = outs[i * 2 + static_cast<size_t>(layer)];
+        o.insert(o.end(), v.begin(), v.end());
+      }
+    }
+  }
+  EXPECT_GT(e->stats().batched_steps, e->stats().batches);  // sessions of a device shared passes
+  std::map<std::string, std::unique_ptr<MqaStack>> reference;  // same seed: the replicas' weights
+  for (const std::string& d : std::vector<std::string>{"cpu", devices[0], devices[1]}) {
+    if (reference.count(d)) continue;
+    MqaOptions ro = SmallModel().options;
+    ro.device = d;
+    reference[d] = Unwrap(MqaStack::Create(ro, 2));
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const std::string& d = sessions[i].device;
+    Tensor x = Concat(inputs[i]);
+    for (int layer = 0; layer < 2; ++layer) {
+      const auto& got = outs[i * 2 + static_cast<size_t>(layer)];
+      ForwardArgs on_device;
+      on_device.x = Unwrap(x.To(d));
+      EXPECT_LT(RelativeError(got, Floats(Unwrap(reference[d]->layer(layer).Forward(on_device)).out)), 1e-4)
+          << "session " << i << " on " << d << ", layer " << layer;
+      ForwardArgs on_cpu;
+      on_cpu.x = x;
+      EXPECT_LT(RelativeError(got, Floats(Unwrap(reference["cpu"]->layer(layer).Forward(on_cpu)).out)), 1e-4)
+          << "session " << i << " on " << d << ", layer " << layer << " (CPU reference)";
+    }
+  }
+  // Stateless forwards go to either replica and agree with the layer too.
+  for (int k = 0; k < 4; ++k) {
+    ForwardRequest f;
+    f.model = "small";
+    f.layer = 1;
+    f.args.x = Randn(DType::kFloat32, {2, 5, 64});
+    std::promise<StatusOr<ForwardResult>> p;
+    e->SubmitForward(f, [&](StatusOr<ForwardResult> r) { p.set_value(std::move(r)); });
+    ForwardArgs args;
+    args.x = f.args.x;
+    EXPECT_LT(RelativeError(Floats(Unwrap(p.get_future().get()).out),
+                            Floats(Unwrap(reference["cpu"]->layer(1).Forward(args)).out)),
+              1e-4);
+  }
+  for (const SessionInfo& s : sessions) ASSERT_TRUE(e->CloseSession(s.id).ok());
+  EngineStats st = e->stats();
+  EXPECT_EQ(st.kv_blocks_used, 0);
+  for (const DeviceStats& d : st.devices) EXPECT_EQ(d.kv_blocks_used, 0) << d.device;
+}
+
+TEST(MultiDevice, EverySessionMatchesTheSingleDeviceLayer) {
+  if (!HasCudaDevices(2)) GTEST_SKIP() << "needs two CUDA devices, found " << CudaDeviceCount();
+  CheckSessionsMatchTheLayer({"cuda:0", "cuda:1"}, 16);
+}
+
+TEST(MultiDevice, CpuAndCudaReplicasServeOneModel) {
+  if (!HasCudaDevices(1)) GTEST_SKIP() << "needs a CUDA device";
+  CheckSessionsMatchTheLayer({"cpu", "cuda:0"}, 6);
+}
+
+}  // namespace multi_device
 }  // namespace
 }  // namespace mqa::core

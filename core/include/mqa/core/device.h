@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "mqa/core/status.h"
 
@@ -14,6 +15,10 @@ namespace mqa::core {
 
 bool CudaAvailable();
 int CudaDeviceCount();
+// Every CUDA device this process sees, in order: {"cuda:0", "cuda:1", ...}; empty without a GPU.
+std::vector<std::string> AllCudaDevices();
+// "cuda" -> "cuda:0"; every other string unchanged (not checked: see ValidateDevice).
+std::string NormaliseDevice(std::string_view device);
 // True when this build compiled the project's own CUDA code (independent of whether a GPU is present).
 bool BuiltWithCuda();
 // Checks a device string and that the device exists here: INVALID_ARGUMENT for a malformed string,

@@ -2,7 +2,8 @@
 // computation.
 //
 // One worker thread per device ("cpu", "cuda:0", ...) owns all computation on that device: callers (gRPC
-// threads) only enqueue work and receive completions. Work of one session and layer runs in the order it was
+// threads) only enqueue work and receive completions. A model may be replicated on several devices (one copy of
+// its weights and one KV block pool per device); each session lives on one replica, picked at creation. Work of one session and layer runs in the order it was
 // submitted. Completion callbacks run on the worker thread (or inline in Submit* when a request is refused
 // before it is queued), never under an Engine lock: they may call any Engine function, but should be quick,
 // since the device waits while they run.
@@ -34,6 +35,10 @@ struct ModelConfig {
   std::string name;
   int num_layers = 1;
   MqaOptions options;               // options.seed initialises layer i with seed + i when weights_path is empty
+  // One replica per device (identical weights: the same seed or the same file), each with its own KV block pool
+  // on that device's worker. Empty: options.device alone. "cuda" means "cuda:0"; a device listed twice (after
+  // that) is INVALID_ARGUMENT. options.device is ignored when this is set.
+  std::vector<std::string> devices;
   std::string weights_path;         // safetensors file with "layers.{i}.attn.*"; empty: random from the seed
   int64_t max_tokens_per_session = 4096;
   std::string description;          // free text shown by ListModels
@@ -72,7 +77,8 @@ struct EngineOptions {
 struct ModelInfo {
   std::string name;
   int num_layers = 0;
-  MqaOptions options;
+  MqaOptions options;                          // options.device: devices[0]
+  std::vector<std::string> devices;            // one replica on each, in the configured order
   int64_t max_tokens_per_session = 0;
   std::string description;
 };
@@ -105,6 +111,7 @@ struct SessionInfo {
   PositionBias position_bias = PositionBias::kNone;
   Admission admission = Admission::kBestEffort;
   int64_t cache_bytes = 0;                     // bytes held by the session's caches
+  std::string device;                          // the replica it lives on ("cpu", "cuda:N"); all its steps run there
 };
 
 // Lets a caller withdraw queued work. Work that has not started when cancelled is dropped (CANCELLED) and
@@ -148,6 +155,17 @@ struct ForwardRequest {
 using StepCallback = std::function<void(StatusOr<StepResult>)>;
 using ForwardCallback = std::function<void(StatusOr<ForwardResult>)>;
 
+// One device's share of EngineStats (every replica on it, all models).
+struct DeviceStats {
+  std::string device;
+  size_t queue_depth = 0;
+  size_t running = 0;
+  size_t sessions_open = 0;
+  int64_t kv_blocks_total = 0;
+  int64_t kv_blocks_used = 0;
+  int64_t kv_blocks_free = 0;
+};
+
 struct EngineStats {
   size_t queue_depth = 0;           // items waiting, all devices
   size_t running = 0;               // steps and forwards being computed now
@@ -170,13 +188,27 @@ struct EngineStats {
   uint64_t dropped_cancelled = 0;   // steps and forwards dropped before compute because they were cancelled
   uint64_t dropped_deadline = 0;    // ... because their deadline had passed
   uint64_t forwards_completed = 0;
+  std::vector<DeviceStats> devices;  // per device: cpu, cuda:0, cuda:1, ...; the fields above are their totals
 };
+
+// Where a new session goes. One candidate per replica of the model: its free KV blocks, its open sessions and
+// its device's ordinal (DeviceOrdinal). RankReplicas returns the candidates' indices, best first: most free
+// blocks, then fewest sessions, then lowest ordinal, then lowest index. CreateSession takes the first; a
+// guaranteed session whose reservation the first cannot satisfy tries the next ones in this order.
+struct ReplicaLoad {
+  int64_t free_blocks = 0;
+  size_t sessions = 0;
+  int device_ordinal = 0;
+};
+std::vector<size_t> RankReplicas(const std::vector<ReplicaLoad>& replicas);
+// "cpu" -> -1, "cuda:N" -> N ("cuda" -> 0); anything else -> INT_MAX (last).
+int DeviceOrdinal(const std::string& device);
 
 class Engine {
  public:
-  // Builds every model's layers (on their devices) and starts one worker per device. INVALID_ARGUMENT for bad
-  // options or duplicate model names, NOT_FOUND / DATA_LOSS for unreadable weights, UNAVAILABLE for a device
-  // that does not exist here.
+  // Builds every model's layers (one replica per device) and starts one worker per device. INVALID_ARGUMENT for
+  // bad options, duplicate model names or a device listed twice for one model, NOT_FOUND / DATA_LOSS for
+  // unreadable weights, UNAVAILABLE for a device that does not exist here.
   static StatusOr<std::unique_ptr<Engine>> Create(EngineOptions options);
   // Stops the workers: queued work completes with UNAVAILABLE. Blocks until the worker threads have exited.
   ~Engine();
@@ -186,8 +218,10 @@ class Engine {
   std::vector<ModelInfo> ListModels() const;   // sorted by name
   StatusOr<ModelInfo> GetModel(const std::string& name) const;
 
-  // NOT_FOUND (model), INVALID_ARGUMENT (max_tokens or idle_ttl out of range), RESOURCE_EXHAUSTED (at
-  // max_sessions), UNAVAILABLE (after StopAcceptingSessions).
+  // Places the session on the model's replica with the most free KV blocks (RankReplicas); a guaranteed
+  // session reserves its blocks there, or on the next replica that has them. NOT_FOUND (model),
+  // INVALID_ARGUMENT (max_tokens or idle_ttl out of range), RESOURCE_EXHAUSTED (at max_sessions, or no replica
+  // with the blocks a guaranteed session needs), UNAVAILABLE (after StopAcceptingSessions).
   StatusOr<SessionInfo> CreateSession(const SessionConfig& config);
   // NOT_FOUND for unknown, closed or expired sessions (the message says which, for recently ended ones).
   StatusOr<SessionInfo> GetSession(const std::string& id) const;
@@ -200,7 +234,8 @@ class Engine {
   // RESOURCE_EXHAUSTED (queue full), DEADLINE_EXCEEDED / CANCELLED (dropped before compute), UNAVAILABLE
   // (engine stopping). A failed step leaves the session unchanged.
   void SubmitStep(StepRequest request, StepCallback done);
-  // Queues one stateless forward; same contract as SubmitStep (minus the session errors).
+  // Queues one stateless forward on the model's replica with the shortest queue; same contract as SubmitStep
+  // (minus the session errors).
   void SubmitForward(ForwardRequest request, ForwardCallback done);
 
   // Refuse new sessions from now on (draining). Existing sessions keep working.
