@@ -6,6 +6,7 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 
 namespace mqa::core::cuda {
@@ -243,11 +244,20 @@ template <typename T, int D>
 cudaError_t LaunchDecode(const PagedDecodeParams& p, cudaStream_t stream) {
   const int hp = (p.heads + 15) / 16 * 16;
   const size_t smem = Smem<T, D>{hp}.total();
-  // Opting in to more than 48 KiB of dynamic shared memory is per kernel and per device; it is a host-side call
-  // (allowed during graph capture), so it is simply made before every launch.
-  cudaError_t err = cudaFuncSetAttribute(PagedDecodeKernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
+  // Opting in to more than 48 KiB of dynamic shared memory is per kernel and per device. It is done once per
+  // device, for the largest shape served, before any capture can be in progress on that device.
+  static std::atomic<uint64_t> opted{0};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
+  const uint64_t bit = uint64_t{1} << (device & 63);
+  if (!(opted.load(std::memory_order_acquire) & bit)) {
+    const size_t most = Smem<T, D>{(64 * 128) / D}.total();
+    err = cudaFuncSetAttribute(PagedDecodeKernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(most));
+    if (err != cudaSuccess) return err;
+    opted.fetch_or(bit, std::memory_order_release);
+  }
   PagedDecodeKernel<T, D><<<dim3(p.num_splits, p.batch), kThreads, smem, stream>>>(p, hp);
   if (p.num_splits > 1) MergeSplits<T><<<dim3(p.heads, p.batch), D, 0, stream>>>(p);
   return cudaGetLastError();
@@ -262,6 +272,7 @@ __global__ void KvAppendKernel(int tokens, int head_dim, const T* __restrict__ k
   const int t = blockIdx.x * per_block + threadIdx.x / chunks, c = (threadIdx.x % chunks) * 8;
   if (t >= tokens || threadIdx.x >= per_block * chunks) return;
   const int64_t slot = slots[t];
+  if (slot < 0) return;  // a padding row of a captured batch
   *reinterpret_cast<uint4*>(k_cache + slot * head_dim + c) = *reinterpret_cast<const uint4*>(k_src + t * k_stride + c);
   *reinterpret_cast<uint4*>(v_cache + slot * head_dim + c) = *reinterpret_cast<const uint4*>(v_src + t * v_stride + c);
 }

@@ -58,7 +58,8 @@ int PagedDecode(const PagedDecodeParams& params, void* stream);
 
 // KV append: for t in [0, tokens): k_cache[slots[t]] = k_src[t], v_cache[slots[t]] = v_src[t], rows of head_dim
 // elements of `dtype`; source rows at k_src + t * k_src_stride elements (so k and v can be read in place from the
-// QKV projection's output). head_dim must be a multiple of 8 and both row addresses 16-byte aligned.
+// QKV projection's output). A negative slot skips its row (padding of a captured batch). head_dim must be a
+// multiple of 8 and both row addresses 16-byte aligned.
 int KvAppend(KvType dtype, int tokens, int head_dim, const void* k_src, int64_t k_src_stride, const void* v_src,
              int64_t v_src_stride, const int64_t* slots, void* k_cache, void* v_cache, void* stream);
 

@@ -9,7 +9,9 @@
 #include <cctype>
 #include <cmath>
 #include <limits>
+#include <map>
 #include <mutex>
+#include <tuple>
 #include <sstream>
 #include <stdexcept>
 
@@ -20,6 +22,8 @@
 
 #ifdef MQA_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
+#include <ATen/cuda/CUDAGraph.h>
 
 #include "copy_bandwidth.h"
 #include "paged_mqa.h"
@@ -156,6 +160,15 @@ struct MultiQueryAttention::Impl {
   mutable std::atomic<uint64_t> forwards{0};
   mutable std::atomic<uint64_t> fallbacks{0};
   mutable std::once_flag fallback_logged;
+  mutable std::atomic<uint64_t> graph_captures{0};
+  mutable std::atomic<uint64_t> graph_replays{0};
+#ifdef MQA_WITH_CUDA
+  // Captured decode passes by (bucket, table width, block size, k cache, v cache). Touched only by the one
+  // thread that runs this layer's paged passes (its device's worker).
+  mutable std::map<std::tuple<int64_t, int64_t, int32_t, const void*, const void*>, std::unique_ptr<at::cuda::CUDAGraph>>
+      graphs;
+  mutable bool graphs_broken = false;  // a capture failed: eager from then on (logged)
+#endif
 
   const at::Tensor& P(const char* name) const { return params.at(name); }
 
@@ -518,7 +531,8 @@ Status MultiQueryAttention::LoadStateDict(const TensorMap& tensors, const std::s
 }
 
 LayerCounters MultiQueryAttention::counters() const {
-  return LayerCounters{impl_->forwards.load(), impl_->fallbacks.load()};
+  return LayerCounters{impl_->forwards.load(), impl_->fallbacks.load(), impl_->graph_captures.load(),
+                       impl_->graph_replays.load()};
 }
 
 std::vector<float> AlibiSlopes(int64_t heads) {
@@ -549,6 +563,210 @@ StatusOr<Tensor> AlibiBias(int64_t heads, int64_t seq_len, bool full, DType dtyp
   });
 }
 
+namespace {
+
+struct Qkv {
+  at::Tensor q, k, v;  // [T, dim], [T, d], [T, d]: views of the projection output (or the normed q/k)
+};
+
+// The projection of every token of a pass (steps 1-3 of the spec, and the qk norms).
+Qkv Project(const MultiQueryAttention::Impl& L, const at::Tensor& x) {
+  const MqaOptions& opt = L.opt;
+  const int64_t dim = opt.dim, d = opt.head_dim();
+  at::Tensor qkv = at::linear(x, L.P("Wqkv.weight"), L.P("Wqkv.bias"));
+  if (opt.clip_qkv && *opt.clip_qkv != 0.0) qkv = qkv.clamp(-*opt.clip_qkv, *opt.clip_qkv);
+  Qkv r{qkv.narrow(1, 0, dim), qkv.narrow(1, dim, d), qkv.narrow(1, dim + d, d)};
+  if (opt.qk_ln) {
+    r.q = L.Norm(r.q, "q_ln");
+    r.k = L.Norm(r.k, "k_ln");
+  }
+  return r;
+}
+
+#ifdef MQA_WITH_CUDA
+cuda::KvType KvTypeOf(at::ScalarType t) {
+  return t == at::kBFloat16 ? cuda::KvType::kBFloat16 : cuda::KvType::kFloat16;
+}
+
+// The int32 metadata of a decode pass of B sessions with tables nb blocks wide: [B, nb] block tables, then B
+// lengths, then B ALiBi flags. Rows past decode.size() are padding: an empty table (block 0, which holds zeros),
+// length 1, no ALiBi.
+void FillDecodeMeta(const std::vector<const PagedSeq*>& decode, int64_t B, int64_t nb, int32_t block_size, int32_t* h) {
+  std::fill(h, h + B * nb + 2 * B, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    if (b >= static_cast<int64_t>(decode.size())) {
+      h[B * nb + b] = 1;
+      continue;
+    }
+    const PagedSeq& s = *decode[static_cast<size_t>(b)];
+    const int64_t used = (s.past + 1 + block_size - 1) / block_size;
+    for (int64_t i = 0; i < used; ++i) h[b * nb + i] = static_cast<int32_t>(s.table->blocks()[static_cast<size_t>(i)]);
+    h[B * nb + b] = static_cast<int32_t>(s.past + 1);
+    h[B * nb + B + b] = s.alibi ? 1 : 0;
+  }
+}
+
+// The decode kernel over B sessions described by `meta` (FillDecodeMeta's layout, on the device); q rows of B
+// sessions (any row stride), out [B, H * d] contiguous. slopes_f32: [H] float32, or undefined for no ALiBi.
+void LaunchDecode(const MultiQueryAttention::Impl& L, int64_t B, int64_t nb, int32_t block_size, const at::Tensor& meta,
+                  const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                  const at::Tensor& slopes_f32, float* workspace, int splits, const at::Tensor& out) {
+  cuda::PagedDecodeParams p;
+  p.dtype = KvTypeOf(q.scalar_type());
+  p.batch = static_cast<int>(B);
+  p.heads = static_cast<int>(L.opt.heads);
+  p.head_dim = static_cast<int>(L.opt.head_dim());
+  p.q = q.data_ptr();
+  p.q_stride = q.stride(0);
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.block_tables = meta.data_ptr<int32_t>();
+  p.block_table_stride = static_cast<int>(nb);
+  p.seq_lens = meta.data_ptr<int32_t>() + B * nb;
+  p.block_size = block_size;
+  p.scale = static_cast<float>(L.scale);
+  if (slopes_f32.defined()) {
+    p.alibi_slopes = slopes_f32.data_ptr<float>();
+    p.alibi_on = meta.data_ptr<int32_t>() + B * nb + B;
+  }
+  p.out = out.data_ptr();
+  p.out_stride = out.stride(0);
+  p.num_splits = splits;
+  p.workspace = workspace;
+  CudaCheck(cuda::PagedDecode(p, at::cuda::getCurrentCUDAStream().stream()), "PagedDecode");
+}
+
+constexpr int64_t kMaxGraphBatch = 256;
+
+// Decode-only passes (rows in session order) of at most kMaxGraphBatch sessions can replay a graph.
+bool GraphEligible(const std::vector<PagedSeq>& seqs) {
+  if (seqs.empty() || static_cast<int64_t>(seqs.size()) > kMaxGraphBatch) return false;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    if (seqs[i].tokens != 1 || seqs[i].row != static_cast<int64_t>(i)) return false;
+  }
+  // Capture needs a stream of its own; the legacy default stream cannot be captured.
+  return at::cuda::getCurrentCUDAStream() != at::cuda::getDefaultCUDAStream();
+}
+
+// Static buffers of the captured decode passes of one shape (device, batch bucket, table width, block size,
+// layer shape and dtype). Every layer's graph of that shape reads and writes these: safe, because one worker
+// thread replays them one at a time, in order, on its stream, and each result is copied out before the next.
+struct GraphIo {
+  at::Tensor x, out;                 // [bucket, dim]
+  at::Tensor meta, meta_host;        // FillDecodeMeta's layout; the host copy is pinned
+  at::Tensor slots, slots_host;      // [bucket] int64 slot of each new token, -1 for padding
+  at::Tensor slopes;                 // [H] float32
+  at::Tensor workspace;              // float32, for `splits` > 1
+  int splits = 1;
+  at::cuda::CUDAEvent staged;        // recorded after the copies out of the pinned buffers
+};
+
+GraphIo& GraphIoFor(const MultiQueryAttention::Impl& L, at::Device dev, int64_t bucket, int64_t nb, int32_t block_size) {
+  using Key = std::tuple<int, int64_t, int64_t, int32_t, int64_t, int64_t, int>;
+  static std::mutex mu;
+  static std::map<Key, std::unique_ptr<GraphIo>> ios;
+  const int64_t dim = L.opt.dim, H = L.opt.heads, d = L.opt.head_dim();
+  const Key key{dev.index(), bucket, nb, block_size, dim, H, static_cast<int>(L.dtype)};
+  std::lock_guard<std::mutex> lock(mu);
+  std::unique_ptr<GraphIo>& io = ios[key];
+  if (!io) {
+    auto fresh = std::make_unique<GraphIo>();
+    const auto o = at::TensorOptions().device(dev);
+    fresh->x = at::zeros({bucket, dim}, o.dtype(L.dtype));
+    fresh->out = at::zeros({bucket, dim}, o.dtype(L.dtype));
+    fresh->meta = at::zeros({bucket * nb + 2 * bucket}, o.dtype(at::kInt));
+    fresh->meta_host = at::zeros({bucket * nb + 2 * bucket}, at::TensorOptions().dtype(at::kInt)).pin_memory();
+    fresh->slots = at::full({bucket}, -1, o.dtype(at::kLong));
+    fresh->slots_host = at::full({bucket}, -1, at::TensorOptions().dtype(at::kLong)).pin_memory();
+    fresh->slopes = at::tensor(AlibiSlopes(H), at::TensorOptions().dtype(at::kFloat)).to(dev);
+    fresh->splits = cuda::PagedDecodeSplits(static_cast<int>(bucket), static_cast<int>(nb * block_size),
+                                            static_cast<int>(H), static_cast<int>(d),
+                                            at::cuda::getDeviceProperties(dev.index())->multiProcessorCount);
+    if (fresh->splits > 1) {
+      const size_t bytes = cuda::PagedDecodeWorkspaceBytes(static_cast<int>(bucket), static_cast<int>(H),
+                                                           static_cast<int>(d), fresh->splits);
+      fresh->workspace = at::empty({static_cast<int64_t>(bytes / sizeof(float))}, o.dtype(at::kFloat));
+    }
+    io = std::move(fresh);
+  }
+  return *io;
+}
+
+// One memory pool per device for the temporaries of every captured graph: replays never overlap (one worker
+// thread, one stream), so they can share it.
+at::cuda::MempoolId_t GraphPool(int device) {
+  static std::mutex mu;
+  static std::map<int, at::cuda::MempoolId_t> pools;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = pools.find(device);
+  if (it == pools.end()) it = pools.emplace(device, at::cuda::graph_pool_handle()).first;
+  return it->second;
+}
+
+// A decode-only pass through a captured graph: the batch is padded to a power of two (padding rows append
+// nothing and attend to the zero block), block tables to a power-of-two width of at least 16 blocks. The first
+// pass of a shape runs eagerly (warming cuBLAS up for it) and is then captured; later ones replay.
+at::Tensor DecodeWithGraph(const MultiQueryAttention::Impl& L, const at::Tensor& x, const std::vector<PagedSeq>& seqs,
+                           int32_t block_size, const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  const int64_t B = static_cast<int64_t>(seqs.size()), H = L.opt.heads, d = L.opt.head_dim();
+  int64_t bucket = 1, len_max = 0;
+  while (bucket < B) bucket *= 2;
+  std::vector<const PagedSeq*> decode;
+  for (const PagedSeq& s : seqs) {
+    decode.push_back(&s);
+    len_max = std::max(len_max, s.past + 1);
+  }
+  int64_t nb = 16;
+  while (nb * block_size < len_max) nb *= 2;
+  GraphIo& io = GraphIoFor(L, x.device(), bucket, nb, block_size);
+  const c10::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
+  io.staged.synchronize();  // the previous pass's copies out of the pinned buffers are done
+  FillDecodeMeta(decode, bucket, nb, block_size, io.meta_host.data_ptr<int32_t>());
+  int64_t* slots = io.slots_host.data_ptr<int64_t>();
+  for (int64_t b = 0; b < bucket; ++b) slots[b] = b < B ? seqs[static_cast<size_t>(b)].table->Slot(seqs[static_cast<size_t>(b)].past) : -1;
+  io.meta.copy_(io.meta_host, /*non_blocking=*/true);
+  io.slots.copy_(io.slots_host, /*non_blocking=*/true);
+  io.staged.record(stream);
+  io.x.narrow(0, 0, B).copy_(x);
+
+  auto body = [&] {
+    auto [q, k, v] = Project(L, io.x);
+    CudaCheck(cuda::KvAppend(KvTypeOf(L.dtype), static_cast<int>(bucket), static_cast<int>(d), k.data_ptr(), k.stride(0),
+                             v.data_ptr(), v.stride(0), io.slots.data_ptr<int64_t>(), k_cache.data_ptr(),
+                             v_cache.data_ptr(), stream.stream()),
+              "KvAppend");
+    at::Tensor ctx = at::empty({bucket, H * d}, io.x.options());
+    LaunchDecode(L, bucket, nb, block_size, io.meta, q, k_cache, v_cache, io.slopes,
+                 io.workspace.defined() ? io.workspace.data_ptr<float>() : nullptr, io.splits, ctx);
+    io.out.copy_(at::linear(ctx, L.P("out_proj.weight"), L.P("out_proj.bias")));
+  };
+  auto& graph = L.graphs[{bucket, nb, block_size, k_cache.data_ptr(), v_cache.data_ptr()}];
+  if (graph) {
+    graph->replay();
+    L.graph_replays.fetch_add(1, std::memory_order_relaxed);
+  } else {
+    body();  // this pass's result, eagerly; the capture below records without running
+    auto fresh = std::make_unique<at::cuda::CUDAGraph>();
+    fresh->capture_begin(GraphPool(x.device().index()), cudaStreamCaptureModeThreadLocal);
+    try {
+      body();
+    } catch (...) {
+      try {
+        fresh->capture_end();
+      } catch (...) {
+      }
+      throw;
+    }
+    fresh->capture_end();
+    graph = std::move(fresh);
+    L.graph_captures.fetch_add(1, std::memory_order_relaxed);
+  }
+  return io.out.narrow(0, 0, B).clone();
+}
+#endif
+
+}  // namespace
+
 StatusOr<at::Tensor> PagedForward(const MultiQueryAttention& layer, const at::Tensor& x,
                                   const std::vector<PagedSeq>& seqs, int32_t block_size, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache) {
@@ -562,16 +780,22 @@ StatusOr<at::Tensor> PagedForward(const MultiQueryAttention& layer, const at::Te
     // Small index tensors go to the device from pinned memory, asynchronously: a pageable copy would make the
     // host wait for the GPU work queued before it.
     auto to_dev = [&](const at::Tensor& t) { return dev.is_cpu() ? t : t.pin_memory().to(dev, /*non_blocking=*/true); };
-    // One projection GEMM over every token of the pass.
-    at::Tensor qkv = at::linear(x, L.P("Wqkv.weight"), L.P("Wqkv.bias"));
-    if (opt.clip_qkv && *opt.clip_qkv != 0.0) qkv = qkv.clamp(-*opt.clip_qkv, *opt.clip_qkv);
-    at::Tensor q = qkv.narrow(1, 0, dim);
-    at::Tensor k = qkv.narrow(1, dim, d);
-    at::Tensor v = qkv.narrow(1, dim + d, d);
-    if (opt.qk_ln) {
-      q = L.Norm(q, "q_ln");
-      k = L.Norm(k, "k_ln");
+    const bool kernels = L.KernelsServe();
+#ifdef MQA_WITH_CUDA
+    if (kernels && opt.cuda_graphs && !L.graphs_broken && GraphEligible(seqs)) {
+      try {
+        return DecodeWithGraph(L, x, seqs, block_size, k_cache, v_cache);
+      } catch (const std::exception& e) {
+        // The eager path below computes the same pass (the warm-up may already have appended the same K/V).
+        L.graphs_broken = true;
+        std::string msg = e.what();
+        if (auto nl = msg.find('\n'); nl != std::string::npos) msg.resize(nl);
+        Log(LogLevel::kWarning, "CUDA graph capture failed; this layer runs its decode passes eagerly from now on: " + msg);
+      }
     }
+#endif
+    // One projection GEMM over every token of the pass.
+    auto [q, k, v] = Project(L, x);
     // KV append: every new token's slot, then one scatter per cache.
     std::vector<int64_t> new_slots;
     new_slots.reserve(static_cast<size_t>(T));
@@ -581,16 +805,14 @@ StatusOr<at::Tensor> PagedForward(const MultiQueryAttention& layer, const at::Te
       }
     }
     const at::Tensor slot_index = to_dev(at::tensor(new_slots, i64));
-    const bool kernels = L.KernelsServe();
     if (!kernels && opt.attn_impl == AttnImpl::kTriton) {
       L.NoteFallback("the paged pass needs CUDA, bfloat16 or float16 and head_dim 64 or 128 for the fused kernels; "
                      "it computes with the torch path");
     }
 #ifdef MQA_WITH_CUDA
     if (kernels) {
-      const cuda::KvType kv_type = x.scalar_type() == at::kBFloat16 ? cuda::KvType::kBFloat16 : cuda::KvType::kFloat16;
       // k and v are read in place (row stride of the projection output, or of the normed k).
-      CudaCheck(cuda::KvAppend(kv_type, static_cast<int>(T), static_cast<int>(d), k.data_ptr(), k.stride(0),
+      CudaCheck(cuda::KvAppend(KvTypeOf(x.scalar_type()), static_cast<int>(T), static_cast<int>(d), k.data_ptr(), k.stride(0),
                                v.data_ptr(), v.stride(0), slot_index.data_ptr<int64_t>(), k_cache.data_ptr(),
                                v_cache.data_ptr(), at::cuda::getCurrentCUDAStream().stream()),
                 "KvAppend");
@@ -618,60 +840,72 @@ StatusOr<at::Tensor> PagedForward(const MultiQueryAttention& layer, const at::Te
       const int64_t B = static_cast<int64_t>(decode.size());
       int64_t len_max = 0;
       bool in_order = true;  // decode rows are 0..B-1: q and ctx are read and written in place
+      std::vector<int64_t> rows;
       for (int64_t b = 0; b < B; ++b) {
         len_max = std::max(len_max, decode[static_cast<size_t>(b)]->past + 1);
         in_order = in_order && decode[static_cast<size_t>(b)]->row == b;
+        rows.push_back(decode[static_cast<size_t>(b)]->row);
       }
       const int64_t nb = (len_max + block_size - 1) / block_size;
-      at::Tensor host = at::zeros({B * nb + 2 * B}, at::TensorOptions().dtype(at::kInt));
-      int32_t* h = host.data_ptr<int32_t>();
-      std::vector<int64_t> rows;
-      for (int64_t b = 0; b < B; ++b) {
-        const PagedSeq& s = *decode[static_cast<size_t>(b)];
-        const int64_t used = (s.past + 1 + block_size - 1) / block_size;
-        for (int64_t i = 0; i < used; ++i) h[b * nb + i] = static_cast<int32_t>(s.table->blocks()[static_cast<size_t>(i)]);
-        h[B * nb + b] = static_cast<int32_t>(s.past + 1);
-        h[B * nb + B + b] = s.alibi ? 1 : 0;
-        rows.push_back(s.row);
-      }
+      at::Tensor host = at::empty({B * nb + 2 * B}, at::TensorOptions().dtype(at::kInt));
+      FillDecodeMeta(decode, B, nb, block_size, host.data_ptr<int32_t>());
       const at::Tensor meta = to_dev(host);
-      cuda::PagedDecodeParams p;
-      p.dtype = x.scalar_type() == at::kBFloat16 ? cuda::KvType::kBFloat16 : cuda::KvType::kFloat16;
-      p.batch = static_cast<int>(B);
-      p.heads = static_cast<int>(H);
-      p.head_dim = static_cast<int>(d);
       at::Tensor q_dec = in_order ? q : q.index_select(0, to_dev(at::tensor(rows, i64)));
-      p.q = q_dec.data_ptr();
-      p.q_stride = q_dec.stride(0);
-      p.k_cache = k_cache.data_ptr();
-      p.v_cache = v_cache.data_ptr();
-      p.block_tables = meta.data_ptr<int32_t>();
-      p.block_table_stride = static_cast<int>(nb);
-      p.seq_lens = meta.data_ptr<int32_t>() + B * nb;
-      p.block_size = block_size;
-      p.scale = static_cast<float>(L.scale);
-      if (any_alibi) {
-        p.alibi_slopes = slopes_f32.data_ptr<float>();
-        p.alibi_on = meta.data_ptr<int32_t>() + B * nb + B;
-      }
-      at::Tensor out = in_order ? ctx : at::empty({B, H, d}, x.options());
-      p.out = out.data_ptr();
-      p.out_stride = H * d;
-      p.num_splits = cuda::PagedDecodeSplits(p.batch, static_cast<int>(len_max), p.heads, p.head_dim,
-                                             at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+      at::Tensor out = in_order ? ctx.view({T, H * d}) : at::empty({B, H * d}, x.options());
+      const int splits = cuda::PagedDecodeSplits(static_cast<int>(B), static_cast<int>(len_max), static_cast<int>(H),
+                                                 static_cast<int>(d), at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
       at::Tensor workspace;
-      if (p.num_splits > 1) {
-        const size_t bytes = cuda::PagedDecodeWorkspaceBytes(p.batch, p.heads, p.head_dim, p.num_splits);
+      if (splits > 1) {
+        const size_t bytes = cuda::PagedDecodeWorkspaceBytes(static_cast<int>(B), static_cast<int>(H), static_cast<int>(d), splits);
         workspace = at::empty({static_cast<int64_t>(bytes / sizeof(float))}, x.options().dtype(at::kFloat));
-        p.workspace = workspace.data_ptr<float>();
       }
-      CudaCheck(cuda::PagedDecode(p, at::cuda::getCurrentCUDAStream().stream()), "PagedDecode");
-      if (!in_order) ctx.index_copy_(0, to_dev(at::tensor(rows, i64)), out);
+      LaunchDecode(L, B, nb, block_size, meta, q_dec, k_cache, v_cache, any_alibi ? slopes_f32 : at::Tensor(),
+                   workspace.defined() ? workspace.data_ptr<float>() : nullptr, splits, out);
+      if (!in_order) ctx.index_copy_(0, to_dev(at::tensor(rows, i64)), out.view({B, H, d}));
       decode.clear();
     }
 #endif
     // Decode tokens (one per session) attend together: each session's slots are gathered into a padded
     // [B, L_max] index; padding and the unused tail of a block point at block 0 (zeros) and are masked out.
+    if (!decode.empty()) {
+      const int64_t B = static_cast<int64_t>(decode.size());
+      int64_t len_max = 0;
+      for (const PagedSeq* s : decode) len_max = std::max(len_max, s->past + 1);
+      const int64_t nb = (len_max + block_size - 1) / block_size;
+      std::vector<int64_t> tables(static_cast<size_t>(B * nb), 0), lengths, rows;
+      for (int64_t b = 0; b < B; ++b) {
+        const PagedSeq& s = *decode[static_cast<size_t>(b)];
+        const int64_t used = (s.past + 1 + block_size - 1) / block_size;
+        for (int64_t i = 0; i < used; ++i) tables[static_cast<size_t>(b * nb + i)] = s.table->blocks()[static_cast<size_t>(i)];
+        lengths.push_back(s.past + 1);
+        rows.push_back(s.row);
+      }
+      const at::Tensor table = to_dev(at::tensor(tables, i64).view({B, nb}));
+      const at::Tensor length = to_dev(at::tensor(lengths, i64)).view({B, 1});
+      const at::Tensor pos = at::arange(len_max, i64.device(dev)).view({1, len_max});
+      const at::Tensor valid = pos < length;                                        // [B, L_max]
+      at::Tensor slots = (table.unsqueeze(-1) * block_size + at::arange(block_size, i64.device(dev)))
+                             .view({B, nb * block_size})
+                             .narrow(1, 0, len_max);
+      slots = at::where(valid, slots, at::zeros_like(slots));
+      const at::Tensor kg = k_cache.index_select(0, slots.reshape(-1)).view({B, len_max, d});
+      const at::Tensor vg = v_cache.index_select(0, slots.reshape(-1)).view({B, len_max, d});
+      const at::Tensor row_index = to_dev(at::tensor(rows, i64));
+      const at::Tensor qd = q.index_select(0, row_index).view({B, H, d});
+      at::Tensor attn = at::bmm(qd, kg.transpose(1, 2)) * L.scale;                 // [B, H, L_max]
+      std::vector<uint8_t> alibi_rows;
+      for (const PagedSeq* s : decode) alibi_rows.push_back(s->alibi ? 1 : 0);
+      if (any_alibi) {
+        // Causal form relative to each session's last key: m_h * (j - (len - 1)).
+        const at::Tensor rel = (pos - (length - 1)).to(x.scalar_type()).view({B, 1, len_max});
+        const at::Tensor on = to_dev(at::tensor(alibi_rows, at::TensorOptions().dtype(at::kByte))).to(at::kBool).view({B, 1, 1});
+        attn = attn + at::where(on, slopes.view({1, H, 1}) * rel, at::zeros({}, attn.options()));
+      }
+      attn = attn.masked_fill(valid.logical_not().view({B, 1, len_max}), -std::numeric_limits<double>::infinity());
+      const at::Tensor p = at::softmax(attn, -1);
+      ctx.index_copy_(0, row_index, at::bmm(p.to(vg.scalar_type()), vg));         // [B, H, d]
+    }
+
 #ifdef MQA_WITH_CUDA
     if (kernels) {
       // Prefill chunks of the same (causal, alibi) kind go through one variable-length flash call against their

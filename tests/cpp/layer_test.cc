@@ -80,13 +80,21 @@ TEST(Options, UnknownFcTypeImplAndDtypeAreClearErrors) {
   EXPECT_EQ(MultiQueryAttention::Create(o3).status().code(), StatusCode::kInvalidArgument);
 }
 
-TEST(Options, TritonSaysItsKernelsDoNotExistYet) {
+TEST(Options, TritonOnTheCpuFallsBackToTorchVisibly) {
+  // The fused kernels need CUDA and 16 bits: here triton computes with the torch path, counted per forward.
   MqaOptions o;
   o.attn_impl = AttnImpl::kTriton;
-  auto r = MultiQueryAttention::Create(o);
-  ASSERT_FALSE(r.ok());
-  EXPECT_EQ(r.status().code(), StatusCode::kUnimplemented);
-  EXPECT_NE(r.status().message().find("not built yet"), std::string::npos);
+  o.seed = 3;
+  auto triton = Unwrap(MultiQueryAttention::Create(o));
+  o.attn_impl = AttnImpl::kTorch;
+  auto torch_layer = Unwrap(MultiQueryAttention::Create(o));
+  ForwardArgs args;
+  args.x = Randn(DType::kFloat32, {2, 5, 512});
+  auto a = Floats(Unwrap(triton->Forward(args)).out);
+  auto b = Floats(Unwrap(torch_layer->Forward(args)).out);
+  EXPECT_EQ(a, b);
+  EXPECT_EQ(triton->counters().fallbacks_to_torch, 1u);
+  EXPECT_EQ(torch_layer->counters().fallbacks_to_torch, 0u);
 }
 
 TEST(Options, DevicesAreChecked) {

@@ -4,6 +4,7 @@
 // compute-sanitizer for the small case).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -331,6 +332,59 @@ TEST(PagedForwardTriton, MixedPassesMatchTheTorchPathInFp32) {
     ASSERT_TRUE(want_d.ok());
     EXPECT_LT(RelErr(*got_d, *want_d), 3e-2) << "variant " << variant << " decode-only pass";
   }
+}
+
+// Decode passes replayed from captured CUDA graphs equal the same passes launched eagerly, across batch buckets
+// (padding rows must append nothing and leave block 0 zero) and table widths (lengths growing past 16 blocks).
+TEST(PagedForwardTriton, GraphReplaysEqualEagerPasses) {
+  REQUIRE_CUDA();
+  std::mt19937_64 rng(Seed() + 5);
+  c10::cuda::CUDAStreamGuard stream_guard(c10::cuda::getStreamFromPool());  // capture needs a side stream
+  MqaOptions o;
+  o.dim = 1024;
+  o.heads = 16;  // head_dim 64
+  o.device = "cuda";
+  o.dtype = DType::kBFloat16;
+  o.attn_impl = AttnImpl::kTriton;
+  o.seed = rng();
+  auto graphed = std::move(MultiQueryAttention::Create(o)).value();
+  o.cuda_graphs = false;
+  auto eager = std::move(MultiQueryAttention::Create(o)).value();
+  const int32_t bs = 8;
+  BlockPool pool(2048, bs);
+  const auto co = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
+  at::Tensor kc_g = at::zeros({2048 * bs, 64}, co), vc_g = at::zeros_like(kc_g);
+  at::Tensor kc_e = at::zeros_like(kc_g), vc_e = at::zeros_like(kc_g);
+  std::vector<std::unique_ptr<BlockTable>> tables;
+  std::vector<int64_t> lens;
+  at::manual_seed(rng());
+  for (int b = 0; b < 19; ++b) {
+    tables.push_back(std::make_unique<BlockTable>(&pool));
+    lens.push_back(100 + 9 * b);  // 100..262: 13..33 blocks of 8, so widths 16, 32 and 64 all occur
+  }
+  // Steps with 19, 5, 1 and 19 sessions again (buckets 32, 8, 1, 32), several of each so graphs replay.
+  const std::vector<int> batches = {19, 19, 5, 5, 1, 1, 19, 19, 5};
+  for (size_t step = 0; step < batches.size(); ++step) {
+    std::vector<PagedSeq> seqs;
+    for (int b = 0; b < batches[step]; ++b) {
+      const size_t i = static_cast<size_t>(b);
+      ASSERT_TRUE(tables[i]->EnsureCapacity(lens[i] + 1).ok());
+      seqs.push_back(PagedSeq{b, 1, lens[i], tables[i].get(), true, b % 3 == 0});
+    }
+    const at::Tensor x = at::randn({batches[step], 1024}, co);
+    auto g = PagedForward(*graphed, x, seqs, bs, kc_g, vc_g);
+    auto e = PagedForward(*eager, x, seqs, bs, kc_e, vc_e);
+    ASSERT_TRUE(g.ok() && e.ok()) << g.status().ToString() << " " << e.status().ToString();
+    EXPECT_LT(RelErr(*g, *e), 1e-2) << "step " << step << " batch " << batches[step];
+    for (int b = 0; b < batches[step]; ++b) ++lens[static_cast<size_t>(b)];
+  }
+  EXPECT_TRUE(at::equal(kc_g.narrow(0, 0, bs), at::zeros({bs, 64}, co))) << "padding wrote into block 0";
+  EXPECT_LT(RelErr(kc_g, kc_e), 1e-2);
+  EXPECT_LT(RelErr(vc_g, vc_e), 1e-2);
+  const LayerCounters c = graphed->counters();
+  EXPECT_GE(c.graph_captures, 3u);
+  EXPECT_GE(c.graph_replays, 4u);
+  EXPECT_EQ(eager->counters().graph_replays, 0u);
 }
 
 TEST(PagedForwardTriton, FallsBackVisiblyWhereTheKernelsCannotServe) {

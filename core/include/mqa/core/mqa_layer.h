@@ -52,6 +52,9 @@ struct MqaOptions {
   std::string device = "cpu";           // "cpu", "cuda", "cuda:N"
   DType dtype = DType::kFloat32;        // parameters and activations: float32, bfloat16 or float16
   uint64_t seed = 0;                    // initialisation seed, as torch.manual_seed(seed) + nn.Linear defaults
+  // attn_impl triton on CUDA: decode-only passes of the paged engine replay a CUDA graph captured per batch
+  // bucket (1, 2, 4, ..., 256 sessions, padded up) and table width, instead of launching each kernel.
+  bool cuda_graphs = true;
 
   int64_t head_dim() const { return heads > 0 ? dim / heads : 0; }
 };
@@ -87,6 +90,8 @@ struct ForwardResult {
 struct LayerCounters {
   uint64_t forwards = 0;
   uint64_t fallbacks_to_torch = 0;  // flash/triton requests served by another path (see AttnImpl)
+  uint64_t graph_captures = 0;      // CUDA graphs captured (one per batch bucket and table width in use)
+  uint64_t graph_replays = 0;       // paged decode passes served by replaying one
 };
 
 class MultiQueryAttention {
