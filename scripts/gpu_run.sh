@@ -2,10 +2,13 @@
 # One call on the GPU machine (device tool): build, run the whole test suite with the CUDA paths, benchmark.
 # Carried paths: .device-debs (../shared/gpu/fetch-debs.sh), .whl (Python wheels the machine lacks), and
 # .shared-gpu (a copy of ../shared/gpu, used when ../shared did not travel).
-# Usage: scripts/gpu_run.sh [all|test|bench|service|batch]      results under $OUT (default /tmp/mqa-out)
+# Usage: scripts/gpu_run.sh [all|test|bench|service|batch|kernels|docker]...   results under $OUT (default /tmp/mqa-out)
+#   kernels  the CUDA kernel tests (also under compute-sanitizer memcheck) and mqa-bench-kernels
+#   docker   the Dockerfile's build-stage steps (setup.sh's downloads excepted) and a run of the bundle it makes
 set -uo pipefail
 cd "$(dirname "$0")/.."
-what=${1:-all}
+what=" ${*:-all} "
+want() { [[ "$what" == *" all "* || "$what" == *" $1 "* ]]; }
 OUT=${OUT:-/tmp/mqa-out}
 mkdir -p "$OUT"
 if [ -f ../shared/gpu/gpu-env.sh ]; then
@@ -27,13 +30,18 @@ fi
 # shellcheck disable=SC1090
 source "$env_sh" .device-debs
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+if [[ "$what" == *" docker "* ]]; then
+  # In the background, beside the test build: the image's build steps, then its runtime as the image runs it.
+  bash scripts/gpu_docker_check.sh "$OUT/docker" > "$OUT/docker.log" 2>&1 &
+  docker_pid=$!
+fi
 set -e
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DMQA_PYTHON="$(command -v python3)" > "$OUT/configure.log" 2>&1 \
   || { tail -40 "$OUT/configure.log"; exit 1; }
-cmake --build build-gpu -j16 > "$OUT/build.log" 2>&1 || { grep -E 'error' -A5 "$OUT/build.log" | head -60; exit 1; }
+cmake --build build-gpu -j"${MQA_BUILD_JOBS:-16}" > "$OUT/build.log" 2>&1 || { grep -E 'error' -A5 "$OUT/build.log" | head -60; exit 1; }
 set +e
 rc=0
-if [ "$what" = all ] || [ "$what" = test ]; then
+if want test; then
   # Deployment lint (hadolint, yamllint, kubernetes-validate) is CPU-side work that CI runs; nginx and
   # Prometheus are not on this machine, so their tests skip here (and only here).
   MQA_ALLOW_MISSING_TOOLS=1 ctest --test-dir build-gpu --output-on-failure -j4 -LE deploy > "$OUT/ctest.log" 2>&1; rc=$?
@@ -43,7 +51,7 @@ if [ "$what" = all ] || [ "$what" = test ]; then
   echo "reference: $(grep -E '^\[  PASSED|^\[  FAILED' "$OUT/reference.log" | head -3 | tr '\n' ' ')"
   build-gpu/tests/mqa_reference_test build-gpu/reference_cases --gtest_filter='*cuda*' --gtest_brief=1 2>&1 | tail -3
 fi
-if [ "$what" = all ] || [ "$what" = bench ]; then
+if want bench; then
   # Twice, so the spread between two identical runs shows what counts as noise.
   for pass in 1 2; do
     mkdir -p "$OUT/pass$pass"
@@ -51,12 +59,12 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
     sed -n '/== layer forward/,$p' "$OUT/bench$pass.txt"
   done
 fi
-if [ "$what" = all ] || [ "$what" = batch ]; then
+if want batch; then
   # Continuous batching vs one step per pass, in process and over gRPC (issue 4), same run.
   python3 bench/run_engine_bench.py --preset gpu --build build-gpu --out "$OUT/batch" > "$OUT/batch.txt" 2>&1
   echo "batch bench rc=$?"; tail -30 "$OUT/batch.txt"
 fi
-if [ "$what" = all ] || [ "$what" = service ]; then
+if want service; then
   # The main job on the GPU: mqa-server with its embedded default model (bf16 on cuda:0), then a model of
   # dim 4096 / 32 heads, each driven by mqa-cli session-demo over loopback (unbatched: issue 4 adds batching).
   run_service() {  # name, extra server args, demo args...
@@ -80,5 +88,21 @@ if [ "$what" = all ] || [ "$what" = service ]; then
 JSON
   run_service big "--config $OUT/big.json" --tokens 128 --prefill 512
   run_service big8 "--config $OUT/big.json" --tokens 64 --prefill 512 --sessions 8
+fi
+if want kernels; then
+  build-gpu/tests/mqa_kernel_test > "$OUT/kernel_test.log" 2>&1; k=$?; [ $k -eq 0 ] || rc=$k
+  echo "kernel tests rc=$k: $(grep -E '^\[  PASSED|^\[  FAILED' "$OUT/kernel_test.log" | tr '\n' ' ')"
+  grep -E "^\[  FAILED|Failure|error" -A4 "$OUT/kernel_test.log" | head -40
+  # Memcheck needs every buffer to be its own allocation: PyTorch's caching allocator hides overruns.
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --leak-check no --error-exitcode 3 \
+    build-gpu/tests/mqa_kernel_test --gtest_filter='PagedDecodeKernel.SmallCaseForSanitizer:KvAppendKernel.*' \
+    > "$OUT/sanitizer.log" 2>&1; k=$?; [ $k -eq 0 ] || rc=$k
+  echo "compute-sanitizer memcheck rc=$k: $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)"
+  build-gpu/bench/mqa-bench-kernels --json "$OUT/bench-kernels.json" > "$OUT/bench-kernels.txt" 2>&1
+  echo "bench rc=$?"; cat "$OUT/bench-kernels.txt"
+fi
+if [ -n "${docker_pid:-}" ]; then
+  wait "$docker_pid"; k=$?; [ $k -eq 0 ] || rc=$k
+  echo "== docker build steps rc=$k"; tail -25 "$OUT/docker.log"
 fi
 exit $rc
