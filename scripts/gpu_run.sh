@@ -89,6 +89,13 @@ JSON
   run_service big "--config $OUT/big.json" --tokens 128 --prefill 512
   run_service big8 "--config $OUT/big.json" --tokens 64 --prefill 512 --sessions 8
 fi
+if [[ "$what" == *" engine "* ]]; then
+  # The engine's CUDA tests only (the full suite is the test mode): batching, several devices, the layer on CUDA.
+  timeout 300 build-gpu/tests/mqa_core_test --gtest_filter='Batching.*:MultiDevice.*:Engine.*:*Cuda*:*cuda*' \
+    > "$OUT/engine_test.log" 2>&1; k=$?; [ $k -eq 0 ] || rc=$k
+  echo "engine tests rc=$k: $(grep -E '^\[  PASSED|^\[  FAILED|^\[  SKIPPED' "$OUT/engine_test.log" | tr '\n' ' ')"
+  grep -E "^\[  FAILED|Failure" -A6 "$OUT/engine_test.log" | head -40
+fi
 if want kernels; then
   build-gpu/tests/mqa_kernel_test > "$OUT/kernel_test.log" 2>&1; k=$?; [ $k -eq 0 ] || rc=$k
   echo "kernel tests rc=$k: $(grep -E '^\[  PASSED|^\[  FAILED' "$OUT/kernel_test.log" | tr '\n' ' ')"
