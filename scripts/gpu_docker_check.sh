@@ -53,7 +53,8 @@ echo "docker-check: HEALTHCHECK (mqa-cli health): $(tail -1 "$out/cli.txt")"
 "${as_user[@]}" "${run[@]}" mqa-cli session-demo --target "$target" --tokens 64 --prefill 32 --sessions 4 \
   >> "$out/cli.txt" 2>&1 || fail "mqa-cli session-demo"
 grep -vE "^progress" "$out/cli.txt" | tail -8
-curl -sf "http://127.0.0.1:$(cat "$state/mport")/metrics" > "$out/metrics.txt" || fail "/metrics"
+python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())' \
+  "http://127.0.0.1:$(cat "$state/mport")/metrics" > "$out/metrics.txt" || fail "/metrics"
 echo "docker-check: /metrics: $(grep -c '^mqa_' "$out/metrics.txt") samples, e.g. $(grep -m1 '^mqa_kv_cache_usage_ratio' "$out/metrics.txt")"
 grep -m1 -o '"device[^,]*' "$out/server.log" | head -1
 kill -TERM "$pid"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (device tool): build, run the whole test suite with the CUDA paths, benchmark.
-# Carried paths: .device-debs (../shared/gpu/fetch-debs.sh), .whl (Python wheels the machine lacks), and
+# Carried paths: .device-debs (../shared/gpu/fetch-debs.sh libgmock-dev libcpp-httplib-dev libcpp-httplib0.11
+# libbrotli-dev libbrotli1: the shared list lacks the metrics server's HTTP library), .whl (Python wheels the machine lacks), and
 # .shared-gpu (a copy of ../shared/gpu, used when ../shared did not travel).
 # Usage: scripts/gpu_run.sh [all|test|bench|service|batch|kernels|docker]...   results under $OUT (default /tmp/mqa-out)
 #   kernels  the CUDA kernel tests (also under compute-sanitizer memcheck) and mqa-bench-kernels
