@@ -46,7 +46,14 @@ struct LoadState {
   std::string default_device = "auto";
   std::string device_origin;  // where default_device came from ("" = the built-in "auto")
   bool device_flag = false;
+  // --devices / MQA_DEVICES: every model's devices, resolved ("all" expanded, "cuda" -> "cuda:0"); empty = unset.
+  std::vector<std::string> devices;
+  std::string devices_origin;
+  bool devices_flag = false;
+  std::vector<std::string> devices_notices;  // what resolving them is worth telling the log
   std::vector<core::ModelConfig> file_models;
+  std::vector<bool> file_model_dtype_set;  // per file model: dtype given (else it follows the first device)
+  std::vector<std::string> file_notices;
 };
 
 enum class Kind { kString, kInteger, kNumber, kNone };
@@ -148,6 +155,76 @@ Status ApplyInteger(int64_t& out, int64_t min, std::string_view v, const std::st
                     std::string_view unit = "") {
   MQA_ASSIGN_OR_RETURN(out, ParseInteger(v, min, INT64_MAX, origin, unit));
   return Status::Ok();
+}
+
+// "all": every CUDA device this process sees, or the CPU when it sees none (which is worth a line in the log).
+std::vector<std::string> AllDevices(const std::string& origin, std::vector<std::string>* notices) {
+  std::vector<std::string> all = core::AllCudaDevices();
+  if (!all.empty()) return all;
+  notices->push_back(origin + ": 'all' found no CUDA device here, so it means the CPU");
+  return {"cpu"};
+}
+
+// A devices list as it is read: each entry as spelled, where it came from, and normalised.
+struct DeviceList {
+  std::vector<std::string> devices;    // "cuda" -> "cuda:0"
+  std::vector<std::string> spellings;  // as given
+  std::vector<std::string> origins;
+
+  // Adds one entry: not "all", not empty, not listed already. Whether the device exists is checked by Resolve,
+  // once the whole list is known, so that a duplicate is reported as such on any machine.
+  Status Add(std::string_view spelled, const std::string& origin);
+  // Every device present on this machine: the normalised list, or the first failure (UNAVAILABLE for a GPU this
+  // machine lacks, INVALID_ARGUMENT for a malformed name).
+  StatusOr<std::vector<std::string>> Resolve() const {
+    for (size_t i = 0; i < devices.size(); ++i) {
+      if (Status st = core::ValidateDevice(spellings[i]); !st.ok()) {
+        return Status(st.code(), origins[i] + ": " + st.message());
+      }
+    }
+    return devices;
+  }
+};
+
+Status DeviceList::Add(std::string_view spelled, const std::string& origin) {
+  if (spelled == "all") {
+    return InvalidArgumentError(origin + ": 'all' stands alone (every GPU here), it cannot be one of a list");
+  }
+  if (spelled.empty() || spelled == "auto") {
+    return InvalidArgumentError(origin + ": expected cpu, cuda or cuda:N, got " + Quoted(spelled));
+  }
+  const std::string device = core::NormaliseDevice(spelled);
+  const auto seen = std::find(devices.begin(), devices.end(), device);
+  if (seen != devices.end()) {
+    const std::string& first = spellings[static_cast<size_t>(seen - devices.begin())];
+    return InvalidArgumentError(origin + ": " + device + " is listed twice" +
+                                (first != spelled ? " (\"cuda\" means \"cuda:0\")" : "") +
+                                "; a model has at most one replica per device");
+  }
+  devices.push_back(device);
+  spellings.push_back(std::string(spelled));
+  origins.push_back(origin);
+  return Status::Ok();
+}
+
+// --devices / MQA_DEVICES: "all", or devices separated by commas ("cuda:0,cuda:1").
+StatusOr<std::vector<std::string>> ParseDeviceList(std::string_view v, const std::string& origin,
+                                                   std::vector<std::string>* notices) {
+  if (v == "all") return AllDevices(origin, notices);
+  DeviceList list;
+  size_t start = 0;
+  for (;;) {
+    const size_t comma = v.find(',', start);
+    const std::string_view item = v.substr(start, comma == std::string_view::npos ? comma : comma - start);
+    if (item.empty()) {
+      return InvalidArgumentError(origin + ": expected all or a comma-separated list of devices (cpu, cuda, "
+                                  "cuda:N), got " + Quoted(v) + " (an empty entry)");
+    }
+    MQA_RETURN_IF_ERROR(list.Add(item, origin));
+    if (comma == std::string_view::npos) break;
+    start = comma + 1;
+  }
+  return list.Resolve();
 }
 
 // One table drives the flags, the environment, the file's top-level scalars and --help, so they cannot drift
@@ -324,6 +401,18 @@ const std::vector<Setting>& Settings() {
          s.device_flag = origin.rfind("--", 0) == 0;
          return Status::Ok();
        }},
+      {"--devices", "MQA_DEVICES", "", "LIST", Kind::kString, "(each model's)",
+       "run every model on these devices, one replica each: all (every GPU here; the CPU when there is none) or "
+       "a comma list (cuda:0,cuda:1); replaces the models' device and devices keys and --device; a new session "
+       "goes to the device with the most free KV-cache blocks",
+       [](LoadState& s, std::string_view v, const std::string& origin) {
+         std::vector<std::string> notices;
+         MQA_ASSIGN_OR_RETURN(s.devices, ParseDeviceList(v, origin, &notices));
+         s.devices_origin = origin;
+         s.devices_flag = origin.rfind("--", 0) == 0;
+         s.devices_notices = std::move(notices);
+         return Status::Ok();
+       }},
       {"--help", "", "", "", Kind::kNone, "", "print this text and exit", nullptr},
   };
   return settings;
@@ -459,7 +548,7 @@ std::string Join(const std::vector<std::string_view>& items) {
 const std::vector<std::string_view>& ModelKeys() {
   static const std::vector<std::string_view> keys = {
       "name",   "num_layers", "dim",    "heads",   "attn_impl", "clip_qkv", "qk_ln",
-      "softmax_scale", "attn_pdrop", "norm_type", "fc_type", "device", "dtype", "seed",
+      "softmax_scale", "attn_pdrop", "norm_type", "fc_type", "device", "devices", "dtype", "seed",
       "weights", "max_tokens_per_session", "description"};
   return keys;
 }
@@ -482,8 +571,28 @@ std::string ResolveDevice(std::string_view device) {
 
 // Reads one entry of `models`. Field errors name the field's path ("models[1].heads"); whole-model errors
 // (ValidateOptions) name the model ("models[1] (mqa-7b): ").
+// A model's devices key: the string all, or a list of device strings.
+StatusOr<std::vector<std::string>> FileDevices(const YAML::Node& node, const std::string& origin,
+                                               const std::string& file, const std::string& path,
+                                               std::vector<std::string>* notices) {
+  if (node.IsScalar() && node.Scalar() == "all") return AllDevices(origin, notices);
+  if (!node.IsSequence() || node.size() == 0) {
+    return InvalidArgumentError(origin + ": expected all or a non-empty list of devices ([cuda:0, cuda:1]; "
+                                "device: takes a single one), got " + Describe(node));
+  }
+  DeviceList list;
+  for (size_t i = 0; i < node.size(); ++i) {
+    const YAML::Node d = node[i];
+    const std::string at = Where(file, d.Mark()) + path + ".devices[" + std::to_string(i) + "]";
+    MQA_ASSIGN_OR_RETURN(std::string spelled, FileString(d, at));
+    MQA_RETURN_IF_ERROR(list.Add(spelled, at));
+  }
+  return list.Resolve();
+}
+
 StatusOr<core::ModelConfig> ParseModel(const YAML::Node& node, size_t index, const std::string& file,
-                                       const fs::path& base_dir) {
+                                       const fs::path& base_dir, bool* dtype_set,
+                                       std::vector<std::string>* notices) {
   const std::string path = "models[" + std::to_string(index) + "]";
   if (!node.IsMap()) {
     return InvalidArgumentError(Where(file, node.Mark()) + path + ": expected a map describing a model, got " +
@@ -493,6 +602,7 @@ StatusOr<core::ModelConfig> ParseModel(const YAML::Node& node, size_t index, con
   m.options.device = "";  // "" until set: resolved to auto below
   bool have_name = false;
   bool have_dtype = false;
+  std::string device_key;  // origin of the device or devices key, whichever came first
   std::set<std::string> seen;
   for (auto it = node.begin(); it != node.end(); ++it) {
     const YAML::Node k = it->first;  // copies: it-> returns a proxy that dies with the statement
@@ -534,9 +644,18 @@ StatusOr<core::ModelConfig> ParseModel(const YAML::Node& node, size_t index, con
       MQA_ASSIGN_OR_RETURN(o.norm_type, WithPrefix(core::ParseNormType(s), origin + ": "));
     } else if (key == "fc_type") {
       MQA_ASSIGN_OR_RETURN(o.fc_type, FileString(v, origin));
-    } else if (key == "device") {
-      MQA_ASSIGN_OR_RETURN(o.device, FileString(v, origin));
-      if (o.device.empty()) return InvalidArgumentError(origin + ": expected cpu, cuda, cuda:N or auto, got ''");
+    } else if (key == "device" || key == "devices") {
+      if (!device_key.empty()) {
+        return InvalidArgumentError(origin + ": give device (one) or devices (several), not both (" + device_key +
+                                    " is set too)");
+      }
+      device_key = path + "." + key;
+      if (key == "device") {
+        MQA_ASSIGN_OR_RETURN(o.device, FileString(v, origin));
+        if (o.device.empty()) return InvalidArgumentError(origin + ": expected cpu, cuda, cuda:N or auto, got ''");
+      } else {
+        MQA_ASSIGN_OR_RETURN(m.devices, FileDevices(v, origin, file, path, notices));
+      }
     } else if (key == "dtype") {
       MQA_ASSIGN_OR_RETURN(std::string s, FileString(v, origin));
       MQA_ASSIGN_OR_RETURN(o.dtype, WithPrefix(core::ParseDType(s), origin + ": "));
@@ -570,7 +689,8 @@ StatusOr<core::ModelConfig> ParseModel(const YAML::Node& node, size_t index, con
     }
   }
   if (!have_name) return InvalidArgumentError(Where(file, node.Mark()) + path + ": missing required key 'name'");
-  m.options.device = ResolveDevice(m.options.device);
+  m.options.device = m.devices.empty() ? ResolveDevice(m.options.device) : m.devices[0];
+  *dtype_set = have_dtype;
   if (!have_dtype) m.options.dtype = IsCudaDevice(m.options.device) ? core::DType::kBFloat16 : core::DType::kFloat32;
   MQA_RETURN_IF_ERROR(
       WithPrefix(core::ValidateOptions(m.options), Where(file, node.Mark()) + path + " (" + m.name + "): "));
@@ -585,7 +705,9 @@ Status ParseModels(const YAML::Node& node, const std::string& origin, const std:
   }
   std::map<std::string, size_t> names;
   for (size_t i = 0; i < node.size(); ++i) {
-    MQA_ASSIGN_OR_RETURN(core::ModelConfig m, ParseModel(node[i], i, file, base_dir));
+    bool dtype_set = false;
+    MQA_ASSIGN_OR_RETURN(core::ModelConfig m,
+                         ParseModel(node[i], i, file, base_dir, &dtype_set, &state.file_notices));
     auto [it, inserted] = names.emplace(m.name, i);
     if (!inserted) {
       return InvalidArgumentError(Where(file, node[i].Mark()) + "models[" + std::to_string(i) +
@@ -593,6 +715,7 @@ Status ParseModels(const YAML::Node& node, const std::string& origin, const std:
                                   std::to_string(it->second) + "] has it too)");
     }
     state.file_models.push_back(std::move(m));
+    state.file_model_dtype_set.push_back(dtype_set);
   }
   return Status::Ok();
 }
@@ -751,9 +874,24 @@ core::StatusOr<ServerConfig> LoadConfig(int argc, const char* const* argv,
 
   ServerConfig config = std::move(state.config);
   config.config_path = config_path;
+  config.notices = std::move(state.file_notices);
+  const bool use_devices = !state.devices.empty();
   if (state.file_models.empty()) {
-    core::ModelConfig m = DefaultModel(state.default_device);
-    const std::string where = state.device_origin.empty() ? "" : state.device_origin + ": ";
+    // --device and --devices both name the default model's devices: the later source wins (flags over the
+    // environment); two of the same source contradict each other.
+    const bool have_device = !state.device_origin.empty();
+    if (use_devices && have_device && state.device_flag == state.devices_flag) {
+      return InvalidArgumentError(state.device_origin + " and " + state.devices_origin +
+                                  " both set the default model's device; give one of them");
+    }
+    const bool by_devices = use_devices && !(have_device && state.device_flag);
+    core::ModelConfig m = DefaultModel(by_devices ? state.devices[0] : state.default_device);
+    std::string where = state.device_origin.empty() ? "" : state.device_origin + ": ";
+    if (by_devices) {
+      m.devices = state.devices;
+      where = state.devices_origin + ": ";
+      config.notices.insert(config.notices.end(), state.devices_notices.begin(), state.devices_notices.end());
+    }
     MQA_RETURN_IF_ERROR(
         WithPrefix(core::ValidateOptions(m.options), where + "default model (" + m.name + "): "));
     config.engine.models = {std::move(m)};
@@ -761,7 +899,24 @@ core::StatusOr<ServerConfig> LoadConfig(int argc, const char* const* argv,
   } else {
     if (state.device_flag) {
       return InvalidArgumentError("--device sets the embedded default model's device, but " + config_path +
-                                  " defines models; set each model's device in the file instead");
+                                  " defines models; set each model's device in the file instead (or every "
+                                  "model's with --devices)");
+    }
+    if (use_devices) {
+      // Higher precedence than the file: every model gets these devices, and a dtype the file left to the
+      // default follows the first of them.
+      for (size_t i = 0; i < state.file_models.size(); ++i) {
+        core::ModelConfig& m = state.file_models[i];
+        m.devices = state.devices;
+        m.options.device = state.devices[0];
+        if (!state.file_model_dtype_set[i]) {
+          m.options.dtype = IsCudaDevice(m.options.device) ? core::DType::kBFloat16 : core::DType::kFloat32;
+        }
+        MQA_RETURN_IF_ERROR(WithPrefix(core::ValidateOptions(m.options),
+                                       state.devices_origin + ": models[" + std::to_string(i) + "] (" + m.name +
+                                           "): "));
+      }
+      config.notices.insert(config.notices.end(), state.devices_notices.begin(), state.devices_notices.end());
     }
     config.engine.models = std::move(state.file_models);
     config.default_model = false;
@@ -822,7 +977,9 @@ std::string ConfigHelp() {
       "Models are configured in the file only, under \"models\" (a list; see deploy/config/example.yaml for\n"
       "every key). Without any, the server hosts the embedded default model \"mqa-default\": 2 layers, dim 512,\n"
       "8 heads, random weights from seed 0, torch attention, 4096 tokens per session; on cuda:0 in bfloat16\n"
-      "when a GPU is present, else on the CPU in float32 (--device / MQA_DEFAULT_DEVICE choose).\n";
+      "when a GPU is present, else on the CPU in float32 (--device / MQA_DEFAULT_DEVICE choose).\n"
+      "--devices all (or a list: --devices cuda:0,cuda:1) replicates every model on those devices, one engine\n"
+      "each (weights, KV-cache pool, worker); each new session goes to the device with the most free blocks.\n";
   return out;
 }
 

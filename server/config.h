@@ -39,7 +39,12 @@
 //       norm_type: low_precision_layernorm   # or layernorm (alias layernornm), rmsnorm, low_precision_rmsnorm
 //       fc_type: torch             # only torch
 //       device: cuda:0             # cpu, cuda, cuda:N or auto (default auto: cuda:0 when a GPU exists, else cpu)
-//       dtype: bfloat16            # float32/fp32, bfloat16/bf16, float16/fp16 (default bf16 on CUDA, fp32 on CPU)
+//       devices: [cuda:0, cuda:1]  # instead of device: one replica per device (same weights), sessions placed
+//                                  # on the device with the most free KV blocks; or "all" (every GPU here, the
+//                                  # CPU when there is none). Each listed once ("cuda" = "cuda:0") and present
+//                                  # here. cpu may join GPUs (it works, but its sessions run far slower)
+//       dtype: bfloat16            # float32/fp32, bfloat16/bf16, float16/fp16 (default bf16 on CUDA, fp32 on CPU;
+//                                  # with several devices, as for the first)
 //       seed: 0                    # layer i is initialised with seed + i when there are no weights
 //       weights: weights/7b.safetensors  # safetensors with layers.{i}.attn.*; relative to the config file's
 //                                        # directory; must exist. Absent or "": random weights from seed
@@ -49,7 +54,10 @@
 // Types are strict in the file: numbers and booleans must not be quoted, lists and maps must not appear where a
 // scalar is expected. Environment variables with an empty value count as unset. MQA_DEFAULT_DEVICE and --device
 // only concern the embedded default model: the variable is ignored when the file defines models, the flag is an
-// error then (set each model's device in the file instead). ConfigHelp() lists every flag and variable.
+// error then (set each model's device in the file instead). MQA_DEVICES and --devices ("all" or a comma list,
+// "cuda:0,cuda:1") replace every model's device(s), the default model's included; where --device or
+// MQA_DEFAULT_DEVICE is given too, the flag beats the variable, and two flags (or two variables) are an error.
+// ConfigHelp() lists every flag and variable.
 //
 // Errors: INVALID_ARGUMENT naming where the bad value came from ("--max-sessions: ...", "MQA_MAX_QUEUE: ...",
 // "config.yaml:7:5: models[1].hedas: unknown key; expected one of ...") and what was expected; NOT_FOUND for a
@@ -85,6 +93,8 @@ struct ServerConfig {
   bool default_model = true;                   // engine.models came from the embedded default
   std::string config_path;                     // the file it was read from ("" = none)
   bool show_help = false;                      // --help was given: print ConfigHelp() and exit 0
+  std::vector<std::string> notices;            // worth a line in the log at start-up (e.g. devices 'all' meant
+                                               // the CPU because no GPU is visible)
 };
 
 // The embedded default model: "mqa-default", 2 layers, dim 512, heads 8, seed 0, fp32 on the CPU or bf16 on

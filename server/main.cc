@@ -47,6 +47,7 @@ int main(int argc, char** argv) {
     std::cerr << "mqa-server: " << st.ToString() << "\n";
     return 2;
   }
+  for (const std::string& notice : config->notices) mqa::server::LogWarn("config_notice", {{"notice", notice}});
   auto server = mqa::server::Server::Start(*config);
   if (!server.ok()) {
     mqa::server::LogError("start_failed",

@@ -65,7 +65,9 @@ core::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   SetServing(s->server_.get(), true);
   std::string models;
   for (const auto& m : s->engine_->ListModels()) {
-    models += (models.empty() ? "" : ",") + m.name + "@" + m.options.device;
+    std::string on;
+    for (const std::string& d : m.devices) on += (on.empty() ? "" : "+") + d;
+    models += (models.empty() ? "" : ",") + m.name + "@" + on;
   }
   LogInfo("server_started",
            {{"listen", config.listen}, {"port", s->port_}, {"models", models},
