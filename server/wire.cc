@@ -86,6 +86,7 @@ void ToWire(const core::ModelInfo& model, v1::ModelInfo* wire) {
   wire->set_num_layers(model.num_layers);
   wire->set_max_tokens_per_session(model.max_tokens_per_session);
   wire->set_description(model.description);
+  for (const std::string& d : model.devices) wire->add_devices(d);
   const core::MqaOptions& o = model.options;
   for (int i = 0; i < model.num_layers; ++i) {
     v1::LayerConfig* l = wire->add_layers();
@@ -119,6 +120,7 @@ void ToWire(const core::SessionInfo& s, v1::Session* wire) {
   wire->set_admission(s.admission == core::Admission::kGuaranteed ? v1::ADMISSION_GUARANTEED
                                                                   : v1::ADMISSION_BEST_EFFORT);
   wire->set_cache_bytes(s.cache_bytes);
+  wire->set_device(s.device);
 }
 
 grpc::Status ToGrpc(const core::Status& status) {

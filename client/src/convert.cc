@@ -87,6 +87,7 @@ ModelInfo ModelInfoFromProto(const v1::ModelInfo& proto) {
   for (const auto& layer : proto.layers()) m.layers.push_back(LayerConfigFromProto(layer));
   m.max_tokens_per_session = proto.max_tokens_per_session();
   m.description = proto.description();
+  m.devices.assign(proto.devices().begin(), proto.devices().end());
   return m;
 }
 
@@ -103,6 +104,7 @@ SessionInfo SessionInfoFromProto(const v1::Session& proto) {
   s.position_bias = PositionBiasFromProto(proto.position_bias());
   s.admission = AdmissionFromProto(proto.admission());
   s.cache_bytes = proto.cache_bytes();
+  s.device = proto.device();
   return s;
 }
 

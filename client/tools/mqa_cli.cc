@@ -181,8 +181,11 @@ int RunModels(Client& client, Args& args) {
   if (!models.ok()) return Fail(models.status());
   if (models->empty()) std::printf("(no models)\n");
   for (const ModelInfo& m : *models) {
-    std::printf("model %s: %d layers, max_tokens_per_session %" PRId64 "%s%s\n", m.name.c_str(), m.num_layers,
-                m.max_tokens_per_session, m.description.empty() ? "" : ", ", m.description.c_str());
+    std::string on;
+    for (const std::string& d : m.devices) on += (on.empty() ? "" : ", ") + d;
+    std::printf("model %s: %d layers, max_tokens_per_session %" PRId64 "%s%s%s%s\n", m.name.c_str(), m.num_layers,
+                m.max_tokens_per_session, on.empty() ? "" : ", on ", on.c_str(), m.description.empty() ? "" : ", ",
+                m.description.c_str());
     std::printf("  %5s %6s %5s %8s %-6s %-9s %-8s %-5s %-22s %8s %8s %6s\n", "layer", "dim", "heads", "head_dim",
                 "impl", "dtype", "device", "qk_ln", "norm", "clip_qkv", "scale", "pdrop");
     for (size_t i = 0; i < m.layers.size(); ++i) {

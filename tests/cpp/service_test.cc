@@ -127,6 +127,9 @@ TEST_F(ServiceTest, ListsAndDescribesModels) {
   EXPECT_EQ(small.layers(1).head_dim(), 16);
   EXPECT_EQ(small.layers(1).dtype(), v1::DATA_TYPE_FLOAT32);
   EXPECT_EQ(small.layers(1).norm_type(), "low_precision_layernorm");
+  EXPECT_EQ(small.layers(1).device(), "cpu");
+  ASSERT_EQ(small.devices_size(), 1);
+  EXPECT_EQ(small.devices(0), "cpu");
 
   grpc::ClientContext ctx2;
   v1::GetModelRequest req;
@@ -179,6 +182,7 @@ TEST_F(ServiceTest, SessionLifeCycleAndIncrementalDecodeEqualsOneFullPass) {
   ASSERT_EQ(s.session_id().size(), 32u);
   EXPECT_EQ(s.layer_positions_size(), 2);
   EXPECT_EQ(s.max_tokens(), 64);
+  EXPECT_EQ(s.device(), "cpu");
   core::Tensor all = Randn(core::DType::kFloat32, {1, 9, 64});
   auto all_v = Floats(all);
   std::vector<float> got;
@@ -207,6 +211,7 @@ TEST_F(ServiceTest, SessionLifeCycleAndIncrementalDecodeEqualsOneFullPass) {
   EXPECT_EQ(now.layer_positions(0), 9);
   EXPECT_EQ(now.layer_positions(1), 0);
   EXPECT_EQ(now.cache_bytes(), 1 * 2 * 2 * 16 * 16 * 4);  // one block of 16 tokens, 2 layers, k and v, d 16, fp32
+  EXPECT_EQ(now.device(), "cpu");
 
   grpc::ClientContext ctx;
   v1::CloseSessionRequest close;

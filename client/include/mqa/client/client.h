@@ -110,6 +110,7 @@ struct ModelInfo {
   std::vector<LayerConfig> layers;  // num_layers entries, in order
   int64_t max_tokens_per_session = 0;
   std::string description;
+  std::vector<std::string> devices;  // one replica of the model on each; a session lives on one of them
 };
 
 // A key/value cache in the spec's reference layout: key [b, 1, head_dim, s] (transposed), value [b, 1, s,
@@ -173,6 +174,7 @@ struct SessionInfo {
   PositionBias position_bias = PositionBias::kNone;
   Admission admission = Admission::kBestEffort;
   int64_t cache_bytes = 0;  // bytes of the KV blocks the session holds
+  std::string device;       // the device whose replica holds it ("cpu", "cuda:N")
 };
 
 // The output of one step (mqa.v1.StepResult).
