@@ -18,7 +18,7 @@ namespace {
 constexpr char kContentType[] = "text/plain; version=0.0.4; charset=utf-8";
 
 // Appends lines of the text exposition format. Values are integers or finite doubles, label values are fixed
-// words from this file, so nothing needs escaping.
+// words from this file or device names ("cpu", "cuda:N"), so nothing needs escaping.
 class Writer {
  public:
   void Header(const char* name, const char* type, const char* help) {
@@ -94,6 +94,32 @@ void RenderBatchSizes(const core::EngineStats& st, Writer& w) {
   // The count is the +Inf bucket by definition; taking it from the same array keeps the two equal even when a
   // pass completes between the engine's updates of `batches` and of the histogram.
   w.Sample("mqa_batch_size_count", "", cumulative);
+}
+
+// The same numbers per device (label device="cpu" or "cuda:N"; each device's worker, pools and sessions). The
+// unlabelled gauges above are their sums, so dashboards that ignore devices keep working.
+void RenderDevices(const core::EngineStats& st, Writer& w) {
+  struct Gauge {
+    const char* name;
+    const char* help;
+    int64_t (*value)(const core::DeviceStats&);
+  };
+  static constexpr Gauge kGauges[] = {
+      {"mqa_device_queued_requests", "Steps and forwards waiting in one device's queue.",
+       [](const core::DeviceStats& d) { return static_cast<int64_t>(d.queue_depth); }},
+      {"mqa_device_running_requests", "Steps and forwards being computed now on one device.",
+       [](const core::DeviceStats& d) { return static_cast<int64_t>(d.running); }},
+      {"mqa_device_sessions", "Open sessions whose model replica lives on one device.",
+       [](const core::DeviceStats& d) { return static_cast<int64_t>(d.sessions_open); }},
+      {"mqa_device_kv_cache_blocks", "Allocatable KV-cache blocks on one device, all its models.",
+       [](const core::DeviceStats& d) { return d.kv_blocks_total; }},
+      {"mqa_device_kv_cache_blocks_used", "KV-cache blocks held by sessions on one device, all its models.",
+       [](const core::DeviceStats& d) { return d.kv_blocks_used; }},
+  };
+  for (const Gauge& g : kGauges) {
+    w.Header(g.name, "gauge", g.help);
+    for (const core::DeviceStats& d : st.devices) w.Sample(g.name, "device=\"" + d.device + "\"", g.value(d));
+  }
 }
 
 // "host:port" or "[v6]:port" (validated by LoadConfig) into the host getaddrinfo wants and the port.
@@ -186,6 +212,7 @@ std::string ServiceMetrics::Render(const core::EngineStats& st, bool draining) c
   w.Sample("mqa_step_duration_seconds_count", "", cumulative);
 
   RenderBatchSizes(st, w);
+  RenderDevices(st, w);
 
   w.Counter("mqa_kv_cache_exhausted_total", "Sessions or steps refused for want of free KV-cache blocks.",
             st.kv_exhausted);

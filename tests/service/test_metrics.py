@@ -116,6 +116,12 @@ def test_metrics_after_traffic_pass_promtool_and_reach_prometheus(pb, start_serv
     used, total = value(s, "mqa_kv_cache_blocks_used"), value(s, "mqa_kv_cache_blocks")
     assert used > 0 and math.isclose(value(s, "mqa_kv_cache_usage_ratio"), used / total)
     assert value(s, "mqa_kv_cache_block_size_tokens") == 16
+    # Per device (one here, the CPU): the same numbers as the totals.
+    assert value(s, "mqa_device_kv_cache_blocks", device="cpu") == total
+    assert value(s, "mqa_device_kv_cache_blocks_used", device="cpu") == used
+    assert value(s, "mqa_device_sessions", device="cpu") == 1
+    assert value(s, "mqa_device_queued_requests", device="cpu") == 0
+    assert value(s, "mqa_device_running_requests", device="cpu") == 0
     assert value(s, "mqa_queued_requests") == 0 and value(s, "mqa_running_requests") == 0
     assert value(s, "mqa_kv_cache_exhausted_total") == 0
     assert value(s, "mqa_requests_dropped_total", reason="cancelled") == 0
