@@ -232,3 +232,27 @@ def test_json_logs_and_bad_config(pb, start_server, tmp_path):
                        timeout=60)
     assert r.returncode == 2
     assert "hedas" in r.stderr and "INVALID_ARGUMENT" in r.stderr
+
+
+def test_devices_all_places_sessions_and_says_where(pb, start_server, stub_for):
+    """--devices all: every GPU torch sees (the CPU, logged, where there is none); sessions report their device."""
+    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    expected = gpus or ["cpu"]
+    # A fixed KV budget: the default (90% of each GPU's free memory) would starve tests running beside this one.
+    server = start_server(config={"models": [SMALL]}, args=["--devices", "all", "--kv-cache-bytes", str(64 << 20)])
+    stub = stub_for(server)
+    model = stub.GetModel(pb.svc.GetModelRequest(name="small"), timeout=30).model
+    assert list(model.devices) == expected
+    assert model.layers[0].device == expected[0]
+    assert ("'all' found no CUDA device here, so it means the CPU" in server.log()) == (not gpus)
+    # As many sessions as devices: with equal free blocks each goes to the device with the fewest sessions.
+    sessions = [stub.CreateSession(pb.svc.CreateSessionRequest(model="small"), timeout=30).session
+                for _ in expected]
+    assert sorted(s.device for s in sessions) == sorted(expected)
+    x = np.random.default_rng(8).standard_normal((1, 3, 64), dtype=np.float32)
+    for s in sessions:
+        step = pb.svc.StepRequest(step=pb.svc.StepInput(session_id=s.session_id, layer=0, x=to_wire(pb, x)))
+        out = from_wire(stub.Step(step, timeout=60).result.out)
+        assert out.shape == (1, 3, 64)
+        got = stub.GetSession(pb.svc.GetSessionRequest(session_id=s.session_id), timeout=30).session
+        assert got.device == s.device and list(got.layer_positions) == [3, 0]
