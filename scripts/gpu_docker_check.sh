@@ -18,7 +18,8 @@ mkdir -p "$out"
 dest=/tmp/opt-mqa
 fail() { echo "docker-check: FAIL: $*"; exit 1; }
 
-mkdir -p .venv/bin && ln -sf "$(command -v python3)" .venv/bin/python
+# A wrapper, not a symlink: a symlinked venv interpreter loses its venv's site-packages (and torch with them).
+mkdir -p .venv/bin && printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > .venv/bin/python && chmod +x .venv/bin/python
 echo "docker-check: setup.sh skipped (downloads); .venv/bin/python -> $(command -v python3) ($(python3 -c 'import torch; print(torch.__version__)'))"
 MQA_BUILD_JOBS=${MQA_DOCKER_JOBS:-8} bash scripts/build.sh -DMQA_BUILD_TESTS=OFF -DMQA_BUILD_BENCH=OFF \
   > "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; fail "scripts/build.sh"; }

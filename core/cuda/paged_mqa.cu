@@ -17,27 +17,59 @@ namespace wmma = nvcuda::wmma;
 constexpr int kThreads = 128;  // four warps
 constexpr int kWarps = kThreads / 32;
 constexpr int kTile = 64;      // keys per K/V tile
+constexpr int kStages = 3;     // K/V tiles in shared memory: two in flight while one is computed
 constexpr float kLog2e = 1.4426950408889634f;
 
 template <typename T> __device__ __forceinline__ T FromFloat(float x);
 template <> __device__ __forceinline__ __nv_bfloat16 FromFloat(float x) { return __float2bfloat16(x); }
 template <> __device__ __forceinline__ __half FromFloat(float x) { return __float2half(x); }
 
-__device__ __forceinline__ float WarpMax(float v) {
-  for (int o = 16; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
+// Two floats as the two 16-bit halves of one register, the lower column in the low half.
+template <typename T> __device__ __forceinline__ uint32_t Pack(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t Pack<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
 }
-__device__ __forceinline__ float WarpSum(float v) {
-  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
+template <> __device__ __forceinline__ uint32_t Pack<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// d += a * b on tensor cores, one m16n8k16 tile: a 16x16 (row-major fragment), b 16x8 (column fragment), fp32
+// accumulators. Fragment layouts are the PTX ISA's for mma.m16n8k16.
+template <typename T> __device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <> __device__ __forceinline__ void Mma<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void Mma<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ unsigned SmemAddr(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
+
+// Four 8x8 16-bit matrices from shared memory; lanes 8i..8i+7 give the row addresses of matrix i.
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SmemAddr(p)));
+}
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SmemAddr(p)));
 }
 
 // 16-byte asynchronous global->shared copy; src_bytes 0 writes zeros (rows past the sequence end, whose block
 // table entries may be anything, so they must not be read).
 __device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, bool valid) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int n = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(smem)), "l"(gmem), "r"(n));
 }
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -45,43 +77,34 @@ __device__ __forceinline__ void CpAsyncWait() { asm volatile("cp.async.wait_grou
 
 __host__ __device__ constexpr size_t Align128(size_t x) { return (x + 127) / 128 * 128; }
 
-// Shared-memory layout of one thread block, for hp = heads rounded up to 16. Leading dimensions are padded so
-// rows do not all start on the same bank, and stay multiples of 16 bytes (cp.async) and of the WMMA minimum.
+// Shared memory of one thread block: Q [hp][D + 8] and kStages K/V tiles [kTile][D + 8] each. The 8-element
+// row padding puts the eight rows an ldmatrix reads in eight different bank groups. After the last tile, the K/V
+// space holds each warp's partial result for the merge of the key groups.
 template <typename T, int D>
 struct Smem {
-  static constexpr int kLdQ = D + 8;       // T
-  static constexpr int kLdKV = D + 8;      // T
-  static constexpr int kLdS = kTile + 4;   // float
-  static constexpr int kLdP = kTile + 8;   // T
-  static constexpr int kLdO = D + 4;       // float
+  static constexpr int kLd = D + 8;
   int hp;
-  __host__ __device__ size_t q_bytes() const { return Align128(size_t(hp) * kLdQ * sizeof(T)); }
-  __host__ __device__ size_t kv_bytes() const { return Align128(size_t(kTile) * kLdKV * sizeof(T)); }  // one of K or V
-  __host__ __device__ size_t s_bytes() const { return Align128(size_t(hp) * kLdS * sizeof(float)); }
-  __host__ __device__ size_t p_bytes() const { return Align128(size_t(hp) * kLdP * sizeof(T)); }
-  __host__ __device__ size_t o_bytes() const { return Align128(size_t(hp) * kLdO * sizeof(float)); }
-  __host__ __device__ size_t stats_bytes() const { return Align128(size_t(hp) * 2 * sizeof(float)); }
-  __host__ __device__ size_t total() const {
-    return q_bytes() + 4 * kv_bytes() + s_bytes() + p_bytes() + o_bytes() + stats_bytes();
-  }
+  __host__ __device__ size_t q_bytes() const { return Align128(size_t(hp) * kLd * sizeof(T)); }
+  __host__ __device__ static constexpr size_t tile_bytes() { return size_t(kTile) * kLd * sizeof(T); }  // K or V
+  __host__ __device__ size_t total() const { return q_bytes() + kStages * 2 * tile_bytes(); }
 };
 
-// grid (num_splits, B), kThreads threads. Split s of session b covers tiles [s * per, min(tiles, (s + 1) * per))
-// with per = ceil(tiles / num_splits), tiles = ceil(seq_len / kTile). With one split the result is normalised and
-// written to out; otherwise the unnormalised partial output, the running max (log2 units) and the sum go to the
-// workspace for MergeSplits.
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) PagedDecodeKernel(PagedDecodeParams p, int hp) {
+// grid (num_splits, B), kThreads threads. MT = hp / 16 query row groups (1, 2 or 4): warp w computes rows
+// [16 * (w % MT), +16) against key group w / MT, the keys [g * NK, (g + 1) * NK) of every tile, NK = kTile * MT
+// / kWarps, with Q, the scores, the probabilities and the output accumulators in registers (FlashAttention-2's
+// layout). Split s of session b covers tiles [s * per, min(tiles, (s + 1) * per)), per = ceil(tiles /
+// num_splits). The key groups merge through shared memory at the end; with one split the result is normalised
+// and written to out, otherwise the unnormalised output, the max (log2 units) and the sum go to the workspace.
+template <typename T, int D, int MT>
+__global__ void __launch_bounds__(kThreads, 2) PagedDecodeKernel(PagedDecodeParams p) {
+  constexpr int KG = kWarps / MT;   // key groups
+  constexpr int NK = kTile / KG;    // keys per warp per tile: 16, 32 or 64
+  constexpr int kLd = Smem<T, D>::kLd;
   extern __shared__ __align__(128) unsigned char smem[];
-  const Smem<T, D> L{hp};
+  const Smem<T, D> L{16 * MT};
   T* q_s = reinterpret_cast<T*>(smem);
-  T* kv_s = reinterpret_cast<T*>(smem + L.q_bytes());  // [stage][k|v][kTile][kLdKV]
-  float* s_s = reinterpret_cast<float*>(smem + L.q_bytes() + 4 * L.kv_bytes());
-  T* p_s = reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(s_s) + L.s_bytes());
-  float* o_s = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(p_s) + L.p_bytes());
-  float* m_s = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(o_s) + L.o_bytes());
-  float* l_s = m_s + hp;
-  const size_t kv_elems = L.kv_bytes() / sizeof(T);
+  T* kv_s = reinterpret_cast<T*>(smem + L.q_bytes());  // [stage][k | v][kTile][kLd]
+  constexpr size_t kTileElems = Smem<T, D>::tile_bytes() / sizeof(T);
 
   const int b = blockIdx.y, split = blockIdx.x, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int H = p.heads;
@@ -94,130 +117,200 @@ __global__ void __launch_bounds__(kThreads) PagedDecodeKernel(PagedDecodeParams 
   const T* __restrict__ vc = static_cast<const T*>(p.v_cache);
   const int32_t* __restrict__ table = p.block_tables + static_cast<int64_t>(b) * p.block_table_stride;
 
-  // Each thread copies one 16-byte column chunk of rows r0, r0 + rows_step, ... of both K and V.
+  // Each thread copies one 16-byte column chunk of rows r0, r0 + kRowsStep, ... of both K and V.
   constexpr int kChunks = D / 8;
   constexpr int kRowsStep = kThreads / kChunks;
   const int chunk_col = (tid % kChunks) * 8, r0 = tid / kChunks;
   auto load_tile = [&](int t, int stage) {
-    T* ks = kv_s + (2 * stage) * kv_elems;
-    T* vs = ks + kv_elems;
+    T* ks = kv_s + (2 * stage) * kTileElems;
+    T* vs = ks + kTileElems;
+#pragma unroll
     for (int r = r0; r < kTile; r += kRowsStep) {
       const int pos = t * kTile + r;
       const bool valid = pos < len;
       const int64_t slot = valid ? static_cast<int64_t>(table[pos / p.block_size]) * p.block_size + pos % p.block_size : 0;
-      CpAsync16(ks + r * L.kLdKV + chunk_col, kc + slot * D + chunk_col, valid);
-      CpAsync16(vs + r * L.kLdKV + chunk_col, vc + slot * D + chunk_col, valid);
+      CpAsync16(ks + r * kLd + chunk_col, kc + slot * D + chunk_col, valid);
+      CpAsync16(vs + r * kLd + chunk_col, vc + slot * D + chunk_col, valid);
     }
   };
-  if (n > 0) load_tile(t_begin, 0);
-  CpAsyncCommit();
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (st < n) load_tile(t_begin + st, st);
+    CpAsyncCommit();
+  }
 
-  // Q rows (padding rows are zero), O = 0, running max -inf, sum 0, P padding rows 0.
+  // Q rows into shared memory (padding rows zero), then each warp's Q fragments into registers.
   const T* q = static_cast<const T*>(p.q) + static_cast<int64_t>(b) * p.q_stride;
-  for (int i = tid; i < hp * D; i += kThreads) {
-    const int h = i / D, d = i % D;
-    q_s[h * L.kLdQ + d] = h < H ? q[h * D + d] : FromFloat<T>(0.f);
-    o_s[h * L.kLdO + d] = 0.f;
+  for (int i = tid; i < 16 * MT * (D / 8); i += kThreads) {
+    const int h = i / (D / 8), c = (i % (D / 8)) * 8;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (h < H) v = *reinterpret_cast<const uint4*>(q + h * D + c);
+    *reinterpret_cast<uint4*>(q_s + h * kLd + c) = v;
   }
-  for (int i = tid; i < hp * kTile; i += kThreads) p_s[(i / kTile) * L.kLdP + i % kTile] = FromFloat<T>(0.f);
-  for (int h = tid; h < hp; h += kThreads) {
-    m_s[h] = -INFINITY;
-    l_s[h] = 0.f;
+  __syncthreads();
+  const int mi = warp % MT, g = warp / MT;
+  uint32_t qf[D / 16][4];
+#pragma unroll
+  for (int k = 0; k < D / 16; ++k) {
+    LdMatrixX4(qf[k], q_s + (mi * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * kLd + k * 16 + 8 * (lane / 16));
   }
-  const float scale2 = p.scale * kLog2e;  // scores in log2 units: exp2 instead of exp
+
+  // This thread's two rows of the warp's 16 (lane / 4 and lane / 4 + 8), as heads; their running max (log2
+  // units), sum and output columns.
+  const int row0 = lane / 4, h0 = mi * 16 + row0, h1 = h0 + 8;
   const bool alibi = p.alibi_slopes != nullptr && (p.alibi_on == nullptr || p.alibi_on[b] != 0);
-  const int mt = hp / 16;
+  const float slope0 = alibi && h0 < H ? p.alibi_slopes[h0] * kLog2e : 0.f;
+  const float slope1 = alibi && h1 < H ? p.alibi_slopes[h1] * kLog2e : 0.f;
+  const float scale2 = p.scale * kLog2e;  // scores in log2 units: exp2 instead of exp
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+  float o[D / 8][4];
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
 
   for (int i = 0; i < n; ++i) {
-    const int t = t_begin + i, stage = i & 1;
-    if (i + 1 < n) load_tile(t + 1, stage ^ 1);
+    const int t = t_begin + i;
+    CpAsyncWait<kStages - 2>();
+    __syncthreads();  // tile i has landed for every thread, and every warp is done with tile i - 1's stage
+    if (i + kStages - 1 < n) load_tile(t + kStages - 1, (i + kStages - 1) % kStages);
     CpAsyncCommit();
-    CpAsyncWait<1>();
-    __syncthreads();
-    const T* ks = kv_s + (2 * stage) * kv_elems;
-    const T* vs = ks + kv_elems;
+    const T* ks = kv_s + (2 * (i % kStages)) * kTileElems + g * NK * kLd;
+    const T* vs = ks + kTileElems;
 
-    // S[hp, kTile] = Q K^T: K rows are the columns of a col-major B operand.
-    for (int tt = warp; tt < mt * (kTile / 16); tt += kWarps) {
-      const int mi = tt / (kTile / 16), ni = tt % (kTile / 16);
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.f);
+    // S[16, NK] = Q K^T: K rows (keys) are the columns of the col-major B operand.
+    float s[NK / 8][4];
 #pragma unroll
-      for (int k = 0; k < D / 16; ++k) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bk;
-        wmma::load_matrix_sync(a, q_s + mi * 16 * L.kLdQ + k * 16, L.kLdQ);
-        wmma::load_matrix_sync(bk, ks + ni * 16 * L.kLdKV + k * 16, L.kLdKV);
-        wmma::mma_sync(acc, a, bk, acc);
-      }
-      wmma::store_matrix_sync(s_s + mi * 16 * L.kLdS + ni * 16, acc, L.kLdS, wmma::mem_row_major);
-    }
-    __syncthreads();
-
-    // Online softmax, one warp per head row; each lane owns two keys of the tile.
-    for (int h = warp; h < H; h += kWarps) {
-      float sc[2];
+    for (int j = 0; j < NK / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int j = lane + 32 * c, pos = t * kTile + j;
-        float s = s_s[h * L.kLdS + j] * scale2;
-        if (alibi) s += p.alibi_slopes[h] * kLog2e * static_cast<float>(pos - (len - 1));
-        sc[c] = pos < len ? s : -INFINITY;
-      }
-      const float m_old = m_s[h];
-      const float m_new = fmaxf(m_old, WarpMax(fmaxf(sc[0], sc[1])));
-      const float alpha = exp2f(m_old - m_new);  // 0 on the first tile (m_old = -inf)
-      const float p0 = exp2f(sc[0] - m_new), p1 = exp2f(sc[1] - m_new);
-      const float sum = WarpSum(p0 + p1);
-      p_s[h * L.kLdP + lane] = FromFloat<T>(p0);
-      p_s[h * L.kLdP + lane + 32] = FromFloat<T>(p1);
-      for (int d = lane; d < D; d += 32) o_s[h * L.kLdO + d] *= alpha;
-      __syncwarp();
-      if (lane == 0) {
-        m_s[h] = m_new;
-        l_s[h] = l_s[h] * alpha + sum;
+    for (int k = 0; k < D / 16; ++k) {
+#pragma unroll
+      for (int np = 0; np < NK / 16; ++np) {
+        uint32_t r[4];
+        LdMatrixX4(r, ks + (np * 16 + (lane % 8) + 8 * (lane / 16)) * kLd + k * 16 + 8 * ((lane / 8) % 2));
+        Mma<T>(s[2 * np], qf[k], r[0], r[1]);
+        Mma<T>(s[2 * np + 1], qf[k], r[2], r[3]);
       }
     }
-    __syncthreads();
 
-    // O[hp, D] += P V, accumulators round-tripped through shared memory (their rows were rescaled above).
-    for (int tt = warp; tt < mt * (D / 16); tt += kWarps) {
-      const int mi = tt / (D / 16), ni = tt % (D / 16);
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      float* o_tile = o_s + mi * 16 * L.kLdO + ni * 16;
-      wmma::load_matrix_sync(acc, o_tile, L.kLdO, wmma::mem_row_major);
+    // Online softmax on the registers: element e of s[j] is row (e < 2 ? row0 : row0 + 8), key
+    // j * 8 + (lane % 4) * 2 + (e & 1) of this warp's slice. The four lanes of a row reduce by shuffles.
+    const int key_base = t * kTile + g * NK + (lane % 4) * 2;
+    float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-      for (int k = 0; k < kTile / 16; ++k) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bv;
-        wmma::load_matrix_sync(a, p_s + mi * 16 * L.kLdP + k * 16, L.kLdP);
-        wmma::load_matrix_sync(bv, vs + k * 16 * L.kLdKV + ni * 16, L.kLdKV);
-        wmma::mma_sync(acc, a, bv, acc);
+    for (int j = 0; j < NK / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int pos = key_base + j * 8 + (e & 1);
+        float v = s[j][e] * scale2 + (e < 2 ? slope0 : slope1) * static_cast<float>(pos - (len - 1));
+        v = pos < len ? v : -INFINITY;
+        s[j][e] = v;
+        if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
       }
-      wmma::store_matrix_sync(o_tile, acc, L.kLdO, wmma::mem_row_major);
     }
-    __syncthreads();  // the next iteration's prefetch overwrites this stage
+#pragma unroll
+    for (int off = 1; off <= 2; off *= 2) {
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+    }
+    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+    // A slice with no key yet (past the sequence end) keeps max -inf: use 0 as the reference so that exp2 gives
+    // 0, not NaN, for it.
+    const float ref0 = mn0 == -INFINITY ? 0.f : mn0, ref1 = mn1 == -INFINITY ? 0.f : mn1;
+    const float alpha0 = exp2f(m0 - ref0), alpha1 = exp2f(m1 - ref1);
+    float sum0 = 0.f, sum1 = 0.f;
+    uint32_t pa[NK / 16][4];
+#pragma unroll
+    for (int j = 0; j < NK / 8; ++j) {
+      const float p0 = exp2f(s[j][0] - ref0), p1 = exp2f(s[j][1] - ref0);
+      const float p2 = exp2f(s[j][2] - ref1), p3 = exp2f(s[j][3] - ref1);
+      sum0 += p0 + p1;
+      sum1 += p2 + p3;
+      // The C fragments of two adjacent n8 tiles are the A fragment of one k16 step.
+      pa[j / 2][(j % 2) * 2 + 0] = Pack<T>(p0, p1);
+      pa[j / 2][(j % 2) * 2 + 1] = Pack<T>(p2, p3);
+    }
+#pragma unroll
+    for (int off = 1; off <= 2; off *= 2) {
+      sum0 += __shfl_xor_sync(0xffffffffu, sum0, off);
+      sum1 += __shfl_xor_sync(0xffffffffu, sum1, off);
+    }
+    l0 = l0 * alpha0 + sum0;
+    l1 = l1 * alpha1 + sum1;
+    m0 = mn0;
+    m1 = mn1;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      o[j][0] *= alpha0;
+      o[j][1] *= alpha0;
+      o[j][2] *= alpha1;
+      o[j][3] *= alpha1;
+    }
+
+    // O[16, D] += P V: V rows (keys) are the k dimension, loaded transposed into B fragments.
+#pragma unroll
+    for (int kk = 0; kk < NK / 16; ++kk) {
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t r[4];
+        LdMatrixX4Trans(r, vs + (kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * kLd + dp * 16 + 8 * (lane / 16));
+        Mma<T>(o[2 * dp], pa[kk], r[0], r[1]);
+        Mma<T>(o[2 * dp + 1], pa[kk], r[2], r[3]);
+      }
+    }
   }
   CpAsyncWait<0>();
+  __syncthreads();  // the K/V space becomes the merge scratch
 
-  if (p.num_splits == 1) {
-    T* out = static_cast<T*>(p.out) + static_cast<int64_t>(b) * p.out_stride;
-    for (int i = tid; i < H * D; i += kThreads) {
-      const int h = i / D, d = i % D;
-      out[i] = FromFloat<T>(o_s[h * L.kLdO + d] / l_s[h]);
+  // Merge the key groups: scratch o [kWarps][16][D] floats, then m and l [kWarps][16].
+  float* so = reinterpret_cast<float*>(kv_s);
+  float* sm = so + kWarps * 16 * D;
+  float* sl = sm + kWarps * 16;
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) {
+    const int c = j * 8 + (lane % 4) * 2;
+    so[(warp * 16 + row0) * D + c] = o[j][0];
+    so[(warp * 16 + row0) * D + c + 1] = o[j][1];
+    so[(warp * 16 + row0 + 8) * D + c] = o[j][2];
+    so[(warp * 16 + row0 + 8) * D + c + 1] = o[j][3];
+  }
+  if (lane % 4 == 0) {
+    sm[warp * 16 + row0] = m0;
+    sm[warp * 16 + row0 + 8] = m1;
+    sl[warp * 16 + row0] = l0;
+    sl[warp * 16 + row0 + 8] = l1;
+  }
+  __syncthreads();
+  float* wo = nullptr;
+  float* wml = nullptr;
+  if (p.num_splits > 1) {  // workspace: o [B][S][H][D] floats, then (m, l) [B][S][H][2]
+    const int64_t bs = static_cast<int64_t>(b) * p.num_splits + split;
+    wo = p.workspace + bs * H * D;
+    wml = p.workspace + static_cast<int64_t>(p.batch) * p.num_splits * H * D + bs * H * 2;
+  }
+  T* out = static_cast<T*>(p.out) + static_cast<int64_t>(b) * p.out_stride;
+  for (int i = tid; i < H * D; i += kThreads) {
+    const int h = i / D, d = i % D, hm = h / 16, hr = h % 16;
+    float M = -INFINITY;
+#pragma unroll
+    for (int gg = 0; gg < KG; ++gg) M = fmaxf(M, sm[(gg * MT + hm) * 16 + hr]);
+    float num = 0.f, den = 0.f;
+#pragma unroll
+    for (int gg = 0; gg < KG; ++gg) {
+      const int w = gg * MT + hm;
+      const float mg = sm[w * 16 + hr];
+      if (mg == -INFINITY) continue;  // a key group with no key in this split
+      const float wgt = exp2f(mg - M);
+      num += wgt * so[(w * 16 + hr) * D + d];
+      den += wgt * sl[w * 16 + hr];
     }
-    return;
-  }
-  // Workspace: o [B][S][H][D] floats, then (m, l) [B][S][H][2].
-  const int64_t bs = static_cast<int64_t>(b) * p.num_splits + split;
-  float* wo = p.workspace + bs * H * D;
-  float* wml = p.workspace + static_cast<int64_t>(p.batch) * p.num_splits * H * D + bs * H * 2;
-  if (n > 0) {
-    for (int i = tid; i < H * D; i += kThreads) wo[i] = o_s[(i / D) * L.kLdO + i % D];
-  }
-  for (int h = tid; h < H; h += kThreads) {
-    wml[2 * h] = n > 0 ? m_s[h] : -INFINITY;  // an empty split has no keys: MergeSplits skips it
-    wml[2 * h + 1] = n > 0 ? l_s[h] : 0.f;
+    if (p.num_splits == 1) {
+      out[i] = FromFloat<T>(num / den);
+    } else {
+      wo[i] = num;
+      if (d == 0) {
+        wml[2 * h] = M;  // -inf for an empty split: MergeSplits skips it
+        wml[2 * h + 1] = den;
+      }
+    }
   }
 }
 
@@ -240,27 +333,37 @@ __global__ void MergeSplits(PagedDecodeParams p) {
   static_cast<T*>(p.out)[static_cast<int64_t>(b) * p.out_stride + h * D + d] = FromFloat<T>(num / den);
 }
 
-template <typename T, int D>
-cudaError_t LaunchDecode(const PagedDecodeParams& p, cudaStream_t stream) {
-  const int hp = (p.heads + 15) / 16 * 16;
-  const size_t smem = Smem<T, D>{hp}.total();
+template <typename T, int D, int MT>
+cudaError_t LaunchDecodeMt(const PagedDecodeParams& p, cudaStream_t stream) {
+  const size_t smem = Smem<T, D>{16 * MT}.total();
   // Opting in to more than 48 KiB of dynamic shared memory is per kernel and per device. It is done once per
-  // device, for the largest shape served, before any capture can be in progress on that device.
+  // device, before any capture can be in progress on that device.
   static std::atomic<uint64_t> opted{0};
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
   const uint64_t bit = uint64_t{1} << (device & 63);
   if (!(opted.load(std::memory_order_acquire) & bit)) {
-    const size_t most = Smem<T, D>{(64 * 128) / D}.total();
-    err = cudaFuncSetAttribute(PagedDecodeKernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(most));
+    err = cudaFuncSetAttribute(PagedDecodeKernel<T, D, MT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(smem));
     if (err != cudaSuccess) return err;
     opted.fetch_or(bit, std::memory_order_release);
   }
-  PagedDecodeKernel<T, D><<<dim3(p.num_splits, p.batch), kThreads, smem, stream>>>(p, hp);
+  PagedDecodeKernel<T, D, MT><<<dim3(p.num_splits, p.batch), kThreads, smem, stream>>>(p);
   if (p.num_splits > 1) MergeSplits<T><<<dim3(p.heads, p.batch), D, 0, stream>>>(p);
   return cudaGetLastError();
+}
+
+// Query row groups of 16: 1, 2 or 4 (heads 1-16, 17-32, 33-64).
+int RowGroups(int heads) { return heads <= 16 ? 1 : heads <= 32 ? 2 : 4; }
+
+template <typename T, int D>
+cudaError_t LaunchDecode(const PagedDecodeParams& p, cudaStream_t stream) {
+  switch (RowGroups(p.heads)) {
+    case 1: return LaunchDecodeMt<T, D, 1>(p, stream);
+    case 2: return LaunchDecodeMt<T, D, 2>(p, stream);
+    default: return LaunchDecodeMt<T, D, 4>(p, stream);
+  }
 }
 
 template <typename T>
@@ -280,7 +383,7 @@ __global__ void KvAppendKernel(int tokens, int head_dim, const T* __restrict__ k
 }  // namespace
 
 bool PagedDecodeSupports(int heads, int head_dim) {
-  return (head_dim == 64 || head_dim == 128) && heads >= 1 && heads * head_dim <= 64 * 128;
+  return (head_dim == 64 || head_dim == 128) && heads >= 1 && heads <= 64;
 }
 
 size_t PagedDecodeWorkspaceBytes(int batch, int heads, int head_dim, int num_splits) {
@@ -290,13 +393,16 @@ size_t PagedDecodeWorkspaceBytes(int batch, int heads, int head_dim, int num_spl
 
 int PagedDecodeSplits(int batch, int max_seq_len, int heads, int head_dim, int sm_count) {
   if (batch <= 0) return 1;
-  const int hp = (heads + 15) / 16 * 16;
-  // Blocks resident per multiprocessor, from the shared memory each needs (about 227 KiB per SM on Hopper).
+  const int hp = 16 * RowGroups(heads);
+  // Blocks resident per multiprocessor: the shared memory each needs (228 KiB per SM on Hopper, 1 KiB of it
+  // reserved per block), at most two (the launch bounds).
   const size_t smem = head_dim == 64 ? Smem<__half, 64>{hp}.total() : Smem<__half, 128>{hp}.total();
-  const int resident = std::max<int>(1, static_cast<int>((227 * 1024) / smem));
+  const int resident = std::max(1, std::min(2, static_cast<int>((228 * 1024) / (smem + 1024))));
   const int want = sm_count * resident;
+  if (batch >= want) return 1;
+  // At most one wave of blocks (a second, partial wave would run alone), each with two tiles or more.
   const int tiles = (max_seq_len + kTile - 1) / kTile;
-  int splits = (want + batch - 1) / batch;
+  int splits = want / batch;
   splits = std::min(splits, std::max(1, tiles / 2));
   return std::max(1, std::min(splits, kMaxDecodeSplits));
 }

@@ -24,7 +24,7 @@ enum class KvType : int { kBFloat16 = 0, kFloat16 = 1 };
 struct PagedDecodeParams {
   KvType dtype = KvType::kBFloat16;
   int batch = 0;      // B
-  int heads = 0;      // H query heads; heads * head_dim <= 64 * 128
+  int heads = 0;      // H query heads, 1..64
   int head_dim = 0;   // D: 64 or 128
   const void* q = nullptr;      // [B, H * D], row b at q + b * q_stride elements
   int64_t q_stride = 0;
@@ -43,7 +43,7 @@ struct PagedDecodeParams {
   float* workspace = nullptr;             // PagedDecodeWorkspaceBytes(batch, heads, head_dim, num_splits)
 };
 
-// True when PagedDecode serves this shape (head_dim 64 or 128, heads * head_dim <= 8192).
+// True when PagedDecode serves this shape (head_dim 64 or 128, 1 to 64 heads).
 bool PagedDecodeSupports(int heads, int head_dim);
 
 // Bytes of workspace PagedDecode needs for num_splits > 1 (0 for one split).

@@ -663,8 +663,9 @@ struct GraphIo {
 
 GraphIo& GraphIoFor(const MultiQueryAttention::Impl& L, at::Device dev, int64_t bucket, int64_t nb, int32_t block_size) {
   using Key = std::tuple<int, int64_t, int64_t, int32_t, int64_t, int64_t, int>;
-  static std::mutex mu;
-  static std::map<Key, std::unique_ptr<GraphIo>> ios;
+  // Never destroyed: their tensors and events would otherwise be freed after CUDA shuts down at exit.
+  static std::mutex& mu = *new std::mutex;
+  static auto& ios = *new std::map<Key, std::unique_ptr<GraphIo>>;
   const int64_t dim = L.opt.dim, H = L.opt.heads, d = L.opt.head_dim();
   const Key key{dev.index(), bucket, nb, block_size, dim, H, static_cast<int>(L.dtype)};
   std::lock_guard<std::mutex> lock(mu);
@@ -695,8 +696,8 @@ GraphIo& GraphIoFor(const MultiQueryAttention::Impl& L, at::Device dev, int64_t 
 // One memory pool per device for the temporaries of every captured graph: replays never overlap (one worker
 // thread, one stream), so they can share it.
 at::cuda::MempoolId_t GraphPool(int device) {
-  static std::mutex mu;
-  static std::map<int, at::cuda::MempoolId_t> pools;
+  static std::mutex& mu = *new std::mutex;
+  static auto& pools = *new std::map<int, at::cuda::MempoolId_t>;
   std::lock_guard<std::mutex> lock(mu);
   auto it = pools.find(device);
   if (it == pools.end()) it = pools.emplace(device, at::cuda::graph_pool_handle()).first;
@@ -908,12 +909,11 @@ StatusOr<at::Tensor> PagedForward(const MultiQueryAttention& layer, const at::Te
 
 #ifdef MQA_WITH_CUDA
     if (kernels) {
-      // Prefill chunks of the same (causal, alibi) kind go through one variable-length flash call against their
-      // gathered K/V (one shared head). Flash aligns the causal mask bottom-right when a chunk has fewer queries
-      // than keys, as the spec does; its causal ALiBi adds slope * j, which differs from the spec's
-      // slope * (j - (len - 1)) by a constant per row (softmax ignores it), and its symmetric ALiBi is the spec's.
-      for (int kind = 0; kind < 4; ++kind) {
-        const bool causal = kind & 1, alibi = kind & 2;
+      // Prefill chunks of the same causal kind go through one variable-length flash call against their gathered
+      // K/V (one shared head). Flash aligns the causal mask bottom-right when a chunk has fewer queries than keys,
+      // as the spec does. LibTorch's flash build has no ALiBi, so ALiBi chunks take the torch attention below.
+      for (int kind = 0; kind < 2; ++kind) {
+        const bool causal = kind & 1, alibi = false;
         std::vector<int64_t> q_rows, kv_slots;
         std::vector<int32_t> cu_q{0}, cu_k{0};
         int64_t max_q = 0, max_k = 0;
@@ -936,15 +936,15 @@ StatusOr<at::Tensor> PagedForward(const MultiQueryAttention& layer, const at::Te
         const at::Tensor vp = v_cache.index_select(0, kv_index).view({-1, 1, d});
         auto result = at::_flash_attention_forward(
             qp, kp, vp, to_dev(at::tensor(cu_q, i32)), to_dev(at::tensor(cu_k, i32)), max_q, max_k, 0.0, causal,
-            false, L.scale, std::nullopt, std::nullopt, std::nullopt,
-            alibi ? std::optional<at::Tensor>(slopes_f32) : std::nullopt);
+            false, L.scale);
         ctx.index_copy_(0, q_index, std::get<0>(result));
       }
     }
 #endif
     // Prefill chunks: one attention each, against exactly the session's slots (no padding).
     for (const PagedSeq& s : seqs) {
-      if (s.tokens == 1 || kernels) continue;
+      if (s.tokens == 1 || (kernels && !s.alibi)) continue;
+      if (kernels) L.NoteFallback("prefill chunks with ALiBi use the torch path's attention (no ALiBi in LibTorch's flash build)");
       const int64_t len = s.past + s.tokens;
       std::vector<int64_t> sl(static_cast<size_t>(len));
       for (int64_t p = 0; p < len; ++p) {

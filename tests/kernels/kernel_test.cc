@@ -307,7 +307,10 @@ TEST(PagedForwardTriton, MixedPassesMatchTheTorchPathInFp32) {
     ASSERT_TRUE(got.ok()) << got.status().ToString();
     auto want = PagedForward(*ref, x.to(at::kFloat), seqs, bs, kc32, vc32);
     ASSERT_TRUE(want.ok()) << want.status().ToString();
-    EXPECT_EQ(fast->counters().fallbacks_to_torch, 0u);
+    // Only prefill chunks with ALiBi leave the fused path (LibTorch's flash build has no ALiBi), each counted.
+    uint64_t alibi_chunks = 0;
+    for (const PagedSeq& s : seqs) alibi_chunks += s.alibi && s.tokens > 1;
+    EXPECT_EQ(fast->counters().fallbacks_to_torch, alibi_chunks);
     for (const PagedSeq& s : seqs) {
       const double e = RelErr(got->narrow(0, s.row, s.tokens), want->narrow(0, s.row, s.tokens));
       EXPECT_LT(e, 3e-2) << "variant " << variant << " past " << s.past << " tokens " << s.tokens << " causal "
