@@ -692,6 +692,9 @@ StatusOr<core::ModelConfig> ParseModel(const YAML::Node& node, size_t index, con
   m.options.device = m.devices.empty() ? ResolveDevice(m.options.device) : m.devices[0];
   *dtype_set = have_dtype;
   if (!have_dtype) m.options.dtype = IsCudaDevice(m.options.device) ? core::DType::kBFloat16 : core::DType::kFloat32;
+  if (!seen.count("attn_impl")) {
+    m.options.attn_impl = IsCudaDevice(m.options.device) ? core::AttnImpl::kTriton : core::AttnImpl::kTorch;
+  }
   MQA_RETURN_IF_ERROR(
       WithPrefix(core::ValidateOptions(m.options), Where(file, node.Mark()) + path + " (" + m.name + "): "));
   return m;
@@ -798,9 +801,10 @@ core::ModelConfig DefaultModel(std::string_view device) {
   m.num_layers = 2;
   m.options.dim = 512;
   m.options.heads = 8;
-  m.options.attn_impl = core::AttnImpl::kTorch;
   m.options.seed = 0;
   m.options.device = ResolveDevice(device);
+  // The fastest correct path: the project's fused kernels on a GPU, the torch math on the CPU.
+  m.options.attn_impl = IsCudaDevice(m.options.device) ? core::AttnImpl::kTriton : core::AttnImpl::kTorch;
   m.options.dtype = IsCudaDevice(m.options.device) ? core::DType::kBFloat16 : core::DType::kFloat32;
   m.max_tokens_per_session = 4096;
   m.description = "embedded default model: random weights from seed 0";

@@ -31,7 +31,7 @@
 //       num_layers: 32             # >= 1 (default 1)
 //       dim: 4096                  # (default 512)
 //       heads: 32                  # dim % heads == 0 (default 8)
-//       attn_impl: flash           # torch, flash, triton (default torch)
+//       attn_impl: flash           # torch, flash, triton (default: triton on CUDA, torch on the CPU)
 //       clip_qkv: null             # number >= 0 or null (default null: no clipping)
 //       qk_ln: false               # true or false
 //       softmax_scale: null        # number or null (default null: 1/sqrt(head_dim))

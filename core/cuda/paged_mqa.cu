@@ -117,27 +117,41 @@ __global__ void __launch_bounds__(kThreads, 2) PagedDecodeKernel(PagedDecodePara
   const T* __restrict__ vc = static_cast<const T*>(p.v_cache);
   const int32_t* __restrict__ table = p.block_tables + static_cast<int64_t>(b) * p.block_table_stride;
 
-  // Each thread copies one 16-byte column chunk of rows r0, r0 + kRowsStep, ... of both K and V.
+  // Each thread copies one 16-byte column chunk of rows r0, r0 + kRowsStep, ... of both K and V. The block ids
+  // of a tile are read into registers one tile ahead of its copies, so the table's latency hides behind compute.
   constexpr int kChunks = D / 8;
   constexpr int kRowsStep = kThreads / kChunks;
+  constexpr int kRowsPer = kTile / kRowsStep;
   const int chunk_col = (tid % kChunks) * 8, r0 = tid / kChunks;
-  auto load_tile = [&](int t, int stage) {
+  auto fetch_blocks = [&](int t, int32_t (&blk)[kRowsPer]) {
+#pragma unroll
+    for (int j = 0; j < kRowsPer; ++j) {
+      const int pos = t * kTile + r0 + j * kRowsStep;
+      blk[j] = pos < len ? table[pos / p.block_size] : 0;
+    }
+  };
+  auto load_tile = [&](int t, int stage, const int32_t (&blk)[kRowsPer]) {
     T* ks = kv_s + (2 * stage) * kTileElems;
     T* vs = ks + kTileElems;
 #pragma unroll
-    for (int r = r0; r < kTile; r += kRowsStep) {
-      const int pos = t * kTile + r;
+    for (int j = 0; j < kRowsPer; ++j) {
+      const int r = r0 + j * kRowsStep, pos = t * kTile + r;
       const bool valid = pos < len;
-      const int64_t slot = valid ? static_cast<int64_t>(table[pos / p.block_size]) * p.block_size + pos % p.block_size : 0;
-      CpAsync16(ks + r * kLd + chunk_col, kc + slot * D + chunk_col, valid);
-      CpAsync16(vs + r * kLd + chunk_col, vc + slot * D + chunk_col, valid);
+      const int64_t slot = static_cast<int64_t>(blk[j]) * p.block_size + pos % p.block_size;
+      CpAsync16(ks + r * kLd + chunk_col, kc + (valid ? slot : 0) * D + chunk_col, valid);
+      CpAsync16(vs + r * kLd + chunk_col, vc + (valid ? slot : 0) * D + chunk_col, valid);
     }
   };
+  int32_t next_blk[kRowsPer];
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
-    if (st < n) load_tile(t_begin + st, st);
+    if (st < n) {
+      fetch_blocks(t_begin + st, next_blk);
+      load_tile(t_begin + st, st, next_blk);
+    }
     CpAsyncCommit();
   }
+  if (kStages - 1 < n) fetch_blocks(t_begin + kStages - 1, next_blk);
 
   // Q rows into shared memory (padding rows zero), then each warp's Q fragments into registers.
   const T* q = static_cast<const T*>(p.q) + static_cast<int64_t>(b) * p.q_stride;
@@ -171,8 +185,9 @@ __global__ void __launch_bounds__(kThreads, 2) PagedDecodeKernel(PagedDecodePara
     const int t = t_begin + i;
     CpAsyncWait<kStages - 2>();
     __syncthreads();  // tile i has landed for every thread, and every warp is done with tile i - 1's stage
-    if (i + kStages - 1 < n) load_tile(t + kStages - 1, (i + kStages - 1) % kStages);
+    if (i + kStages - 1 < n) load_tile(t + kStages - 1, (i + kStages - 1) % kStages, next_blk);
     CpAsyncCommit();
+    if (i + kStages < n) fetch_blocks(t + kStages, next_blk);
     const T* ks = kv_s + (2 * (i % kStages)) * kTileElems + g * NK * kLd;
     const T* vs = ks + kTileElems;
 
@@ -314,22 +329,40 @@ __global__ void __launch_bounds__(kThreads, 2) PagedDecodeKernel(PagedDecodePara
   }
 }
 
-// grid (H, B), D threads: out[b, h] = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s over non-empty splits.
+// grid (H, B), D threads (>= 64 >= num_splits): out[b, h] = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s over
+// the non-empty splits. Thread s reads split s's max and sum, so the splits' weights cost one round trip; the
+// output sums then read the splits' partial rows with independent, unrolled loads.
 template <typename T>
 __global__ void MergeSplits(PagedDecodeParams p) {
+  __shared__ float weight[kMaxDecodeSplits];
+  __shared__ float red_max[4], red_sum[4];
   const int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x, H = p.heads, D = p.head_dim, S = p.num_splits;
+  const int lane = d % 32, warp = d / 32;
   const float* wml = p.workspace + static_cast<int64_t>(p.batch) * S * H * D;
-  float m = -INFINITY;
-  for (int s = 0; s < S; ++s) m = fmaxf(m, wml[((static_cast<int64_t>(b) * S + s) * H + h) * 2]);
-  float num = 0.f, den = 0.f;
-  for (int s = 0; s < S; ++s) {
-    const int64_t bs = static_cast<int64_t>(b) * S + s;
-    const float ms = wml[(bs * H + h) * 2];
-    if (ms == -INFINITY) continue;
-    const float w = exp2f(ms - m);
-    den += w * wml[(bs * H + h) * 2 + 1];
-    num += w * p.workspace[(bs * H + h) * D + d];
+  float ms = -INFINITY, ls = 0.f;
+  if (d < S) {
+    const int64_t i = ((static_cast<int64_t>(b) * S + d) * H + h) * 2;
+    ms = wml[i];
+    ls = wml[i + 1];
   }
+  float m = ms;
+  for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (lane == 0) red_max[warp] = m;
+  __syncthreads();
+  float M = red_max[0];
+  for (int w = 1; w < static_cast<int>(blockDim.x) / 32; ++w) M = fmaxf(M, red_max[w]);
+  const float w = (d < S && ms != -INFINITY) ? exp2f(ms - M) : 0.f;  // an empty split has max -inf
+  if (d < S) weight[d] = w;
+  float den = w * ls;
+  for (int o = 16; o > 0; o /= 2) den += __shfl_xor_sync(0xffffffffu, den, o);
+  if (lane == 0) red_sum[warp] = den;
+  __syncthreads();
+  den = 0.f;
+  for (int i = 0; i < static_cast<int>(blockDim.x) / 32; ++i) den += red_sum[i];
+  const float* o = p.workspace + (static_cast<int64_t>(b) * S * H + h) * D + d;  // split s at o + s * H * D
+  float num = 0.f;
+#pragma unroll 8
+  for (int s = 0; s < S; ++s) num += weight[s] * o[static_cast<int64_t>(s) * H * D];
   static_cast<T*>(p.out)[static_cast<int64_t>(b) * p.out_stride + h * D + d] = FromFloat<T>(num / den);
 }
 

@@ -653,12 +653,13 @@ bool GraphEligible(const std::vector<PagedSeq>& seqs) {
 // thread replays them one at a time, in order, on its stream, and each result is copied out before the next.
 struct GraphIo {
   at::Tensor x, out;                 // [bucket, dim]
-  at::Tensor meta, meta_host;        // FillDecodeMeta's layout; the host copy is pinned
-  at::Tensor slots, slots_host;      // [bucket] int64 slot of each new token, -1 for padding
+  at::Tensor staging, staging_host;  // bytes: the slots, then the metadata; the host copy is pinned
+  at::Tensor slots;                  // [bucket] int64 slot of each new token, -1 for padding (view of staging)
+  at::Tensor meta;                   // FillDecodeMeta's layout (view of staging)
   at::Tensor slopes;                 // [H] float32
   at::Tensor workspace;              // float32, for `splits` > 1
   int splits = 1;
-  at::cuda::CUDAEvent staged;        // recorded after the copies out of the pinned buffers
+  at::cuda::CUDAEvent staged;        // recorded after the copy out of the pinned buffer
 };
 
 GraphIo& GraphIoFor(const MultiQueryAttention::Impl& L, at::Device dev, int64_t bucket, int64_t nb, int32_t block_size) {
@@ -675,10 +676,11 @@ GraphIo& GraphIoFor(const MultiQueryAttention::Impl& L, at::Device dev, int64_t 
     const auto o = at::TensorOptions().device(dev);
     fresh->x = at::zeros({bucket, dim}, o.dtype(L.dtype));
     fresh->out = at::zeros({bucket, dim}, o.dtype(L.dtype));
-    fresh->meta = at::zeros({bucket * nb + 2 * bucket}, o.dtype(at::kInt));
-    fresh->meta_host = at::zeros({bucket * nb + 2 * bucket}, at::TensorOptions().dtype(at::kInt)).pin_memory();
-    fresh->slots = at::full({bucket}, -1, o.dtype(at::kLong));
-    fresh->slots_host = at::full({bucket}, -1, at::TensorOptions().dtype(at::kLong)).pin_memory();
+    const int64_t slot_bytes = bucket * 8, meta_bytes = (bucket * nb + 2 * bucket) * 4;
+    fresh->staging = at::zeros({slot_bytes + meta_bytes}, o.dtype(at::kByte));
+    fresh->staging_host = at::zeros({slot_bytes + meta_bytes}, at::TensorOptions().dtype(at::kByte)).pin_memory();
+    fresh->slots = fresh->staging.narrow(0, 0, slot_bytes).view(at::kLong);
+    fresh->meta = fresh->staging.narrow(0, slot_bytes, meta_bytes).view(at::kInt);
     fresh->slopes = at::tensor(AlibiSlopes(H), at::TensorOptions().dtype(at::kFloat)).to(dev);
     fresh->splits = cuda::PagedDecodeSplits(static_cast<int>(bucket), static_cast<int>(nb * block_size),
                                             static_cast<int>(H), static_cast<int>(d),
@@ -721,14 +723,21 @@ at::Tensor DecodeWithGraph(const MultiQueryAttention::Impl& L, const at::Tensor&
   while (nb * block_size < len_max) nb *= 2;
   GraphIo& io = GraphIoFor(L, x.device(), bucket, nb, block_size);
   const c10::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
-  io.staged.synchronize();  // the previous pass's copies out of the pinned buffers are done
-  FillDecodeMeta(decode, bucket, nb, block_size, io.meta_host.data_ptr<int32_t>());
-  int64_t* slots = io.slots_host.data_ptr<int64_t>();
+  io.staged.synchronize();  // the previous pass's copy out of the pinned buffer is done
+  // Raw copies rather than tensor operations: at one session a pass is a few tens of microseconds of GPU time,
+  // so the host's per-operator dispatch matters.
+  uint8_t* host = io.staging_host.data_ptr<uint8_t>();
+  int64_t* slots = reinterpret_cast<int64_t*>(host);
   for (int64_t b = 0; b < bucket; ++b) slots[b] = b < B ? seqs[static_cast<size_t>(b)].table->Slot(seqs[static_cast<size_t>(b)].past) : -1;
-  io.meta.copy_(io.meta_host, /*non_blocking=*/true);
-  io.slots.copy_(io.slots_host, /*non_blocking=*/true);
+  FillDecodeMeta(decode, bucket, nb, block_size, reinterpret_cast<int32_t*>(host + bucket * 8));
+  CudaCheck(cudaMemcpyAsync(io.staging.data_ptr(), host, static_cast<size_t>(io.staging.numel()), cudaMemcpyHostToDevice,
+                            stream.stream()),
+            "staging copy");
   io.staged.record(stream);
-  io.x.narrow(0, 0, B).copy_(x);
+  const at::Tensor xc = x.contiguous();
+  CudaCheck(cudaMemcpyAsync(io.x.data_ptr(), xc.data_ptr(), static_cast<size_t>(xc.nbytes()), cudaMemcpyDeviceToDevice,
+                            stream.stream()),
+            "input copy");
 
   auto body = [&] {
     auto [q, k, v] = Project(L, io.x);
@@ -762,7 +771,11 @@ at::Tensor DecodeWithGraph(const MultiQueryAttention::Impl& L, const at::Tensor&
     graph = std::move(fresh);
     L.graph_captures.fetch_add(1, std::memory_order_relaxed);
   }
-  return io.out.narrow(0, 0, B).clone();
+  at::Tensor result = at::empty({B, L.opt.dim}, io.out.options());
+  CudaCheck(cudaMemcpyAsync(result.data_ptr(), io.out.data_ptr(), static_cast<size_t>(result.nbytes()),
+                            cudaMemcpyDeviceToDevice, stream.stream()),
+            "output copy");
+  return result;
 }
 #endif
 

@@ -107,7 +107,8 @@ TEST(ServerConfigTest, DefaultsWithNothingGiven) {
   EXPECT_EQ(m.options.dim, 512);
   EXPECT_EQ(m.options.heads, 8);
   EXPECT_EQ(m.options.seed, 0u);
-  EXPECT_EQ(m.options.attn_impl, core::AttnImpl::kTorch);
+  // The fastest correct path: the fused kernels on a GPU, the torch math on the CPU.
+  EXPECT_EQ(m.options.attn_impl, core::CudaAvailable() ? core::AttnImpl::kTriton : core::AttnImpl::kTorch);
   EXPECT_EQ(m.max_tokens_per_session, 4096);
   EXPECT_EQ(m.weights_path, "");
   EXPECT_EQ(m.options.device, AutoDevice());
@@ -119,9 +120,11 @@ TEST(ServerConfigTest, DefaultModelFollowsDevice) {
   const core::ModelConfig cpu = DefaultModel("cpu");
   EXPECT_EQ(cpu.options.device, "cpu");
   EXPECT_EQ(cpu.options.dtype, core::DType::kFloat32);
+  EXPECT_EQ(cpu.options.attn_impl, core::AttnImpl::kTorch);
   const core::ModelConfig gpu = DefaultModel("cuda:1");
   EXPECT_EQ(gpu.options.device, "cuda:1");
   EXPECT_EQ(gpu.options.dtype, core::DType::kBFloat16);
+  EXPECT_EQ(gpu.options.attn_impl, core::AttnImpl::kTriton);
   EXPECT_EQ(DefaultModel("auto").options.device, AutoDevice());
 }
 
@@ -243,6 +246,7 @@ TEST(ServerConfigTest, JsonFileFromEnv) {
   EXPECT_DOUBLE_EQ(c->engine.models[0].options.softmax_scale.value_or(-1), 1.0);
   EXPECT_FALSE(c->engine.models[0].options.clip_qkv.has_value());
   EXPECT_EQ(c->engine.models[0].description, "from JSON");
+  EXPECT_EQ(c->engine.models[0].options.attn_impl, core::AttnImpl::kTorch);  // unset, on the CPU
 }
 
 TEST(ServerConfigTest, EmptyFileAndEmptyModelListMeanDefaults) {
