@@ -234,6 +234,18 @@ int main(int argc, char** argv) {
                  ",\"max_rel_err_vs_sdpa\":" + Fmt("%.2e", err));
       }
       std::printf("%5s %6s %10s | relative error of ours vs sdpa: %.2e\n", "", "", "", err);
+      // The split heuristic against every split count (each timed the same way), to show what it leaves.
+      std::string sweep;
+      const int heuristic = p.num_splits;
+      for (int sp = 1; sp <= mqa::core::cuda::kMaxDecodeSplits && sp <= (L + 63) / 64; sp *= 2) {
+        p.num_splits = sp;
+        const double ms = GraphTimeMs([&] { mqa::core::cuda::PagedDecode(p, stream); }, iters, 3);
+        sweep += " " + std::to_string(sp) + ":" + Fmt("%.1f", ms * 1e3);
+        json.Row("\"part\":\"split_sweep\",\"B\":" + std::to_string(B) + ",\"L\":" + std::to_string(L) +
+                 ",\"splits\":" + std::to_string(sp) + ",\"us\":" + Fmt("%.3f", ms * 1e3));
+      }
+      p.num_splits = heuristic;
+      std::printf("%5s %6s %10s | splits:us%s\n", "", "", "", sweep.c_str());
     }
   }
 

@@ -301,32 +301,51 @@ __global__ void __launch_bounds__(kThreads, 2) PagedDecodeKernel(PagedDecodePara
     wo = p.workspace + bs * H * D;
     wml = p.workspace + static_cast<int64_t>(p.batch) * p.num_splits * H * D + bs * H * 2;
   }
-  T* out = static_cast<T*>(p.out) + static_cast<int64_t>(b) * p.out_stride;
-  for (int i = tid; i < H * D; i += kThreads) {
-    const int h = i / D, d = i % D, hm = h / 16, hr = h % 16;
+  // Per head: the key groups' weights 2^(m_g - M) and the merged max and sum, once; then the outputs.
+  float* sw = sl + kWarps * 16;  // [kWarps][16] weights, then [16 * MT] max, [16 * MT] sum
+  float* sM = sw + kWarps * 16;
+  float* sL = sM + 16 * MT;
+  for (int h = tid; h < 16 * MT; h += kThreads) {
+    const int hm = h / 16, hr = h % 16;
     float M = -INFINITY;
 #pragma unroll
     for (int gg = 0; gg < KG; ++gg) M = fmaxf(M, sm[(gg * MT + hm) * 16 + hr]);
-    float num = 0.f, den = 0.f;
+    float den = 0.f;
 #pragma unroll
     for (int gg = 0; gg < KG; ++gg) {
       const int w = gg * MT + hm;
       const float mg = sm[w * 16 + hr];
-      if (mg == -INFINITY) continue;  // a key group with no key in this split
-      const float wgt = exp2f(mg - M);
-      num += wgt * so[(w * 16 + hr) * D + d];
+      const float wgt = mg == -INFINITY ? 0.f : exp2f(mg - M);  // a key group with no key in this split
+      sw[w * 16 + hr] = wgt;
       den += wgt * sl[w * 16 + hr];
     }
+    sM[h] = M;
+    sL[h] = den;
+  }
+  __syncthreads();
+  T* out = static_cast<T*>(p.out) + static_cast<int64_t>(b) * p.out_stride;
+  for (int i = tid; i < H * D; i += kThreads) {
+    const int h = i / D, d = i % D, hm = h / 16, hr = h % 16;
+    float num = 0.f;
+#pragma unroll
+    for (int gg = 0; gg < KG; ++gg) {
+      const int w = gg * MT + hm;
+      num += sw[w * 16 + hr] * so[(w * 16 + hr) * D + d];  // weight 0 for an empty key group (its o is 0)
+    }
     if (p.num_splits == 1) {
-      out[i] = FromFloat<T>(num / den);
+      out[i] = FromFloat<T>(num / sL[h]);
     } else {
       wo[i] = num;
       if (d == 0) {
-        wml[2 * h] = M;  // -inf for an empty split: MergeSplits skips it
-        wml[2 * h + 1] = den;
+        wml[2 * h] = sM[h];  // -inf for an empty split: MergeSplits skips it
+        wml[2 * h + 1] = sL[h];
       }
     }
   }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // The merge kernel (launched with programmatic stream serialisation) may start its prologue now.
+  cudaTriggerProgrammaticLaunchCompletion();
+#endif
 }
 
 // grid (H, B), D threads (>= 64 >= num_splits): out[b, h] = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s over
@@ -338,6 +357,9 @@ __global__ void MergeSplits(PagedDecodeParams p) {
   __shared__ float red_max[4], red_sum[4];
   const int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x, H = p.heads, D = p.head_dim, S = p.num_splits;
   const int lane = d % 32, warp = d / 32;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cudaGridDependencySynchronize();  // launched early (programmatic dependent launch): wait for the partials
+#endif
   const float* wml = p.workspace + static_cast<int64_t>(p.batch) * S * H * D;
   float ms = -INFINITY, ls = 0.f;
   if (d < S) {
@@ -383,7 +405,21 @@ cudaError_t LaunchDecodeMt(const PagedDecodeParams& p, cudaStream_t stream) {
     opted.fetch_or(bit, std::memory_order_release);
   }
   PagedDecodeKernel<T, D, MT><<<dim3(p.num_splits, p.batch), kThreads, smem, stream>>>(p);
-  if (p.num_splits > 1) MergeSplits<T><<<dim3(p.heads, p.batch), D, 0, stream>>>(p);
+  if (p.num_splits > 1) {
+    // Programmatic dependent launch: the merge kernel is scheduled while the split kernel drains, and waits for
+    // its results in cudaGridDependencySynchronize; this hides one launch latency per decode step.
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(p.heads, p.batch);
+    config.blockDim = dim3(D);
+    config.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attr;
+    config.numAttrs = 1;
+    err = cudaLaunchKernelEx(&config, MergeSplits<T>, p);
+    if (err != cudaSuccess) return err;
+  }
   return cudaGetLastError();
 }
 
