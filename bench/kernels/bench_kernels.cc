@@ -188,7 +188,8 @@ int main(int argc, char** argv) {
       p.out_stride = H * D;
       p.num_splits = mqa::core::cuda::PagedDecodeSplits(p.batch, static_cast<int>(L), p.heads, p.head_dim, sms);
       at::Tensor ws = at::empty(
-          {static_cast<int64_t>(mqa::core::cuda::PagedDecodeWorkspaceBytes(p.batch, p.heads, p.head_dim, p.num_splits) / 4) + 1},
+          {static_cast<int64_t>(mqa::core::cuda::PagedDecodeWorkspaceBytes(p.batch, p.heads, p.head_dim,
+                                                                            mqa::core::cuda::kMaxDecodeSplits) / 4) + 1},
           o.dtype(at::kFloat));
       p.workspace = ws.data_ptr<float>();
       const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
