@@ -50,7 +50,7 @@ bool PagedDecodeSupports(int heads, int head_dim);
 size_t PagedDecodeWorkspaceBytes(int batch, int heads, int head_dim, int num_splits);
 
 // A split count that fills `sm_count` multiprocessors for B sessions whose longest has max_seq_len keys, while
-// giving each split at least two tiles of 64 keys. Capped at kMaxDecodeSplits.
+// giving each split at least one tile of 64 keys, in at most one wave. Capped at kMaxDecodeSplits.
 inline constexpr int kMaxDecodeSplits = 64;
 int PagedDecodeSplits(int batch, int max_seq_len, int heads, int head_dim, int sm_count);
 
