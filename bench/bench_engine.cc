@@ -16,7 +16,7 @@
 //
 // Usage: mqa-bench-engine [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--dim 4096] [--heads 32]
 //          [--layers 4] [--sessions 1,8,64,256] [--prefill 128] [--tokens 64] [--warmup 4]
-//          [--attn-impl torch|flash] [--max-batch-sessions 256] [--max-batch-tokens 4096]
+//          [--attn-impl torch|flash|triton] [--max-batch-sessions 256] [--max-batch-tokens 4096]
 //          [--max-queue-delay-us 0] [--kv-block-size 16] [--modes batched,unbatched] [--seed 0] [--json FILE]
 #include <algorithm>
 #include <chrono>
@@ -128,7 +128,7 @@ class Flags {
     std::fputs(
         "usage: mqa-bench-engine [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--dim N] [--heads H]\n"
         "         [--layers L] [--sessions 1,8,64,256] [--prefill P=128] [--tokens T=64] [--warmup W=4]\n"
-        "         [--attn-impl torch|flash] [--max-batch-sessions B=256] [--max-batch-tokens K=4096]\n"
+        "         [--attn-impl torch|flash|triton] [--max-batch-sessions B=256] [--max-batch-tokens K=4096]\n"
         "         [--max-queue-delay-us U=0] [--kv-block-size S=16] [--modes batched,unbatched] [--seed N]\n"
         "         [--json FILE]\n"
         "defaults: cuda when a GPU is present (bfloat16, dim 4096, heads 32, layers 4, flash), else cpu (float32,\n"

@@ -247,6 +247,7 @@ def main():
     ap.add_argument("--prefill", type=int)
     ap.add_argument("--tokens", type=int)
     ap.add_argument("--warmup", type=int)
+    ap.add_argument("--attn-impl", choices=["torch", "flash", "triton"], help="overrides the preset's attn_impl")
     ap.add_argument("--streams", type=int, default=4, help="StepStreams the service bench multiplexes sessions on")
     ap.add_argument("--max-batch-sessions", type=int, help="batched mode only (default: the engine's/server's own)")
     ap.add_argument("--max-batch-tokens", type=int, help="batched mode only (default: the engine's/server's own)")
@@ -259,7 +260,7 @@ def main():
     args = ap.parse_args()
 
     cfg = dict(PRESETS[args.preset])
-    for key in ("sessions", "prefill", "tokens", "warmup", "omp_threads"):
+    for key in ("sessions", "prefill", "tokens", "warmup", "omp_threads", "attn_impl"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     cfg["streams"] = args.streams

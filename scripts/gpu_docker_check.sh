@@ -62,5 +62,8 @@ kill -TERM "$pid"
 wait "$pid"
 code=$?
 echo "docker-check: server exit status after SIGTERM: $code"
+# The default model on a GPU runs attn_impl triton: its decode passes replay CUDA graphs inside the worker.
+echo "docker-check: graph capture failures logged: $(grep -c 'graph capture failed' "$out/server.log")"
+grep -q 'graph capture failed' "$out/server.log" && fail "graph capture"
 [ "$code" -eq 0 ] || fail "exit status"
 echo "docker-check: PASS"

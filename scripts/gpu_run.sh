@@ -45,7 +45,7 @@ rc=0
 if want test; then
   # Deployment lint (hadolint, yamllint, kubernetes-validate) is CPU-side work that CI runs; nginx and
   # Prometheus are not on this machine, so their tests skip here (and only here).
-  MQA_ALLOW_MISSING_TOOLS=1 ctest --test-dir build-gpu --output-on-failure -j4 -LE deploy > "$OUT/ctest.log" 2>&1; rc=$?
+  MQA_ALLOW_MISSING_TOOLS=1 timeout 240 ctest --test-dir build-gpu --output-on-failure -j6 -LE deploy > "$OUT/ctest.log" 2>&1; rc=$?
   grep -E "tests passed|tests failed|Failed|\*\*\*" "$OUT/ctest.log" | grep -v Skipped | tail -30
   build-gpu/tests/mqa_reference_test build-gpu/reference_cases --gtest_brief=1 > "$OUT/reference.log" 2>&1
   grep -cE "^\[       OK \].*cuda_" "$OUT/reference.log" >/dev/null
@@ -64,6 +64,15 @@ if want batch; then
   # Continuous batching vs one step per pass, in process and over gRPC (issue 4), same run.
   python3 bench/run_engine_bench.py --preset gpu --build build-gpu --out "$OUT/batch" > "$OUT/batch.txt" 2>&1
   echo "batch bench rc=$?"; tail -30 "$OUT/batch.txt"
+fi
+if [[ "$what" == *" engine-kernels "* ]]; then
+  # The engine in process with the fused kernels (triton) and with the torch math of the paged pass (flash),
+  # same run, batched and one step per pass.
+  for impl in triton flash; do
+    timeout 110 python3 bench/run_engine_bench.py --preset gpu --attn-impl $impl --skip-service --sessions 64,256 \
+      --build build-gpu --out "$OUT/engine-$impl" > "$OUT/engine-$impl.txt" 2>&1
+    echo "== engine bench, attn_impl $impl: rc=$?"; grep -E "^ *[0-9]|tokens/s|speed" "$OUT/engine-$impl.txt" | tail -12
+  done
 fi
 if want service; then
   # The main job on the GPU: mqa-server with its embedded default model (bf16 on cuda:0), then a model of
