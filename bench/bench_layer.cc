@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_report.h"
 #include "mqa/core/device.h"
 #include "mqa/core/mqa_layer.h"
 
@@ -43,19 +44,8 @@ void Check(const mqa::core::Status& s, const char* what) {
   }
 }
 
-std::string Arg(int argc, char** argv, const std::string& name, const std::string& def) {
-  for (int i = 1; i + 1 < argc; ++i) {
-    if (argv[i] == name) return argv[i + 1];
-  }
-  return def;
-}
-
-bool Flag(int argc, char** argv, const std::string& name) {
-  for (int i = 1; i < argc; ++i) {
-    if (argv[i] == name) return true;
-  }
-  return false;
-}
+using mqa::bench::Arg;
+using mqa::bench::Flag;
 
 }  // namespace
 

@@ -29,6 +29,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_report.h"
 #include "copy_bandwidth.h"
 #include "mqa/core/block_pool.h"
 #include "mqa/core/device.h"
@@ -45,18 +46,9 @@ using mqa::core::MqaOptions;
 using mqa::core::MultiQueryAttention;
 using mqa::core::PagedSeq;
 
-std::string Arg(int argc, char** argv, const std::string& name, const std::string& def) {
-  for (int i = 1; i + 1 < argc; ++i) {
-    if (name == argv[i]) return argv[i + 1];
-  }
-  return def;
-}
-bool Flag(int argc, char** argv, const std::string& name) {
-  for (int i = 1; i < argc; ++i) {
-    if (name == argv[i]) return true;
-  }
-  return false;
-}
+using mqa::bench::Arg;
+using mqa::bench::JsonNumber;
+using mqa::bench::Flag;
 
 // Median over `repeats` of the mean time per call of `iters` back-to-back calls, in ms (CUDA events on the
 // current stream, after warm-up calls).
@@ -230,9 +222,9 @@ int main(int argc, char** argv) {
                     static_cast<long long>(L), kv_bytes / 1e6, name.c_str(), ms * 1e3, gbps, 100.0 * gbps / copy_gbps,
                     ms / ours);
         json.Row("\"part\":\"decode_attention\",\"B\":" + std::to_string(B) + ",\"L\":" + std::to_string(L) +
-                 ",\"impl\":\"" + name + "\",\"us\":" + Fmt("%.3f", ms * 1e3) + ",\"gbps\":" + Fmt("%.1f", gbps) +
-                 ",\"pct_copy\":" + Fmt("%.2f", 100.0 * gbps / copy_gbps) + ",\"vs_ours\":" + Fmt("%.3f", ms / ours) +
-                 ",\"max_rel_err_vs_sdpa\":" + Fmt("%.2e", err));
+                 ",\"impl\":\"" + name + "\",\"us\":" + JsonNumber(ms * 1e3) + ",\"gbps\":" + JsonNumber(gbps) +
+                 ",\"pct_copy\":" + JsonNumber(100.0 * gbps / copy_gbps) + ",\"vs_ours\":" + JsonNumber(ms / ours) +
+                 ",\"max_rel_err_vs_sdpa\":" + JsonNumber(err));
       }
       std::printf("%5s %6s %10s | relative error of ours vs sdpa: %.2e\n", "", "", "", err);
       // The split heuristic against every split count (each timed the same way), to show what it leaves.
@@ -243,7 +235,7 @@ int main(int argc, char** argv) {
         const double ms = GraphTimeMs([&] { mqa::core::cuda::PagedDecode(p, stream); }, iters, 3);
         sweep += " " + std::to_string(sp) + ":" + Fmt("%.1f", ms * 1e3);
         json.Row("\"part\":\"split_sweep\",\"B\":" + std::to_string(B) + ",\"L\":" + std::to_string(L) +
-                 ",\"splits\":" + std::to_string(sp) + ",\"us\":" + Fmt("%.3f", ms * 1e3));
+                 ",\"splits\":" + std::to_string(sp) + ",\"us\":" + JsonNumber(ms * 1e3));
       }
       p.num_splits = heuristic;
       std::printf("%5s %6s %10s | splits:us%s\n", "", "", "", sweep.c_str());
@@ -307,8 +299,8 @@ int main(int argc, char** argv) {
         std::printf("%5lld %6lld %10.1f | %-24s %10.1f %8.2fx %8.2fx\n", static_cast<long long>(B),
                     static_cast<long long>(L), floor_ms * 1e3, name.c_str(), ms * 1e3, ms / floor_ms, ms / g);
         json.Row("\"part\":\"layer_step\",\"B\":" + std::to_string(B) + ",\"L\":" + std::to_string(L) + ",\"impl\":\"" +
-                 name + "\",\"us\":" + Fmt("%.3f", ms * 1e3) + ",\"floor_us\":" + Fmt("%.3f", floor_ms * 1e3) +
-                 ",\"x_floor\":" + Fmt("%.3f", ms / floor_ms));
+                 name + "\",\"us\":" + JsonNumber(ms * 1e3) + ",\"floor_us\":" + JsonNumber(floor_ms * 1e3) +
+                 ",\"x_floor\":" + JsonNumber(ms / floor_ms));
       }
     }
   }

@@ -1,5 +1,5 @@
-// Small, header-only helpers shared by the two benchmarks that print and write their results: mqa-cli bench
-// (client side) and mqa-bench-engine (in process). Standard library only.
+// Small, header-only helpers shared by the benchmarks that print and write their results: mqa-cli bench
+// (client side), mqa-bench-engine, mqa-bench-layer and mqa-bench-kernels (in process). Standard library only.
 #ifndef MQA_CLIENT_TOOLS_BENCH_REPORT_H_
 #define MQA_CLIENT_TOOLS_BENCH_REPORT_H_
 
@@ -43,6 +43,22 @@ inline std::string JsonNumber(double v) {
   char buf[64];
   std::snprintf(buf, sizeof(buf), "%.6g", v);
   return buf;
+}
+
+// The value after `name` on the command line ("--iters 20"), or def when absent.
+inline std::string Arg(int argc, char** argv, const std::string& name, const std::string& def) {
+  for (int i = 1; i + 1 < argc; ++i) {
+    if (argv[i] == name) return argv[i + 1];
+  }
+  return def;
+}
+
+// Whether the bare flag `name` ("--quick") is on the command line.
+inline bool Flag(int argc, char** argv, const std::string& name) {
+  for (int i = 1; i < argc; ++i) {
+    if (argv[i] == name) return true;
+  }
+  return false;
 }
 
 }  // namespace mqa::bench

@@ -864,7 +864,8 @@ StatusOr<at::Tensor> PagedForward(const MultiQueryAttention& layer, const at::Te
       at::Tensor host = at::empty({B * nb + 2 * B}, at::TensorOptions().dtype(at::kInt));
       FillDecodeMeta(decode, B, nb, block_size, host.data_ptr<int32_t>());
       const at::Tensor meta = to_dev(host);
-      at::Tensor q_dec = in_order ? q : q.index_select(0, to_dev(at::tensor(rows, i64)));
+      const at::Tensor row_index = in_order ? at::Tensor() : to_dev(at::tensor(rows, i64));
+      at::Tensor q_dec = in_order ? q : q.index_select(0, row_index);
       at::Tensor out = in_order ? ctx.view({T, H * d}) : at::empty({B, H * d}, x.options());
       const int splits = cuda::PagedDecodeSplits(static_cast<int>(B), static_cast<int>(len_max), static_cast<int>(H),
                                                  static_cast<int>(d), at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
@@ -875,7 +876,7 @@ StatusOr<at::Tensor> PagedForward(const MultiQueryAttention& layer, const at::Te
       }
       LaunchDecode(L, B, nb, block_size, meta, q_dec, k_cache, v_cache, any_alibi ? slopes_f32 : at::Tensor(),
                    workspace.defined() ? workspace.data_ptr<float>() : nullptr, splits, out);
-      if (!in_order) ctx.index_copy_(0, to_dev(at::tensor(rows, i64)), out.view({B, H, d}));
+      if (!in_order) ctx.index_copy_(0, row_index, out.view({B, H, d}));
       decode.clear();
     }
 #endif
@@ -925,13 +926,12 @@ StatusOr<at::Tensor> PagedForward(const MultiQueryAttention& layer, const at::Te
       // Prefill chunks of the same causal kind go through one variable-length flash call against their gathered
       // K/V (one shared head). Flash aligns the causal mask bottom-right when a chunk has fewer queries than keys,
       // as the spec does. LibTorch's flash build has no ALiBi, so ALiBi chunks take the torch attention below.
-      for (int kind = 0; kind < 2; ++kind) {
-        const bool causal = kind & 1, alibi = false;
+      for (const bool causal : {false, true}) {
         std::vector<int64_t> q_rows, kv_slots;
         std::vector<int32_t> cu_q{0}, cu_k{0};
         int64_t max_q = 0, max_k = 0;
         for (const PagedSeq& s : seqs) {
-          if (s.tokens == 1 || s.causal != causal || s.alibi != alibi) continue;
+          if (s.tokens == 1 || s.causal != causal || s.alibi) continue;
           const int64_t len = s.past + s.tokens;
           for (int64_t r = 0; r < s.tokens; ++r) q_rows.push_back(s.row + r);
           for (int64_t p = 0; p < len; ++p) kv_slots.push_back(s.table->Slot(p));

@@ -9,8 +9,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdio>
-#include <cstdlib>
 #include <numeric>
 #include <random>
 #include <string>
@@ -23,20 +21,13 @@
 #include "paged_attention.h"
 #include "paged_mqa.h"
 #include "tensor_impl.h"
+#include "test_util.h"
 
 namespace mqa::core {
 namespace {
 
-uint64_t Seed() {
-  static const uint64_t seed = [] {
-    const char* env = std::getenv("MQA_TEST_SEED");
-    const uint64_t s = env ? std::strtoull(env, nullptr, 10) : std::random_device{}();
-    std::printf("[mqa-kernel-test] seed=%llu (replay with MQA_TEST_SEED=%llu)\n", static_cast<unsigned long long>(s),
-                static_cast<unsigned long long>(s));
-    return s;
-  }();
-  return seed;
-}
+// The suite's run seed (printed once; MQA_TEST_SEED replays it), shared with the other C++ tests.
+uint64_t Seed() { return ::mqa::testing::RunSeed(); }
 
 #define REQUIRE_CUDA() \
   if (!CudaAvailable()) GTEST_SKIP() << "no CUDA device"
