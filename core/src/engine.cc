@@ -112,7 +112,18 @@ struct StepJob {
 
 // One queued computation: a step (job set: batched by the worker) or anything else (run alone). Exactly one of
 // run/fail is called for a non-step item; a step's completion goes through its job's finish instead.
+// Counts a taken item as running until its reply goes out, so a client that has its reply never sees its request
+// still counted in the running gauge. Leave() is idempotent: a reply, a requeue and the worker's sweep may all
+// call it.
+struct InFlight {
+  std::atomic<std::atomic<size_t>*> counter{nullptr};
+  void Leave() {
+    if (std::atomic<size_t>* c = counter.exchange(nullptr)) c->fetch_sub(1);
+  }
+};
+
 struct WorkItem {
+  std::shared_ptr<InFlight> in_flight;  // shared with the completion callback, which calls Leave() first
   Clock::time_point enqueued;
   Clock::time_point deadline;
   std::shared_ptr<const CancelFlag> cancel;
@@ -246,10 +257,7 @@ class Worker {
     std::lock_guard<std::mutex> lock(mu_);
     return queue_.size();
   }
-  size_t running() const {
-    std::lock_guard<std::mutex> lock(mu_);
-    return running_;
-  }
+  size_t running() const { return running_.load(); }
 
  private:
   // Why an item leaves the queue without running, if it does.
@@ -350,7 +358,10 @@ class Worker {
           if (stopping_) return;
         }
         batch = TakeBatchLocked(&dropped);
-        running_ = batch.size();
+        for (WorkItem& item : batch) {
+          if (item.in_flight) item.in_flight->counter.store(&running_);
+        }
+        running_.fetch_add(batch.size());
       }
       for (auto& [item, why] : dropped) on_drop_(item, std::move(why));
       if (!batch.empty()) {
@@ -360,8 +371,14 @@ class Worker {
         } else {
           batch[0].run(batch[0].enqueued);
         }
+        // Replies already left them; unfinished prefills are queued again, not running.
+        for (WorkItem& item : batch) {
+          if (item.in_flight) item.in_flight->Leave();
+        }
+        for (WorkItem& item : unfinished) {
+          if (item.in_flight) item.in_flight->Leave();
+        }
         std::lock_guard<std::mutex> lock(mu_);
-        running_ = 0;
         // Unfinished prefills go back to the front, in order, ahead of later steps of their sessions.
         for (auto it = unfinished.rbegin(); it != unfinished.rend(); ++it) queue_.push_front(std::move(*it));
       }
@@ -376,7 +393,7 @@ class Worker {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::deque<WorkItem> queue_;
-  size_t running_ = 0;
+  std::atomic<size_t> running_{0};  // taken items whose reply has not gone out
   bool stopping_ = false;
   std::thread thread_;
 };
@@ -471,8 +488,9 @@ struct Engine::Impl {
   // Queues run on the device's worker; fail gets the refusal when the queue will not take it.
   void Enqueue(const std::string& device, Clock::time_point deadline, std::shared_ptr<const CancelFlag> cancel,
                std::function<void(Clock::time_point)> run, std::function<void(Status)> fail,
-               std::shared_ptr<StepJob> job = nullptr) {
+               std::shared_ptr<InFlight> in_flight, std::shared_ptr<StepJob> job = nullptr) {
     WorkItem item;
+    item.in_flight = std::move(in_flight);
     item.enqueued = Clock::now();
     item.deadline = deadline;
     item.cancel = std::move(cancel);
@@ -871,7 +889,9 @@ void Engine::SubmitStep(StepRequest request, StepCallback done) {
   }
   if (closed) return fail_now(NotFoundError("session " + session->id + " was closed; nothing was computed"));
   auto shared_done = std::make_shared<StepCallback>(std::move(done));
-  auto finish = [this, session, shared_done](StatusOr<StepResult> result) {
+  auto in_flight = std::make_shared<InFlight>();
+  auto finish = [this, session, shared_done, in_flight](StatusOr<StepResult> result) {
+    in_flight->Leave();
     {
       std::lock_guard<std::mutex> slock(session->mu);
       --session->pending;
@@ -896,7 +916,7 @@ void Engine::SubmitStep(StepRequest request, StepCallback done) {
   job->replica = session->replica;
   job->request = std::move(request);
   job->finish = finish;
-  impl_->Enqueue(session->replica->device, deadline, std::move(cancel), nullptr, finish, std::move(job));
+  impl_->Enqueue(session->replica->device, deadline, std::move(cancel), nullptr, finish, in_flight, std::move(job));
 }
 
 void Engine::Impl::RunBatch(std::vector<WorkItem>& batch, std::vector<WorkItem>* unfinished) {
@@ -1046,7 +1066,9 @@ void Engine::SubmitForward(ForwardRequest request, ForwardCallback done) {
                                      std::to_string(model.info.options.dim) + "]"));
   }
   auto shared_done = std::make_shared<ForwardCallback>(std::move(done));
-  auto finish = [this, shared_done](StatusOr<ForwardResult> result) {
+  auto in_flight = std::make_shared<InFlight>();
+  auto finish = [this, shared_done, in_flight](StatusOr<ForwardResult> result) {
+    in_flight->Leave();
     if (result.ok()) {
       std::lock_guard<std::mutex> lock(impl_->mu);
       ++impl_->counters.forwards_completed;
@@ -1068,7 +1090,7 @@ void Engine::SubmitForward(ForwardRequest request, ForwardCallback done) {
   }
   impl_->Enqueue(r->device, deadline, std::move(cancel),
                  [this, r, req, finish](Clock::time_point enqueued) { impl_->RunForward(*r, *req, enqueued, finish); },
-                 finish);
+                 finish, in_flight);
 }
 
 void Engine::Impl::RunForward(const Replica& replica, const ForwardRequest& req, Clock::time_point /*enqueued*/,

@@ -372,6 +372,36 @@ TEST(Engine, StatelessForwardReturnsTheCacheInTheCallersDtype) {
 }
 
 
+// The running gauge drops a request before its reply goes out: a caller holding its reply (and a scrape after it)
+// never sees it still counted. Read from inside the callbacks, on the worker thread, after the pass.
+TEST(Engine, ARepliedRequestIsNoLongerCountedAsRunning) {
+  auto e = MakeEngine();
+  SessionInfo s = Create(*e);
+  std::promise<size_t> step_running, forward_running, refused_running;
+  e->SubmitStep(MakeStep(s.id, 0, Randn(DType::kFloat32, {1, 5, 64})),
+                [&](StatusOr<StepResult> r) {
+                  EXPECT_TRUE(r.ok()) << r.status().message();
+                  step_running.set_value(e->stats().running);
+                });
+  EXPECT_EQ(step_running.get_future().get(), 0u);
+  StepRequest wrong = MakeStep(s.id, 0, Randn(DType::kFloat32, {1, 1, 64}));
+  wrong.position = 0;  // the layer holds 5 tokens: refused in the pass, before computing
+  e->SubmitStep(std::move(wrong), [&](StatusOr<StepResult> r) {
+    EXPECT_EQ(r.status().code(), StatusCode::kFailedPrecondition);
+    refused_running.set_value(e->stats().running);
+  });
+  EXPECT_EQ(refused_running.get_future().get(), 0u);
+  ForwardRequest f;
+  f.model = "small";
+  f.args.x = Randn(DType::kFloat32, {1, 3, 64});
+  e->SubmitForward(f, [&](StatusOr<ForwardResult> r) {
+    EXPECT_TRUE(r.ok()) << r.status().message();
+    forward_running.set_value(e->stats().running);
+  });
+  EXPECT_EQ(forward_running.get_future().get(), 0u);
+  EXPECT_EQ(e->stats().running, 0u);
+}
+
 // ---- Paged KV cache and continuous batching (issue 4) ----
 namespace batching {
 
