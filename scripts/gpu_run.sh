@@ -5,6 +5,8 @@
 # .shared-gpu (a copy of ../shared/gpu, used when ../shared did not travel).
 # Usage: scripts/gpu_run.sh [all|test|bench|service|batch|kernels|docker]...   results under $OUT (default /tmp/mqa-out)
 #   kernels  the CUDA kernel tests (also under compute-sanitizer memcheck) and mqa-bench-kernels
+#   profile  Nsight Compute (ncu) on the decode kernel and the layer step's graph, for the cases whose targets
+#            the kernel bench measures (text reports under $OUT/ncu)
 #   docker   the Dockerfile's build-stage steps (setup.sh's downloads excepted) and a run of the bundle it makes
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -117,6 +119,30 @@ if want kernels; then
   echo "compute-sanitizer memcheck rc=$k: $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)"
   build-gpu/bench/mqa-bench-kernels --json "$OUT/bench-kernels.json" > "$OUT/bench-kernels.txt" 2>&1
   echo "bench rc=$?"; cat "$OUT/bench-kernels.txt"
+fi
+if [[ "$what" == *" profile "* ]]; then
+  mkdir -p "$OUT/ncu"
+  sections="--section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+    --section SchedulerStats --section MemoryWorkloadAnalysis --section InstructionStats"
+  prof() {  # name, bench args...
+    local name=$1; shift
+    # shellcheck disable=SC2086
+    timeout 120 ncu --target-processes all --kernel-name regex:'PagedDecode|MergeSplits' --launch-skip 2 \
+      --launch-count 2 --cache-control all $sections build-gpu/bench/mqa-bench-kernels "$@" \
+      > "$OUT/ncu/$name.txt" 2>&1
+    echo "== ncu $name ($*): rc=$?"
+    grep -E "PagedDecode|MergeSplits|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Issued Ipc|Stall|One or More Eligible" \
+      "$OUT/ncu/$name.txt" | sed 's/  */ /g' | head -40
+  }
+  prof decode-b1-l8k-s1 --profile-decode 1,8192,1
+  prof decode-b1-l8k --profile-decode 1,8192
+  prof decode-b64-l8k --profile-decode 64,8192
+  prof decode-b256-l8k --profile-decode 256,8192
+  # Every kernel of the layer step's graph, with its duration (no cache flush, as in serving).
+  timeout 120 ncu --target-processes all --graph-profiling node --launch-skip 0 --launch-count 40 --cache-control none \
+    --section SpeedOfLight build-gpu/bench/mqa-bench-kernels --profile-layer 1,1024 > "$OUT/ncu/layer-b1-l1k.txt" 2>&1
+  echo "== ncu layer B=1 L=1k: rc=$?"
+  grep -E "^  [a-zA-Z_].*\(|Duration|DRAM Throughput" "$OUT/ncu/layer-b1-l1k.txt" | sed 's/  */ /g' | tail -60
 fi
 if [ -n "${docker_pid:-}" ]; then
   wait "$docker_pid"; k=$?; [ $k -eq 0 ] || rc=$k
