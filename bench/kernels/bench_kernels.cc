@@ -124,6 +124,38 @@ struct PagedCache {
   }
 };
 
+// One decode case for the paged kernel: a cache of B sessions x L tokens, random q, the output, a workspace for
+// the largest split count, and the kernel's parameters (the split heuristic's count; scale 1/sqrt(D)).
+struct DecodeCase {
+  PagedCache cache;
+  at::Tensor q, out, ws;
+  mqa::core::cuda::PagedDecodeParams p;
+  DecodeCase(int64_t B, int64_t L, int64_t H, int64_t D, int sms, std::mt19937_64& rng) : cache(B, L, D, rng) {
+    const auto o = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
+    q = at::randn({B, H * D}, o);
+    out = at::empty({B, H * D}, o);
+    p.batch = static_cast<int>(B);
+    p.heads = static_cast<int>(H);
+    p.head_dim = static_cast<int>(D);
+    p.q = q.data_ptr();
+    p.q_stride = H * D;
+    p.k_cache = cache.k.data_ptr();
+    p.v_cache = cache.v.data_ptr();
+    p.block_tables = cache.tables.data_ptr<int32_t>();
+    p.block_table_stride = static_cast<int>(cache.nb);
+    p.seq_lens = cache.lens.data_ptr<int32_t>();
+    p.block_size = cache.bs;
+    p.scale = 1.0f / std::sqrt(static_cast<float>(D));
+    p.out = out.data_ptr();
+    p.out_stride = H * D;
+    p.num_splits = mqa::core::cuda::PagedDecodeSplits(p.batch, static_cast<int>(L), p.heads, p.head_dim, sms);
+    ws = at::empty({static_cast<int64_t>(mqa::core::cuda::PagedDecodeWorkspaceBytes(
+                        p.batch, p.heads, p.head_dim, mqa::core::cuda::kMaxDecodeSplits) / 4) + 1},
+                   o.dtype(at::kFloat));
+    p.workspace = ws.data_ptr<float>();
+  }
+};
+
 // "a,b[,c]" -> {a, b[, c]}.
 std::vector<int64_t> Ints(const std::string& csv) {
   std::vector<int64_t> v;
@@ -167,33 +199,10 @@ int main(int argc, char** argv) {
   std::vector<int64_t> Bs = quick ? std::vector<int64_t>{1, 8} : std::vector<int64_t>{1, 8, 64, 256};
   std::vector<int64_t> Ls = quick ? std::vector<int64_t>{1024} : std::vector<int64_t>{1024, 8192};
   if (!profile_decode.empty()) {
-    PagedCache cache(profile_decode[0], profile_decode[1], D, rng);
+    DecodeCase c(profile_decode[0], profile_decode[1], H, D, sms, rng);
+    mqa::core::cuda::PagedDecodeParams& p = c.p;
     const int64_t B = profile_decode[0];
-    const at::Tensor q = at::randn({B, H * D}, at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16));
-    at::Tensor out = at::empty_like(q);
-    at::Tensor ws = at::empty({static_cast<int64_t>(mqa::core::cuda::PagedDecodeWorkspaceBytes(
-                                   static_cast<int>(B), static_cast<int>(H), static_cast<int>(D),
-                                   mqa::core::cuda::kMaxDecodeSplits) / 4) + 1},
-                              q.options().dtype(at::kFloat));
-    mqa::core::cuda::PagedDecodeParams p;
-    p.batch = static_cast<int>(B);
-    p.heads = static_cast<int>(H);
-    p.head_dim = static_cast<int>(D);
-    p.q = q.data_ptr();
-    p.q_stride = H * D;
-    p.k_cache = cache.k.data_ptr();
-    p.v_cache = cache.v.data_ptr();
-    p.block_tables = cache.tables.data_ptr<int32_t>();
-    p.block_table_stride = static_cast<int>(cache.nb);
-    p.seq_lens = cache.lens.data_ptr<int32_t>();
-    p.block_size = cache.bs;
-    p.scale = 1.0f / std::sqrt(static_cast<float>(D));
-    p.out = out.data_ptr();
-    p.out_stride = H * D;
-    p.num_splits = profile_decode.size() > 2 ? static_cast<int>(profile_decode[2])
-                                             : mqa::core::cuda::PagedDecodeSplits(p.batch, static_cast<int>(profile_decode[1]),
-                                                                                  p.heads, p.head_dim, sms);
-    p.workspace = ws.data_ptr<float>();
+    if (profile_decode.size() > 2) p.num_splits = static_cast<int>(profile_decode[2]);
     for (int i = 0; i < 3; ++i) {
       const int err = mqa::core::cuda::PagedDecode(p, at::cuda::getCurrentCUDAStream().stream());
       if (err != 0) {
@@ -227,34 +236,13 @@ int main(int argc, char** argv) {
               "% copy", "vs ours");
   for (int64_t L : profiling ? std::vector<int64_t>{} : Ls) {
     for (int64_t B : Bs) {
-      PagedCache cache(B, L, D, rng);
-      const auto o = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
-      const at::Tensor q = at::randn({B, H * D}, o);
+      DecodeCase c(B, L, H, D, sms, rng);
+      const PagedCache& cache = c.cache;
+      const at::Tensor& q = c.q;
+      const at::Tensor& out = c.out;
+      mqa::core::cuda::PagedDecodeParams& p = c.p;
       const double kv_bytes = 2.0 * B * L * D * 2;
       const double read_bytes = kv_bytes + 2.0 * B * H * D * 2;  // + q in, out out
-      // Ours.
-      mqa::core::cuda::PagedDecodeParams p;
-      p.batch = static_cast<int>(B);
-      p.heads = static_cast<int>(H);
-      p.head_dim = static_cast<int>(D);
-      p.q = q.data_ptr();
-      p.q_stride = H * D;
-      p.k_cache = cache.k.data_ptr();
-      p.v_cache = cache.v.data_ptr();
-      p.block_tables = cache.tables.data_ptr<int32_t>();
-      p.block_table_stride = static_cast<int>(cache.nb);
-      p.seq_lens = cache.lens.data_ptr<int32_t>();
-      p.block_size = cache.bs;
-      p.scale = scale;
-      at::Tensor out = at::empty({B, H * D}, o);
-      p.out = out.data_ptr();
-      p.out_stride = H * D;
-      p.num_splits = mqa::core::cuda::PagedDecodeSplits(p.batch, static_cast<int>(L), p.heads, p.head_dim, sms);
-      at::Tensor ws = at::empty(
-          {static_cast<int64_t>(mqa::core::cuda::PagedDecodeWorkspaceBytes(p.batch, p.heads, p.head_dim,
-                                                                            mqa::core::cuda::kMaxDecodeSplits) / 4) + 1},
-          o.dtype(at::kFloat));
-      p.workspace = ws.data_ptr<float>();
       const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
       std::vector<std::pair<std::string, double>> results;
       results.emplace_back("paged kernel (splits " + std::to_string(p.num_splits) + ")",
