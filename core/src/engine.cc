@@ -258,6 +258,11 @@ class Worker {
     return queue_.size();
   }
   size_t running() const { return running_.load(); }
+  // Nothing queued and nothing taken whose completion callbacks have not all returned.
+  bool idle() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return queue_.empty() && !busy_;
+  }
 
  private:
   // Why an item leaves the queue without running, if it does.
@@ -358,14 +363,15 @@ class Worker {
           if (stopping_) return;
         }
         batch = TakeBatchLocked(&dropped);
+        busy_ = !batch.empty() || !dropped.empty();
         for (WorkItem& item : batch) {
           if (item.in_flight) item.in_flight->counter.store(&running_);
         }
         running_.fetch_add(batch.size());
       }
       for (auto& [item, why] : dropped) on_drop_(item, std::move(why));
+      std::vector<WorkItem> unfinished;
       if (!batch.empty()) {
-        std::vector<WorkItem> unfinished;
         if (batch[0].job) {
           run_batch_(batch, &unfinished);
         } else {
@@ -378,10 +384,11 @@ class Worker {
         for (WorkItem& item : unfinished) {
           if (item.in_flight) item.in_flight->Leave();
         }
-        std::lock_guard<std::mutex> lock(mu_);
-        // Unfinished prefills go back to the front, in order, ahead of later steps of their sessions.
-        for (auto it = unfinished.rbegin(); it != unfinished.rend(); ++it) queue_.push_front(std::move(*it));
       }
+      std::lock_guard<std::mutex> lock(mu_);
+      // Unfinished prefills go back to the front, in order, ahead of later steps of their sessions.
+      for (auto it = unfinished.rbegin(); it != unfinished.rend(); ++it) queue_.push_front(std::move(*it));
+      busy_ = false;
     }
   }
 
@@ -394,6 +401,7 @@ class Worker {
   std::condition_variable cv_;
   std::deque<WorkItem> queue_;
   std::atomic<size_t> running_{0};  // taken items whose reply has not gone out
+  bool busy_ = false;  // a pass or drops taken from the queue and not yet completed (callbacks included)
   bool stopping_ = false;
   std::thread thread_;
 };
@@ -1145,8 +1153,10 @@ void Engine::StopAcceptingSessions() {
 
 bool Engine::WaitIdle(Clock::time_point deadline) const {
   for (;;) {
-    EngineStats s = stats();
-    if (s.queue_depth == 0 && s.running == 0) return true;
+    // Idle means every callback has returned too (the running gauge drops a request before its reply).
+    bool idle = true;
+    for (const auto& [device, worker] : impl_->workers) idle = idle && worker->idle();
+    if (idle) return true;
     if (Clock::now() >= deadline) return false;
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }

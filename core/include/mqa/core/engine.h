@@ -240,7 +240,8 @@ class Engine {
 
   // Refuse new sessions from now on (draining). Existing sessions keep working.
   void StopAcceptingSessions();
-  // Waits until no work is queued or running, or the deadline passes. Returns whether the engine was idle.
+  // Waits until no work is queued or running and every completion callback has returned, or the deadline
+  // passes. Returns whether the engine was idle.
   bool WaitIdle(Clock::time_point deadline) const;
 
   EngineStats stats() const;
