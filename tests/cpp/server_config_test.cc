@@ -597,7 +597,9 @@ TEST(ServerConfigTest, DevicesAllFromFlagAndEnv) {
     EXPECT_EQ(m.options.dtype, core::CudaAvailable() ? core::DType::kBFloat16 : core::DType::kFloat32);
     // Without a GPU, "all" is the CPU, and the server says so in its log.
     EXPECT_EQ(MentionsNoGpu(*c, origin), !core::CudaAvailable());
-    if (!core::CudaAvailable()) EXPECT_EQ(c->notices.size(), 1u);
+    if (!core::CudaAvailable()) {
+      EXPECT_EQ(c->notices.size(), 1u);
+    }
   }
   auto none = Load({});
   ASSERT_TRUE(none.ok());
@@ -618,8 +620,8 @@ TEST(ServerConfigTest, DevicesListsAreCheckedEntryByEntry) {
               {"--devices: cuda:0 is listed twice (\"cuda\" means \"cuda:0\")"});
   ExpectError(Load({}, {{"MQA_DEVICES", "cuda:0,cuda"}}), StatusCode::kInvalidArgument,
               {"MQA_DEVICES: cuda:0 is listed twice"});
-  for (const std::string& bad : {"cpu,", ",cpu", "cpu,,cuda:0", ""}) {
-    ExpectError(Load({"--devices=" + bad}), StatusCode::kInvalidArgument,
+  for (const char* bad : {"cpu,", ",cpu", "cpu,,cuda:0", ""}) {
+    ExpectError(Load({std::string("--devices=") + bad}), StatusCode::kInvalidArgument,
                 {"--devices: expected all or a comma-separated list of devices", "(an empty entry)"});
   }
   ExpectError(Load({"--devices", "all,cpu"}), StatusCode::kInvalidArgument, {"--devices: 'all' stands alone"});
