@@ -16,6 +16,8 @@
 #include <thread>
 #include <utility>
 
+#include <c10/core/InferenceMode.h>
+
 #include "mqa/core/block_pool.h"
 #include "mqa/core/device.h"
 #include "mqa/core/logging.h"
@@ -337,6 +339,11 @@ class Worker {
   }
 
   void Loop() {
+    // No gradients are ever taken here: inference mode skips LibTorch's autograd and view-tracking dispatch,
+    // which is much of the host time of the small per-step operators (slicing a pass's rows per session,
+    // dtype conversions) and caps a pass's throughput when the GPU work is short. Tensors made here are
+    // inference tensors: callers read them, and copy before any in-place change (Tensor's API has none).
+    c10::InferenceMode inference_mode;
 #ifdef MQA_WITH_CUDA
     // The worker owns one stream per device: everything it launches is ordered on that stream, and nothing
     // else in the process launches on it.
