@@ -22,14 +22,12 @@
 #include <chrono>
 #include <cinttypes>
 #include <cmath>
-#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
 #include <fstream>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <set>
 #include <sstream>
@@ -43,6 +41,7 @@
 #include "mqa/core/status.h"
 #include "mqa/core/tensor.h"
 #include "bench_report.h"
+#include "closed_loop.h"
 
 namespace {
 
@@ -182,129 +181,27 @@ struct BenchConfig {
   }
 };
 
-// What one phase measured.
-struct PhaseResult {
-  double seconds = 0.0;
-  std::vector<double> latency_ms;         // submit to callback, every step
-  std::vector<double> server_queue_ms;    // StepResult::queue_us
-  std::vector<double> server_compute_ms;  // StepResult::compute_us
-  int64_t failed = 0;
-  std::optional<Status> first_error;
-};
+using ClosedLoop = mqa::bench::ClosedLoop<Tensor, Status>;
+using PhaseResult = ClosedLoop::Phase;
 
-// Drives N sessions through one phase: each session runs `rounds` rounds of L layer steps with `step_tokens`
-// tokens each, a closed loop advanced from the engine's completion callbacks.
-class ClosedLoop {
- public:
-  ClosedLoop(Engine* engine, const std::vector<std::string>* session_ids, int layers,
-             const std::vector<Tensor>* inputs)
-      : engine_(engine), session_ids_(session_ids), layers_(layers), inputs_(inputs) {}
-
-  PhaseResult Run(int64_t start_position, int64_t step_tokens, int64_t rounds) {
-    const size_t n = session_ids_->size();
-    start_position_ = start_position;
-    step_tokens_ = step_tokens;
-    rounds_ = rounds;
-    sessions_.assign(n, SessionState());
-    result_ = PhaseResult();
-    finished_ = 0;
-    for (SessionState& s : sessions_) {
-      s.latency_ms.reserve(static_cast<size_t>(rounds * layers_));
-      s.queue_ms.reserve(static_cast<size_t>(rounds * layers_));
-      s.compute_ms.reserve(static_cast<size_t>(rounds * layers_));
-    }
-    const auto start = Clock::now();
-    if (rounds == 0) {
-      finished_ = n;
-      end_ = start;
-    } else {
-      for (size_t i = 0; i < n; ++i) Submit(i);
-    }
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return finished_ == n; });
-    }
-    result_.seconds = std::chrono::duration<double>(end_ - start).count();
-    for (SessionState& s : sessions_) {
-      result_.latency_ms.insert(result_.latency_ms.end(), s.latency_ms.begin(), s.latency_ms.end());
-      result_.server_queue_ms.insert(result_.server_queue_ms.end(), s.queue_ms.begin(), s.queue_ms.end());
-      result_.server_compute_ms.insert(result_.server_compute_ms.end(), s.compute_ms.begin(), s.compute_ms.end());
-    }
-    return std::move(result_);
-  }
-
- private:
-  struct SessionState {
-    int layer = 0;
-    int64_t round = 0;
-    Tensor next_input;  // the previous layer's output within a round
-    Clock::time_point sent;
-    std::vector<double> latency_ms, queue_ms, compute_ms;
-  };
-
-  // Submits session i's current step. Only the session's own callback chain touches its state.
-  void Submit(size_t i) {
-    SessionState& s = sessions_[i];
+// Runs one phase of the closed loop with the engine in process: each session's next step is submitted from the
+// engine's completion callback.
+PhaseResult RunPhase(Engine& engine, const std::vector<std::string>& ids, int layers,
+                     const std::vector<Tensor>& inputs, int64_t start_position, int64_t step_tokens, int64_t rounds) {
+  ClosedLoop loop(ids.size(), layers, &inputs);
+  return loop.Run(start_position, step_tokens, rounds, [&](size_t i, int64_t layer, int64_t position, Tensor x) {
     mqa::core::StepRequest request;
-    request.session_id = (*session_ids_)[i];
-    request.layer = s.layer;
-    request.position = start_position_ + s.round * step_tokens_;
-    if (s.layer == 0) {
-      request.x = (*inputs_)[(i + static_cast<size_t>(s.round)) % inputs_->size()];
-    } else {
-      request.x = std::move(s.next_input);
-    }
-    s.sent = Clock::now();
-    engine_->SubmitStep(std::move(request), [this, i](StatusOr<mqa::core::StepResult> r) { OnDone(i, std::move(r)); });
-  }
-
-  void OnDone(size_t i, StatusOr<mqa::core::StepResult> r) {
-    SessionState& s = sessions_[i];
-    const auto now = Clock::now();
-    if (!r.ok()) {
-      std::lock_guard<std::mutex> lock(mu_);
-      ++result_.failed;
-      if (!result_.first_error) result_.first_error = r.status();
-      FinishLocked(now);
-      return;
-    }
-    s.latency_ms.push_back(std::chrono::duration<double, std::milli>(now - s.sent).count());
-    s.queue_ms.push_back(static_cast<double>(r->queue_us) / 1e3);
-    s.compute_ms.push_back(static_cast<double>(r->compute_us) / 1e3);
-    s.next_input = std::move(r->out);
-    if (++s.layer == layers_) {
-      s.layer = 0;
-      s.next_input = Tensor();
-      ++s.round;
-    }
-    if (s.round < rounds_) {
-      Submit(i);
-      return;
-    }
-    std::lock_guard<std::mutex> lock(mu_);
-    FinishLocked(now);
-  }
-
-  void FinishLocked(Clock::time_point now) {
-    end_ = std::max(end_, now);
-    if (++finished_ == sessions_.size()) cv_.notify_all();
-  }
-
-  Engine* engine_;
-  const std::vector<std::string>* session_ids_;
-  int layers_;
-  const std::vector<Tensor>* inputs_;
-  int64_t start_position_ = 0;
-  int64_t step_tokens_ = 1;
-  int64_t rounds_ = 0;
-  std::vector<SessionState> sessions_;
-
-  std::mutex mu_;
-  std::condition_variable cv_;
-  size_t finished_ = 0;
-  Clock::time_point end_{};
-  PhaseResult result_;
-};
+    request.session_id = ids[i];
+    request.layer = static_cast<int>(layer);
+    request.position = position;
+    request.x = std::move(x);
+    engine.SubmitStep(std::move(request), [&loop, i](StatusOr<mqa::core::StepResult> r) {
+      if (!r.ok()) return loop.Fail(r.status());
+      loop.Done(i, static_cast<double>(r->queue_us) / 1e3, static_cast<double>(r->compute_us) / 1e3,
+                std::move(r->out));
+    });
+  });
+}
 
 struct Row {
   std::string mode;
@@ -399,22 +296,15 @@ Row RunOne(const BenchConfig& c, const std::string& mode, int64_t n) {
     }
   };
   if (c.prefill > 0) {
-    ClosedLoop loop(engine.get(), &ids, c.layers, &prefill_inputs);
-    row.prefill = loop.Run(0, c.prefill, 1);
+    row.prefill = RunPhase(*engine, ids, c.layers, prefill_inputs, 0, c.prefill, 1);
     check_phase(row.prefill, "prefill");
   }
-  {
-    ClosedLoop loop(engine.get(), &ids, c.layers, &decode_inputs);
-    check_phase(loop.Run(c.prefill, 1, c.warmup), "warm-up");
-  }
+  check_phase(RunPhase(*engine, ids, c.layers, decode_inputs, c.prefill, 1, c.warmup), "warm-up");
   Check(mqa::core::Synchronize(c.device), "sync");
-  {
-    ClosedLoop loop(engine.get(), &ids, c.layers, &decode_inputs);
-    row.decode_stats_before = engine->stats();
-    row.decode = loop.Run(c.prefill + c.warmup, 1, c.tokens);
-    row.decode_stats_after = engine->stats();
-    check_phase(row.decode, "decode");
-  }
+  row.decode_stats_before = engine->stats();
+  row.decode = RunPhase(*engine, ids, c.layers, decode_inputs, c.prefill + c.warmup, 1, c.tokens);
+  row.decode_stats_after = engine->stats();
+  check_phase(row.decode, "decode");
   // The engine's own positions confirm that every step was applied exactly once.
   for (const std::string& id : ids) {
     mqa::core::SessionInfo info = Check(engine->GetSession(id), "GetSession");

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "bench_report.h"
+#include "closed_loop.h"
 #include "mqa/client/client.h"
 #include "safetensors_io.h"
 
@@ -494,130 +495,31 @@ int RunSessionDemo(Client& client, Args& args, const std::string& model_flag) {
 
 // ---- bench ----------------------------------------------------------------------------------------------
 
-// What one phase of the bench measured.
-struct BenchPhase {
-  double seconds = 0.0;
-  std::vector<double> latency_ms;         // client: submit to callback, every step
-  std::vector<double> server_queue_ms;    // StepOutput::queue_time
-  std::vector<double> server_compute_ms;  // StepOutput::compute_time
-  int64_t failed = 0;
-  std::optional<Status> first_error;
-};
+using BenchLoop = mqa::bench::ClosedLoop<HostTensor, Status>;
+using BenchPhase = BenchLoop::Phase;
 
-// Drives sessions through one phase: each runs `rounds` rounds of one step per layer (`step_tokens` tokens
-// each), a closed loop advanced from the stream callbacks: a session's next step (the next layer, fed the
-// previous layer's output, or layer 0 of its next token) goes out when its current step completes. Session i
-// uses streams[i % streams.size()].
-class StreamLoop {
- public:
-  StreamLoop(const std::vector<std::string>* session_ids, const std::vector<std::unique_ptr<StepStream>>* streams,
-             int64_t layers, const std::vector<HostTensor>* inputs, std::chrono::milliseconds step_timeout)
-      : session_ids_(session_ids), streams_(streams), layers_(layers), inputs_(inputs), step_timeout_(step_timeout) {}
-
-  BenchPhase Run(int64_t start_position, int64_t step_tokens, int64_t rounds) {
-    const size_t n = session_ids_->size();
-    start_position_ = start_position;
-    step_tokens_ = step_tokens;
-    rounds_ = rounds;
-    sessions_.assign(n, SessionState());
-    const auto start = Clock::now();
-    end_ = start;
-    if (rounds > 0) {
-      for (size_t i = 0; i < n; ++i) Submit(i);
-    } else {
-      finished_ = n;
-    }
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return finished_ == n; });
-    }
-    result_.seconds = std::chrono::duration<double>(end_ - start).count();
-    for (const SessionState& s : sessions_) {
-      result_.latency_ms.insert(result_.latency_ms.end(), s.latency_ms.begin(), s.latency_ms.end());
-      result_.server_queue_ms.insert(result_.server_queue_ms.end(), s.queue_ms.begin(), s.queue_ms.end());
-      result_.server_compute_ms.insert(result_.server_compute_ms.end(), s.compute_ms.begin(), s.compute_ms.end());
-    }
-    return std::move(result_);
-  }
-
- private:
-  struct SessionState {
-    int64_t layer = 0;
-    int64_t round = 0;
-    HostTensor next_input;  // the previous layer's output within a round
-    Clock::time_point sent;
-    std::vector<double> latency_ms, queue_ms, compute_ms;
-  };
-
-  // Only the session's own chain of callbacks touches sessions_[i].
-  void Submit(size_t i) {
-    SessionState& s = sessions_[i];
+// Runs one phase of the closed loop over the streams: session i is stepped on streams[i % streams.size()], and
+// its next step goes out from the stream callback of its current one.
+BenchPhase RunPhase(const std::vector<std::string>& ids, const std::vector<std::unique_ptr<StepStream>>& streams,
+                    int64_t layers, const std::vector<HostTensor>& inputs, std::chrono::milliseconds step_timeout,
+                    int64_t start_position, int64_t step_tokens, int64_t rounds) {
+  BenchLoop loop(ids.size(), layers, &inputs);
+  return loop.Run(start_position, step_tokens, rounds, [&](size_t i, int64_t layer, int64_t position, HostTensor x) {
     StepRequest request;
-    request.session_id = (*session_ids_)[i];
-    request.layer = static_cast<int32_t>(s.layer);
-    request.position = start_position_ + s.round * step_tokens_;
-    request.timeout = step_timeout_;
-    request.x = s.layer == 0 ? (*inputs_)[(i + static_cast<size_t>(s.round)) % inputs_->size()]
-                             : std::move(s.next_input);
-    s.sent = Clock::now();
-    StepStream& stream = *(*streams_)[i % streams_->size()];
-    StatusOr<uint64_t> submitted =
-        stream.Submit(std::move(request), [this, i](StatusOr<StepOutput> out) { OnDone(i, std::move(out)); });
-    if (!submitted.ok()) Fail(submitted.status());
-  }
-
-  void OnDone(size_t i, StatusOr<StepOutput> out) {
-    SessionState& s = sessions_[i];
-    const auto now = Clock::now();
-    if (!out.ok()) {
-      Fail(out.status());
-      return;
-    }
-    s.latency_ms.push_back(std::chrono::duration<double, std::milli>(now - s.sent).count());
-    s.queue_ms.push_back(std::chrono::duration<double, std::milli>(out->queue_time).count());
-    s.compute_ms.push_back(std::chrono::duration<double, std::milli>(out->compute_time).count());
-    s.next_input = std::move(out->out);
-    if (++s.layer == layers_) {
-      s.layer = 0;
-      s.next_input = HostTensor();
-      ++s.round;
-    }
-    if (s.round < rounds_) {
-      Submit(i);
-      return;
-    }
-    std::lock_guard<std::mutex> lock(mu_);
-    FinishLocked(now);
-  }
-
-  void Fail(const Status& status) {
-    std::lock_guard<std::mutex> lock(mu_);
-    ++result_.failed;
-    if (!result_.first_error) result_.first_error = status;
-    FinishLocked(Clock::now());
-  }
-
-  void FinishLocked(Clock::time_point now) {
-    end_ = std::max(end_, now);
-    if (++finished_ == sessions_.size()) cv_.notify_all();
-  }
-
-  const std::vector<std::string>* session_ids_;
-  const std::vector<std::unique_ptr<StepStream>>* streams_;
-  int64_t layers_;
-  const std::vector<HostTensor>* inputs_;
-  std::chrono::milliseconds step_timeout_;
-  int64_t start_position_ = 0;
-  int64_t step_tokens_ = 1;
-  int64_t rounds_ = 0;
-  std::vector<SessionState> sessions_;
-
-  std::mutex mu_;
-  std::condition_variable cv_;
-  size_t finished_ = 0;
-  Clock::time_point end_{};
-  BenchPhase result_;
-};
+    request.session_id = ids[i];
+    request.layer = static_cast<int32_t>(layer);
+    request.position = position;
+    request.timeout = step_timeout;
+    request.x = std::move(x);
+    auto done = [&loop, i](StatusOr<StepOutput> out) {
+      if (!out.ok()) return loop.Fail(out.status());
+      loop.Done(i, std::chrono::duration<double, std::milli>(out->queue_time).count(),
+                std::chrono::duration<double, std::milli>(out->compute_time).count(), std::move(out->out));
+    };
+    StatusOr<uint64_t> submitted = streams[i % streams.size()]->Submit(std::move(request), std::move(done));
+    if (!submitted.ok()) loop.Fail(submitted.status());
+  });
+}
 
 std::vector<int64_t> IntListFlag(Args& args, const std::string& name, const std::string& fallback) {
   std::vector<int64_t> out;
@@ -661,7 +563,7 @@ StatusOr<BenchRow> RunBenchPoint(Client& client, const ModelInfo& model, int64_t
     if (!opened.ok()) return opened.status();
     streams.push_back(std::move(*opened));
   }
-  // Session i is stepped on streams[i % streams.size()] (StreamLoop), so it takes that stream's routing key:
+  // Session i is stepped on streams[i % streams.size()] (RunPhase), so it takes that stream's routing key:
   // behind a proxy that hashes on the key, a stream and its sessions land on the same replica.
   std::vector<Session> sessions;
   std::vector<std::string> ids;
@@ -695,12 +597,12 @@ StatusOr<BenchRow> RunBenchPoint(Client& client, const ModelInfo& model, int64_t
                                              p.first_error->message());
   };
   if (prefill > 0) {
-    row.prefill = StreamLoop(&ids, &streams, layers, &prefill_inputs, step_timeout).Run(0, prefill, 1);
+    row.prefill = RunPhase(ids, streams, layers, prefill_inputs, step_timeout, 0, prefill, 1);
     if (row.prefill.first_error) return phase_error(row.prefill, "prefill");
   }
-  BenchPhase warm = StreamLoop(&ids, &streams, layers, &decode_inputs, step_timeout).Run(prefill, 1, warmup);
+  BenchPhase warm = RunPhase(ids, streams, layers, decode_inputs, step_timeout, prefill, 1, warmup);
   if (warm.first_error) return phase_error(warm, "warm-up");
-  row.decode = StreamLoop(&ids, &streams, layers, &decode_inputs, step_timeout).Run(prefill + warmup, 1, tokens);
+  row.decode = RunPhase(ids, streams, layers, decode_inputs, step_timeout, prefill + warmup, 1, tokens);
   if (row.decode.first_error) return phase_error(row.decode, "decode");
   for (auto& stream : streams) {
     Status finished = stream->Finish();
