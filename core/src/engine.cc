@@ -112,8 +112,6 @@ struct StepJob {
   int64_t remaining() const { return request.x.size(1) - done; }
 };
 
-// One queued computation: a step (job set: batched by the worker) or anything else (run alone). Exactly one of
-// run/fail is called for a non-step item; a step's completion goes through its job's finish instead.
 // Counts a taken item as running until its reply goes out, so a client that has its reply never sees its request
 // still counted in the running gauge. Leave() is idempotent: a reply, a requeue and the worker's sweep may all
 // call it.
@@ -124,6 +122,8 @@ struct InFlight {
   }
 };
 
+// One queued computation: a step (job set: batched by the worker) or anything else (run alone). Exactly one of
+// run/fail is called for a non-step item; a step's completion goes through its job's finish instead.
 struct WorkItem {
   std::shared_ptr<InFlight> in_flight;  // shared with the completion callback, which calls Leave() first
   Clock::time_point enqueued;
