@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cerrno>
 #include <climits>
+#include <cstring>
 #include <condition_variable>
 #include <deque>
 #include <limits>
@@ -85,6 +86,30 @@ StatusOr<Tensor> ToLayer(const Tensor& t, const MqaOptions& o, bool floating) {
   return cur.To(o.device);
 }
 
+// A 64-bit digest of a step's input (dtype, shape and bytes), to recognise a retry of an applied step without
+// keeping its input. Not cryptographic: a caller can only collide with its own steps, in its own session.
+uint64_t InputHash(const Tensor& x) {
+  uint64_t h = 0x9e3779b97f4a7c15ull ^ static_cast<uint64_t>(x.dtype());
+  auto mix = [&h](uint64_t w) {
+    h = (h ^ w) * 0xff51afd7ed558ccdull;
+    h ^= h >> 33;
+  };
+  for (int64_t n : x.shape()) mix(static_cast<uint64_t>(n));
+  const at::Tensor t = Unwrap(x).contiguous();
+  const auto* p = static_cast<const unsigned char*>(t.data_ptr());
+  const size_t n = t.nbytes();
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t w;
+    std::memcpy(&w, p + i, 8);
+    mix(w);
+  }
+  uint64_t tail = 0;
+  std::memcpy(&tail, p + i, n - i);
+  mix(tail ^ (static_cast<uint64_t>(n) << 56));
+  return h;
+}
+
 StatusOr<Tensor> ToCaller(const Tensor& t, DType dtype) {
   if (!t.defined()) return t;
   MQA_ASSIGN_OR_RETURN(Tensor cpu, t.To("cpu"));
@@ -109,7 +134,25 @@ struct StepJob {
   std::vector<at::Tensor> outs;    // their outputs
   Clock::time_point started;
   StepCallback finish;             // the step's one completion (item.fail routes failures here too)
+  uint64_t x_hash = 0;             // InputHash(request.x): recognises a retry of this step (StepRequest)
+  bool causal = true;              // the session's, copied: chunking reads it under the worker's queue lock
   int64_t remaining() const { return request.x.size(1) - done; }
+  // Tokens of the step's next pass. A causal step is split into chunks of max_chunk: the keys a query sees end
+  // at its own position, so the chunks compose exactly. A non-causal step's queries see all of its keys,
+  // including those of later chunks, so it runs whole.
+  int64_t NextChunk(int64_t max_chunk) const {
+    return causal ? std::min(remaining(), std::max<int64_t>(1, max_chunk)) : remaining();
+  }
+};
+
+// The last applied step of one (session, layer) and its answer, kept so that a retry of it gets the same answer
+// instead of being applied twice (StepRequest's contract).
+struct LastStep {
+  int64_t position = -1;           // where it started; -1: none
+  int64_t tokens = 0;
+  DType dtype = DType::kFloat32;   // x's
+  uint64_t x_hash = 0;
+  std::optional<Tensor> out;       // its answer, when it fitted the replay budget
 };
 
 // Counts a taken item as running until its reply goes out, so a client that has its reply never sees its request
@@ -169,6 +212,7 @@ struct Session {
 
   mutable std::mutex mu;  // guards the fields below
   std::vector<int64_t> positions;
+  std::vector<LastStep> last;  // per layer: the last applied step (retries of it are answered from here)
   int64_t cache_bytes = 0;
   Clock::time_point last_active;
   std::chrono::system_clock::time_point last_active_wall;
@@ -200,7 +244,28 @@ struct Session {
       table->Release();
       cache_bytes = 0;
     }
+    if (closed) {
+      for (LastStep& l : last) KeepAnswerLocked(l, std::nullopt);
+    }
   }
+
+  // Replaces the answer kept in l by out (or by none), within the engine's replay budget: an answer that does
+  // not fit next to the others is not kept.
+  void KeepAnswerLocked(LastStep& l, std::optional<Tensor> out) {
+    if (l.out) replay_bytes->fetch_sub(static_cast<int64_t>(l.out->nbytes()));
+    l.out.reset();
+    if (!out) return;
+    const auto n = static_cast<int64_t>(out->nbytes());
+    int64_t used = replay_bytes->load();
+    while (used + n <= replay_budget) {
+      if (replay_bytes->compare_exchange_weak(used, used + n)) {
+        l.out = std::move(out);
+        return;
+      }
+    }
+  }
+  std::atomic<int64_t>* replay_bytes = nullptr;  // the engine's; outlives every session
+  int64_t replay_budget = 0;
 
   bool busy() const {
     std::lock_guard<std::mutex> lock(mu);
@@ -269,20 +334,19 @@ class Worker {
  private:
   // Why an item leaves the queue without running, if it does.
   Status DropReason(const WorkItem& item) const {
-    if (item.cancel && item.cancel->cancelled()) {
-      return Status(StatusCode::kCancelled, "the request was cancelled before it ran; nothing was computed");
-    }
-    if (Clock::now() > item.deadline) {
+    // The deadline first: a gRPC deadline reaches the server both as the call's deadline and as a cancellation.
+    if (Clock::now() > item.deadline || (item.cancel && item.cancel->expired())) {
       return Status(StatusCode::kDeadlineExceeded, "the deadline passed while the request waited in the queue (" +
                                                        std::to_string(MicrosBetween(item.enqueued, Clock::now()) / 1000) +
                                                        " ms); nothing was computed");
     }
+    if (item.cancel && item.cancel->cancelled()) {
+      return Status(StatusCode::kCancelled, "the request was cancelled before it ran; nothing was computed");
+    }
     return Status();
   }
 
-  static int64_t ChunkTokens(const WorkItem& item, int64_t max_chunk) {
-    return std::min(item.job->remaining(), std::max<int64_t>(1, max_chunk));
-  }
+  static int64_t ChunkTokens(const WorkItem& item, int64_t max_chunk) { return item.job->NextChunk(max_chunk); }
 
   // Takes, under mu_, the front item and (when it is a step) the queued steps that can share its pass: same
   // model and layer, each (session, layer) at most once and never ahead of an earlier step of the same
@@ -426,6 +490,7 @@ struct Engine::Impl {
   static constexpr size_t kEndedMemory = 16384;
   EngineStats counters;
   bool accepting = true;
+  std::atomic<int64_t> replay_bytes{0};  // answers kept for retries, all sessions (Session::KeepAnswerLocked)
   std::vector<uint64_t> batch_histogram = std::vector<uint64_t>(10, 0);
 
   std::mutex reaper_mu;
@@ -671,6 +736,8 @@ StatusOr<std::unique_ptr<Engine>> Engine::Create(EngineOptions options) {
                                 FormatMillis(options.default_idle_ttl) + " and " + FormatMillis(options.max_idle_ttl));
   }
   if (options.reap_interval.count() <= 0) return InvalidArgumentError("reap_interval must be positive");
+  if (options.max_forward_scores < 1) return InvalidArgumentError("max_forward_scores must be positive");
+  if (options.max_forward_weights_bytes < 0) return InvalidArgumentError("max_forward_weights_bytes must be >= 0");
 
   auto impl = std::make_unique<Impl>();
   for (const ModelConfig& mc : options.models) {
@@ -787,6 +854,9 @@ StatusOr<SessionInfo> Engine::CreateSession(const SessionConfig& config) {
   s->create_time = std::chrono::system_clock::now();
   s->admission = config.admission;
   s->positions.assign(static_cast<size_t>(model.info.num_layers), 0);
+  s->last.assign(static_cast<size_t>(model.info.num_layers), LastStep{});
+  s->replay_bytes = &impl_->replay_bytes;
+  s->replay_budget = eo.replay_budget_bytes;
 
   // Placement: the replica with the most free blocks (RankReplicas). Concurrent creations may read the same
   // numbers and pick the same replica; the pool's all-or-nothing Allocate keeps reservations exact regardless.
@@ -885,10 +955,10 @@ void Engine::SubmitStep(StepRequest request, StepCallback done) {
   const MqaOptions& o = model.info.options;
   if (Status layer = CheckLayer(model.info, request.layer); !layer.ok()) return fail_now(layer);
   const Tensor& x = request.x;
-  if (!x.defined() || x.dim() != 3 || x.size(0) != 1 || x.size(1) < 1 || x.size(2) != o.dim ||
+  if (!x.defined() || x.dim() != 3 || x.size(0) != 1 || x.size(1) < 0 || x.size(2) != o.dim ||
       !IsFloatingPoint(x.dtype())) {
     return fail_now(InvalidArgumentError(
-        "x: expected a floating tensor [1, s, " + std::to_string(o.dim) + "] with s >= 1 (one session, dim " +
+        "x: expected a floating tensor [1, s, " + std::to_string(o.dim) + "] with s >= 0 (one session, dim " +
         std::to_string(o.dim) + "), got " +
         (x.defined() ? std::string(DTypeName(x.dtype())) + " " + ShapeToString(x.shape()) : "nothing")));
   }
@@ -929,6 +999,8 @@ void Engine::SubmitStep(StepRequest request, StepCallback done) {
   auto job = std::make_shared<StepJob>();
   job->session = session;
   job->replica = session->replica;
+  job->causal = session->causal;
+  job->x_hash = request.position ? InputHash(request.x) : 0;  // only steps that name a position can be retried
   job->request = std::move(request);
   job->finish = finish;
   impl_->Enqueue(session->replica->device, deadline, std::move(cancel), nullptr, finish, in_flight, std::move(job));
@@ -952,14 +1024,39 @@ void Engine::Impl::RunBatch(std::vector<WorkItem>& batch, std::vector<WorkItem>*
     }
     int64_t pos;
     bool closed;
+    bool repeat = false;  // the step repeats the layer's last applied step (a retry)
+    std::optional<Tensor> kept;
     {
       std::lock_guard<std::mutex> slock(session.mu);
       closed = session.closed;
       pos = session.positions[static_cast<size_t>(layer)];
+      const LastStep& last = session.last[static_cast<size_t>(layer)];
+      repeat = job.request.position && *job.request.position != pos && last.position == *job.request.position &&
+               last.position + last.tokens == pos && last.tokens == s_new && last.dtype == job.request.x.dtype() &&
+               last.x_hash == job.x_hash;
+      if (repeat) kept = last.out;
     }
     Status refused;
     if (closed) {
       refused = NotFoundError("session " + session.id + " was closed before this step ran; nothing was computed");
+    } else if (repeat && kept) {
+      StepResult r;
+      r.out = std::move(*kept);
+      r.position = *job.request.position;
+      r.num_tokens = s_new;
+      r.queue_us = MicrosBetween(item.enqueued, start);
+      r.replayed = true;
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        ++counters.steps_replayed;
+      }
+      job.finish(std::move(r));
+      continue;
+    } else if (repeat) {
+      refused = FailedPreconditionError(
+          "layer " + std::to_string(layer) + " of session " + session.id + " already applied this step at " +
+          std::to_string(*job.request.position) + " (it now holds " + std::to_string(pos) +
+          " tokens), but its answer was not kept (the server's replay budget was full); nothing was computed");
     } else if (job.request.position && *job.request.position != pos) {
       refused = FailedPreconditionError("layer " + std::to_string(layer) + " of session " + session.id + " holds " +
                                         std::to_string(pos) + " tokens, but the step says it starts at " +
@@ -992,6 +1089,14 @@ void Engine::Impl::RunBatch(std::vector<WorkItem>& batch, std::vector<WorkItem>*
       item.fail(refused);
       continue;
     }
+    if (s_new == 0) {  // the spec's empty input: an empty output, nothing appended
+      StepResult r;
+      r.out = job.request.x;
+      r.position = pos;
+      r.queue_us = MicrosBetween(item.enqueued, start);
+      job.finish(std::move(r));
+      continue;
+    }
     {
       std::lock_guard<std::mutex> slock(session.mu);
       session.cache_bytes = static_cast<int64_t>(session.table->blocks().size()) * replica.block_bytes;
@@ -1007,7 +1112,7 @@ void Engine::Impl::RunBatch(std::vector<WorkItem>& batch, std::vector<WorkItem>*
   int64_t rows = 0;
   for (size_t i = 0; i < run.size(); ++i) {
     StepJob& job = *run[i]->job;
-    chunk[i] = std::min(job.remaining(), std::max<int64_t>(1, options.batching.max_prefill_chunk));
+    chunk[i] = job.NextChunk(options.batching.max_prefill_chunk);
     PagedSeq seq;
     seq.row = rows;
     seq.tokens = chunk[i];
@@ -1044,10 +1149,8 @@ void Engine::Impl::RunBatch(std::vector<WorkItem>& batch, std::vector<WorkItem>*
     }
     job.outs.push_back(out->narrow(0, seqs[i].row, chunk[i]));
     job.done += chunk[i];
-    {
-      std::lock_guard<std::mutex> slock(job.session->mu);
-      job.session->positions[static_cast<size_t>(layer)] = job.start + job.done;
-    }
+    // The session's position moves only when the whole step is done: a step whose later chunk fails leaves the
+    // session where it was (the chunks' keys past that position are overwritten by the next step).
     if (job.remaining() > 0) {
       unfinished->push_back(std::move(item));
       continue;
@@ -1064,12 +1167,71 @@ void Engine::Impl::RunBatch(std::vector<WorkItem>& batch, std::vector<WorkItem>*
     r.out = std::move(result).value();
     r.position = job.start;
     r.num_tokens = job.request.x.size(1);
+    {
+      std::lock_guard<std::mutex> slock(job.session->mu);
+      job.session->positions[static_cast<size_t>(layer)] = job.start + job.done;
+      LastStep& last = job.session->last[static_cast<size_t>(layer)];
+      last.position = job.start;
+      last.tokens = r.num_tokens;
+      last.dtype = job.request.x.dtype();
+      last.x_hash = job.x_hash;
+      // Only a step that names its position can be retried, so only its answer is worth keeping.
+      job.session->KeepAnswerLocked(last, job.request.position ? std::optional<Tensor>(r.out) : std::nullopt);
+    }
     r.queue_us = MicrosBetween(item.enqueued, job.started);
     r.compute_us = MicrosBetween(job.started, Clock::now());
     job.outs.clear();
     job.finish(std::move(r));
   }
 }
+
+namespace {
+
+// a * b * c * d, or INT64_MAX when that overflows (the figures come from a client).
+int64_t SaturatingProduct(std::initializer_list<int64_t> factors) {
+  int64_t p = 1;
+  for (int64_t f : factors) {
+    if (__builtin_mul_overflow(p, f, &p)) return INT64_MAX;
+  }
+  return p;
+}
+
+// The per-request limits of a stateless Forward (EngineOptions::max_forward_scores and
+// max_forward_weights_bytes), checked from the shapes alone so an oversized request costs nothing. Shapes the
+// layer would reject are left to its own messages.
+Status CheckForwardWork(const EngineOptions& eo, const ModelInfo& model, const ForwardArgs& args) {
+  const std::vector<int64_t> x = args.x.shape();
+  if (x.size() != 3) return Status();
+  int64_t past = 0;
+  if (args.past_key_value && args.past_key_value->v.defined() && args.past_key_value->v.shape().size() == 4) {
+    past = args.past_key_value->v.shape()[2];
+  }
+  const int64_t b = x[0], s = x[1], H = model.options.heads, s_k = past + s;
+  const int64_t scores = SaturatingProduct({b, H, s, s_k});
+  const std::string figure = "b * H * s * s_k = " + std::to_string(b) + " * " + std::to_string(H) + " * " +
+                             std::to_string(s) + " * " + std::to_string(s_k) + " = " + std::to_string(scores);
+  if (scores > eo.max_forward_scores) {
+    return ResourceExhaustedError("Forward would compute " + figure + " attention scores, more than the limit of " +
+                                  std::to_string(eo.max_forward_scores) +
+                                  " per request (max_forward_scores, server flag --max-forward-scores); send fewer "
+                                  "or shorter sequences, or feed a long one through a session");
+  }
+  if (args.needs_weights && eo.max_forward_weights_bytes > 0) {
+    const int64_t bytes = SaturatingProduct({scores, static_cast<int64_t>(DTypeSize(args.x.dtype()))});
+    if (bytes > eo.max_forward_weights_bytes) {
+      return ResourceExhaustedError(
+          "needs_weights: the weights [" + std::to_string(b) + ", " + std::to_string(H) + ", " + std::to_string(s) +
+          ", " + std::to_string(s_k) + "] in " + std::string(DTypeName(args.x.dtype())) + " (" + figure +
+          " values) take " + std::to_string(bytes) + " bytes, more than the " +
+          std::to_string(eo.max_forward_weights_bytes) +
+          " a reply may hold (max_message_bytes, server flag --max-message-bytes); ask for fewer rows, or without "
+          "needs_weights");
+    }
+  }
+  return Status();
+}
+
+}  // namespace
 
 void Engine::SubmitForward(ForwardRequest request, ForwardCallback done) {
   auto mit = impl_->models.find(request.model);
@@ -1080,6 +1242,7 @@ void Engine::SubmitForward(ForwardRequest request, ForwardCallback done) {
     return done(InvalidArgumentError("x: expected a floating tensor [b, s, " +
                                      std::to_string(model.info.options.dim) + "]"));
   }
+  if (Status work = CheckForwardWork(impl_->options, model.info, request.args); !work.ok()) return done(work);
   auto shared_done = std::make_shared<ForwardCallback>(std::move(done));
   auto in_flight = std::make_shared<InFlight>();
   auto finish = [this, shared_done, in_flight](StatusOr<ForwardResult> result) {
@@ -1174,6 +1337,7 @@ EngineStats Engine::stats() const {
   {
     std::lock_guard<std::mutex> lock(impl_->mu);
     s = impl_->counters;
+    s.replay_bytes = impl_->replay_bytes.load();
     s.sessions_open = impl_->sessions.size();
     s.batch_size_histogram = impl_->batch_histogram;
     for (const auto& [id, session] : impl_->sessions) {

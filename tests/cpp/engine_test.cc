@@ -12,6 +12,7 @@
 #include <thread>
 #include <utility>
 
+#include "engine_test_util.h"
 #include "test_util.h"
 
 namespace mqa::core {
@@ -21,50 +22,6 @@ using ::mqa::testing::Floats;
 using ::mqa::testing::Randn;
 using ::mqa::testing::RelativeError;
 using ::mqa::testing::Unwrap;
-
-ModelConfig SmallModel(const std::string& name = "small", int layers = 2, int64_t max_tokens = 256) {
-  ModelConfig m;
-  m.name = name;
-  m.num_layers = layers;
-  m.options.dim = 64;
-  m.options.heads = 4;
-  m.options.seed = 7;
-  m.max_tokens_per_session = max_tokens;
-  return m;
-}
-
-std::unique_ptr<Engine> MakeEngine(EngineOptions o) { return Unwrap(Engine::Create(std::move(o)), "Engine::Create"); }
-
-std::unique_ptr<Engine> MakeEngine(ModelConfig model = SmallModel()) {
-  EngineOptions o;
-  o.models.push_back(std::move(model));
-  return MakeEngine(std::move(o));
-}
-
-StatusOr<StepResult> StepSync(Engine& e, StepRequest req) {
-  std::promise<StatusOr<StepResult>> p;
-  auto f = p.get_future();
-  e.SubmitStep(std::move(req), [&p](StatusOr<StepResult> r) { p.set_value(std::move(r)); });
-  return f.get();
-}
-
-StepRequest MakeStep(const std::string& id, int layer, Tensor x) {
-  StepRequest r;
-  r.session_id = id;
-  r.layer = layer;
-  r.x = std::move(x);
-  return r;
-}
-
-SessionInfo Create(Engine& e, SessionConfig c = {}) {
-  if (c.model.empty()) c.model = "small";
-  return Unwrap(e.CreateSession(c), "CreateSession");
-}
-
-// Rows [from, to) of a [1, s, dim] tensor's values.
-std::vector<float> Rows(const std::vector<float>& v, int64_t dim, int64_t from, int64_t to) {
-  return std::vector<float>(v.begin() + from * dim, v.begin() + to * dim);
-}
 
 TEST(Engine, SessionIdsAre128RandomBitsInHex) {
   EngineOptions o;

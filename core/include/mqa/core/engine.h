@@ -51,7 +51,9 @@ struct BatchingOptions {
   int64_t max_batch_tokens = 4096;    // new tokens per pass (decode tokens + prefill chunk tokens)
   int64_t max_batch_sessions = 256;   // steps per pass; 1 = unbatched (one step per pass)
   std::chrono::microseconds max_queue_delay{0};  // wait up to this long for a pass to fill (0: run at once)
-  int64_t max_prefill_chunk = 512;    // longer prefills run in chunks of this many tokens, between other passes
+  // Longer steps of causal sessions run in chunks of this many tokens, between other passes. A non-causal
+  // step is never split: each of its queries must see every key of the step, so it runs whole in one pass.
+  int64_t max_prefill_chunk = 512;
 };
 
 // The paged KV cache: per device and model, one pool of fixed-size blocks shared by all layers (block i of a
@@ -72,6 +74,18 @@ struct EngineOptions {
   std::chrono::milliseconds default_idle_ttl{std::chrono::minutes(5)};
   std::chrono::milliseconds max_idle_ttl{std::chrono::hours(1)};
   std::chrono::milliseconds reap_interval{std::chrono::milliseconds(200)};  // how often idle sessions are checked
+  // The work of one stateless Forward: b * H * s * s_k attention logits (s_k = past + new tokens). A Forward over
+  // it is refused before it is queued, RESOURCE_EXHAUSTED naming both figures. Its time grows with this figure;
+  // its memory does not (without weights the attention runs in tiles of query rows, linear in s). >= 1.
+  int64_t max_forward_scores = int64_t{1} << 28;
+  // A needs_weights Forward returns [b, H, s, s_k] weights in x's dtype: refused before it is queued
+  // (RESOURCE_EXHAUSTED naming the figures) when they alone take more bytes than this. The server sets it to its
+  // message size limit, which such a reply could never pass. 0: no limit.
+  int64_t max_forward_weights_bytes = 0;
+  // Bytes of last answers kept for retries (StepRequest), all sessions of all devices. A step's answer is kept
+  // when it fits next to the others (each (session, layer) keeps only its last); one that does not fit is not
+  // kept, and a retry of that step is FAILED_PRECONDITION saying so. 0: no answer is kept.
+  int64_t replay_budget_bytes = int64_t{256} << 20;
 };
 
 struct ModelInfo {
@@ -114,21 +128,36 @@ struct SessionInfo {
   std::string device;                          // the replica it lives on ("cpu", "cuda:N"); all its steps run there
 };
 
-// Lets a caller withdraw queued work. Work that has not started when cancelled is dropped (CANCELLED) and
-// never computed; work already running completes normally.
+// Lets a caller withdraw queued work. Work that has not started when cancelled is dropped and never computed;
+// work already running completes normally. The drop's status is CANCELLED, or DEADLINE_EXCEEDED when the caller
+// withdrew the work because its deadline passed (a gRPC call's deadline firing reaches the server as a
+// cancellation: Expire() keeps the two apart, for the caller and for the drop counters).
 class CancelFlag {
  public:
-  void Cancel() { cancelled_.store(true, std::memory_order_release); }
-  bool cancelled() const { return cancelled_.load(std::memory_order_acquire); }
+  void Cancel() { Set(kCancelled); }
+  void Expire() { Set(kExpired); }
+  bool cancelled() const { return state_.load(std::memory_order_acquire) != kLive; }
+  bool expired() const { return state_.load(std::memory_order_acquire) == kExpired; }
 
  private:
-  std::atomic<bool> cancelled_{false};
+  enum : int { kLive = 0, kCancelled = 1, kExpired = 2 };
+  void Set(int why) {
+    int live = kLive;
+    state_.compare_exchange_strong(live, why, std::memory_order_acq_rel);  // the first reason sticks
+  }
+  std::atomic<int> state_{kLive};
 };
 
+// A step names the position it expects to start at when the caller needs exactly-once application: the engine
+// keeps the answer of the last step of each session and layer (within EngineOptions::replay_budget_bytes), and
+// a step that repeats it (same position, same x: dtype, shape and bytes) after it was applied gets that answer
+// again instead of FAILED_PRECONDITION. So a caller that lost an answer (DEADLINE_EXCEEDED, CANCELLED,
+// UNAVAILABLE, a broken stream) retries the same step and every token is applied exactly once. A repeat with
+// other input, or of an older step, is FAILED_PRECONDITION with the layer's current position.
 struct StepRequest {
   std::string session_id;
   int layer = 0;
-  Tensor x;                                    // [1, s, dim], any floating dtype, on the CPU
+  Tensor x;                                    // [1, s, dim], s >= 0, any floating dtype, on the CPU
   std::optional<int64_t> position;             // required current length of the layer's cache
   Clock::time_point deadline = Clock::time_point::max();  // not started by then: DEADLINE_EXCEEDED
   std::shared_ptr<const CancelFlag> cancel;    // optional
@@ -138,6 +167,7 @@ struct StepResult {
   Tensor out;                                  // [1, s, dim] in x's dtype, on the CPU
   int64_t position = 0;                        // first token's position (cache length before the step)
   int64_t num_tokens = 0;
+  bool replayed = false;                       // the kept answer of an already applied step (see StepRequest)
   int64_t queue_us = 0;
   int64_t compute_us = 0;
 };
@@ -187,6 +217,8 @@ struct EngineStats {
   uint64_t steps_failed = 0;        // refused or failed for any reason, including the two below
   uint64_t dropped_cancelled = 0;   // steps and forwards dropped before compute because they were cancelled
   uint64_t dropped_deadline = 0;    // ... because their deadline had passed
+  uint64_t steps_replayed = 0;      // retries of applied steps answered from the kept answer (not recomputed)
+  int64_t replay_bytes = 0;         // bytes of answers kept for retries now
   uint64_t forwards_completed = 0;
   std::vector<DeviceStats> devices;  // per device: cpu, cuda:0, cuda:1, ...; the fields above are their totals
 };
@@ -235,7 +267,9 @@ class Engine {
   // (engine stopping). A failed step leaves the session unchanged.
   void SubmitStep(StepRequest request, StepCallback done);
   // Queues one stateless forward on the model's replica with the shortest queue; same contract as SubmitStep
-  // (minus the session errors).
+  // (minus the session errors), and RESOURCE_EXHAUSTED, before anything is queued, past
+  // EngineOptions::max_forward_scores or max_forward_weights_bytes; an allocation that fails while it runs is
+  // RESOURCE_EXHAUSTED too.
   void SubmitForward(ForwardRequest request, ForwardCallback done);
 
   // Refuse new sessions from now on (draining). Existing sessions keep working.
