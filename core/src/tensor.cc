@@ -2,7 +2,9 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <cstring>
+#include <new>
 #include <sstream>
+#include <string>
 
 #include "mqa/core/tensor.h"
 #include "tensor_impl.h"
@@ -76,6 +78,49 @@ StatusOr<DType> FromScalarType(at::ScalarType type) {
 }
 
 std::string ShapeOf(const at::Tensor& t) { return ShapeToString(t.sizes().vec()); }
+
+namespace {
+
+std::string FirstLine(std::string msg) {
+  if (auto nl = msg.find('\n'); nl != std::string::npos) msg.resize(nl);
+  return msg;
+}
+
+// LibTorch's CPU allocator reports a refused buffer as a plain c10::Error (CAFFE_ENFORCE in alloc_cpu.cpp):
+// "[enforce fail at alloc_cpu.cpp:N] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate
+// 123 bytes. Error code 12 (Cannot allocate memory)". Older releases said "not enough memory" instead.
+bool IsCpuAllocatorFailure(const std::string& msg) {
+  return msg.find("DefaultCPUAllocator: can't allocate memory") != std::string::npos ||
+         msg.find("DefaultCPUAllocator: not enough memory") != std::string::npos;
+}
+
+Status OutOfMemory(const char* what, const std::string& detail) {
+  return ResourceExhaustedError(std::string(what) + ": out of memory: " + detail);
+}
+
+}  // namespace
+
+Status StatusFromCurrentException(const char* what) {
+  try {
+    throw;
+  } catch (const c10::OutOfMemoryError& e) {
+    // e.g. "CUDA out of memory. Tried to allocate 1024.00 GiB. GPU 0 has a total capacity of ..."
+    return OutOfMemory(what, FirstLine(e.what_without_backtrace()));
+  } catch (const std::bad_alloc& e) {
+    return OutOfMemory(what, std::string("a host buffer could not be allocated (") + e.what() + ")");
+  } catch (const c10::Error& e) {
+    const std::string msg = FirstLine(e.what_without_backtrace());
+    if (IsCpuAllocatorFailure(msg)) {
+      // Keep from "DefaultCPUAllocator" on: it names the bytes ("you tried to allocate N bytes") and the errno.
+      return OutOfMemory(what, "host memory: " + msg.substr(msg.find("DefaultCPUAllocator")));
+    }
+    return InternalError(std::string(what) + ": " + msg);
+  } catch (const std::exception& e) {
+    return InternalError(std::string(what) + ": " + FirstLine(e.what()));
+  } catch (...) {
+    return InternalError(std::string(what) + ": unknown exception");
+  }
+}
 
 StatusOr<at::Device> ParseDevice(std::string_view device) {
   if (device == "cpu") return at::Device(at::kCPU);

@@ -5,7 +5,6 @@
 
 #include <ATen/ATen.h>
 
-#include <exception>
 #include <string>
 #include <utility>
 
@@ -27,18 +26,20 @@ StatusOr<DType> FromScalarType(at::ScalarType type);
 StatusOr<at::Device> ParseDevice(std::string_view device);
 std::string ShapeOf(const at::Tensor& t);  // "[2, 1, 64, 7]"
 
+// The Status for the exception being handled; call it only from inside a catch block. Running out of memory is
+// RESOURCE_EXHAUSTED, since the same request may succeed later or smaller: c10::OutOfMemoryError (the CUDA caching
+// allocator), std::bad_alloc, and LibTorch's CPU allocator refusing a buffer (a plain c10::Error whose message
+// starts "DefaultCPUAllocator: can't allocate memory"). The message says what could not be allocated. Anything
+// else is INTERNAL. Messages are "<what>: <first line of the exception's message>" (c10 appends a backtrace).
+Status StatusFromCurrentException(const char* what);
+
 // Runs f, turning any exception from LibTorch into a Status (exceptions never leave core).
 template <typename F>
 auto CatchAll(const char* what, F&& f) -> decltype(f()) {
   try {
     return f();
-  } catch (const std::exception& e) {
-    std::string msg = e.what();
-    // c10 errors append a C++ backtrace after the first line; keep only what a caller can act on.
-    if (auto nl = msg.find('\n'); nl != std::string::npos) msg.resize(nl);
-    return Status(StatusCode::kInternal, std::string(what) + ": " + msg);
   } catch (...) {
-    return Status(StatusCode::kInternal, std::string(what) + ": unknown exception");
+    return StatusFromCurrentException(what);
   }
 }
 

@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdio>
+#include <fstream>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -488,6 +490,53 @@ TEST(Alibi, SlopesMatchTheSpecFormula) {
   EXPECT_FLOAT_EQ(v[4], 0.0f);
   auto full = Unwrap(core::AlibiBias(4, 5, true, DType::kFloat32));
   EXPECT_EQ(full.shape(), (std::vector<int64_t>{1, 4, 5, 5}));
+}
+
+// ---------------------------------------------------------------- out-of-memory
+
+TEST(OutOfMemory, RefusedHostAllocationIsResourceExhaustedNamingTheBytes) {
+  // 2^60 bytes: more than any address space, so LibTorch's CPU allocator refuses it outright, overcommit or not.
+  auto r = Tensor::Zeros(DType::kFloat32, {int64_t{1} << 58});
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kResourceExhausted) << r.status().ToString();
+  EXPECT_NE(r.status().message().find("out of memory"), std::string::npos) << r.status().message();
+  EXPECT_NE(r.status().message().find("1152921504606846976 bytes"), std::string::npos) << r.status().message();
+}
+
+TEST(OutOfMemory, ForwardWhoseLogitsCannotBeAllocatedIsResourceExhausted) {
+  // needs_weights keeps the attention in one piece: logits [1, 16, 2^17, 2^17] in fp32 are 1 TiB, which neither
+  // this machine's allocator nor a GPU's grants (x itself is 32 MiB).
+  for (const std::string& dev : TestDevices()) {
+    if (dev == "cpu") {
+      std::ifstream f("/proc/sys/vm/overcommit_memory");
+      int mode = 0;
+      if (f >> mode && mode == 1) {
+        std::printf("[skipped on the CPU] vm.overcommit_memory=1 grants any allocation (the pages would run out)\n");
+        continue;
+      }
+    }
+    SCOPED_TRACE(dev);
+    MqaOptions o;
+    o.dim = 64;
+    o.heads = 16;
+    o.device = dev;
+    auto layer = MakeLayer(o);
+    ForwardArgs a;
+    a.x = Unwrap(Tensor::Zeros(DType::kFloat32, {1, int64_t{1} << 17, 64}, dev));
+    a.needs_weights = true;
+    auto r = layer->Forward(a);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), StatusCode::kResourceExhausted) << r.status().ToString();
+    EXPECT_NE(r.status().message().find("MultiQueryAttention::Forward: out of memory"), std::string::npos)
+        << r.status().message();
+    if (dev == "cpu") {
+      EXPECT_NE(r.status().message().find("1099511627776 bytes"), std::string::npos) << r.status().message();
+    }
+    // Nothing is left broken: the next request works.
+    ForwardArgs small;
+    small.x = Randn(DType::kFloat32, {1, 3, 64}, dev);
+    EXPECT_TRUE(layer->Forward(small).ok());
+  }
 }
 
 }  // namespace

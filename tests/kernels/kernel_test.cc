@@ -1,7 +1,7 @@
 // The project's CUDA kernels (core/cuda/paged_mqa.h) on the GPU, against fp32 references computed with LibTorch
 // from the same 16-bit values, and the paged pass of attn_impl triton against the torch path in fp32. Needs a
 // CUDA device: without one every test skips (CI compiles this file; the GPU machine runs it, also under
-// compute-sanitizer for the small case).
+// compute-sanitizer for the small case). Also CatchAll's mapping of exceptions to statuses, which runs everywhere.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -404,6 +404,31 @@ TEST(PagedForwardTriton, FallsBackVisiblyWhereTheKernelsCannotServe) {
   auto r2 = PagedForward(*torch_layer, x, {PagedSeq{0, 3, 0, &table, true, false}}, 4, kc2, vc2);
   ASSERT_TRUE(r2.ok());
   EXPECT_TRUE(at::allclose(*r, *r2));
+}
+
+// Exceptions become statuses in CatchAll (tensor_impl.h): running out of memory is RESOURCE_EXHAUSTED, whichever
+// allocator reports it and however; everything else stays INTERNAL. Runs everywhere (no GPU needed).
+TEST(CatchAll, OutOfMemoryIsResourceExhaustedAndSaysWhatFailed) {
+  auto run = [](auto thrower) { return CatchAll("Probe", [&]() -> Status { thrower(); return Status(); }); };
+  const Status cuda = run([] {
+    throw c10::OutOfMemoryError({__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
+                                "CUDA out of memory. Tried to allocate 20.00 GiB.\nbacktrace line");
+  });
+  EXPECT_EQ(cuda.code(), StatusCode::kResourceExhausted) << cuda.ToString();
+  EXPECT_EQ(cuda.message(), "Probe: out of memory: CUDA out of memory. Tried to allocate 20.00 GiB.");
+  const Status host = run([] { throw std::bad_alloc(); });
+  EXPECT_EQ(host.code(), StatusCode::kResourceExhausted) << host.ToString();
+  EXPECT_NE(host.message().find("Probe: out of memory: a host buffer could not be allocated"), std::string::npos);
+  // LibTorch's CPU allocator throws a plain c10::Error (CAFFE_ENFORCE); a real one, from a 2^60-byte buffer.
+  const Status cpu = run([] { (void)at::empty({int64_t{1} << 58}, at::kFloat); });
+  EXPECT_EQ(cpu.code(), StatusCode::kResourceExhausted) << cpu.ToString();
+  EXPECT_NE(cpu.message().find("you tried to allocate 1152921504606846976 bytes"), std::string::npos) << cpu.message();
+  const Status other = run([] { TORCH_CHECK(false, "shapes do not match"); });
+  EXPECT_EQ(other.code(), StatusCode::kInternal) << other.ToString();
+  EXPECT_NE(other.message().find("shapes do not match"), std::string::npos) << other.message();
+  const Status plain = run([] { throw std::runtime_error("launch failed"); });
+  EXPECT_EQ(plain.code(), StatusCode::kInternal);
+  EXPECT_EQ(plain.message(), "Probe: launch failed");
 }
 
 }  // namespace
