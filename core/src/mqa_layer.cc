@@ -241,17 +241,23 @@ at::Tensor MultiQueryAttention::Impl::AttendFlash(const at::Tensor& q, const at:
   const double dropout = (training && opt.attn_pdrop > 0) ? opt.attn_pdrop : 0.0;
   const at::Tensor k = kt.transpose(2, 3);  // [b, 1, s_k, d]
   const bool causal_applies = causal && s_q != 1;
+  // The fused kernels mask a logit by setting the raw q.k product to -inf and apply the scale afterwards, with
+  // the row maximum taken over the raw products: a scale of 0 turns masked logits into 0 * -inf = NaN, a negative
+  // one into +inf (and makes the raw maximum the wrong end of the row). Folded into q, a non-positive scale
+  // leaves the kernels a scale of 1, under which their masking is the spec's; positive scales stay in the kernel.
+  const at::Tensor qs = scale > 0 ? q : q * scale;
+  const double kernel_scale = scale > 0 ? scale : 1.0;
   if (!bias.defined() && !mask.defined() && !causal_applies) {
     // MQA: every head attends to the same single K/V head with no mask, so the heads can be folded into the
     // query rows. One [b, 1, H*s_q, d] problem reads K/V once instead of H times.
-    at::Tensor folded = q.reshape({b, 1, H * s_q, d});
-    at::Tensor out = at::scaled_dot_product_attention(folded, k, v, {}, dropout, false, scale);
+    at::Tensor folded = qs.reshape({b, 1, H * s_q, d});
+    at::Tensor out = at::scaled_dot_product_attention(folded, k, v, {}, dropout, false, kernel_scale);
     return out.view({b, H, s_q, d});
   }
   if (!bias.defined() && !mask.defined() && s_q == s_k) {
     // Square causal: top-left and bottom-right alignment coincide, so the fused causal kernel applies. The
     // single K/V head goes in as one group (enable_gqa), which the flash kernel reads without copying.
-    return at::scaled_dot_product_attention(q, k, v, {}, dropout, true, scale, /*enable_gqa=*/true);
+    return at::scaled_dot_product_attention(qs, k, v, {}, dropout, true, kernel_scale, /*enable_gqa=*/true);
   }
   // Masks rule out the grouped flash kernel; the memory-efficient kernel takes K/V broadcast over heads.
   const at::Tensor ke = k.expand({b, H, s_k, d});
@@ -267,7 +273,7 @@ at::Tensor MultiQueryAttention::Impl::AttendFlash(const at::Tensor& q, const at:
   if (causal_applies) {
     m.masked_fill_(FutureKeys(s_q, s_k, q.device()), min_val);
   }
-  at::Tensor ctx = at::scaled_dot_product_attention(q, ke, ve, m, dropout, false, scale);
+  at::Tensor ctx = at::scaled_dot_product_attention(qs, ke, ve, m, dropout, false, kernel_scale);
   if (bias.defined()) {
     // The spec's softmax gives NaN for a row whose logits are all -inf, or that holds +inf or NaN; fused
     // kernels return zeros or finite values there instead. Restore the spec's NaN for exactly those rows.
@@ -944,12 +950,16 @@ StatusOr<at::Tensor> PagedForward(const MultiQueryAttention& layer, const at::Te
         const at::Tensor q_index = to_dev(at::tensor(q_rows, i64));
         const at::Tensor kv_index = to_dev(at::tensor(kv_slots, i64));
         const auto i32 = at::TensorOptions().dtype(at::kInt);
-        const at::Tensor qp = q.index_select(0, q_index).view({-1, H, d});
+        // A non-positive scale goes into q, the kernel gets 1: flash masks raw q.k products with -inf and scales
+        // them afterwards (0 * -inf = NaN), with its row maximum over the raw products (see AttendFlash).
+        at::Tensor qp = q.index_select(0, q_index);
+        if (L.scale <= 0) qp = qp * L.scale;
+        qp = qp.view({-1, H, d});
         const at::Tensor kp = k_cache.index_select(0, kv_index).view({-1, 1, d});
         const at::Tensor vp = v_cache.index_select(0, kv_index).view({-1, 1, d});
         auto result = at::_flash_attention_forward(
             qp, kp, vp, to_dev(at::tensor(cu_q, i32)), to_dev(at::tensor(cu_k, i32)), max_q, max_k, 0.0, causal,
-            false, L.scale);
+            false, L.scale > 0 ? L.scale : 1.0);
         ctx.index_copy_(0, q_index, std::get<0>(result));
       }
     }

@@ -492,6 +492,55 @@ TEST(Alibi, SlopesMatchTheSpecFormula) {
   EXPECT_EQ(full.shape(), (std::vector<int64_t>{1, 4, 5, 5}));
 }
 
+// ---------------------------------------------------------------- softmax_scale <= 0 on the fused paths
+
+// The fused kernels of flash (and of triton's stateless Forward, which uses them on CUDA) mask logits with -inf
+// before they apply the scale: a scale of 0 or below gave NaN or +inf in every masked row. Against the torch path
+// in fp32 on the CPU with the same weights (the reference cases check that path, and these scales, against Zeta).
+class NonPositiveScale : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(NonPositiveScale, FusedPathsMatchTheTorchPath) {
+  const std::string dev = GetParam();
+  if (dev == "cuda" && !core::CudaAvailable()) {
+    GTEST_SKIP() << "no CUDA device: the bf16 flash and triton paths of this test run on the GPU machine";
+  }
+  const DType dt = dev == "cuda" ? DType::kBFloat16 : DType::kFloat32;
+  const double tol = dev == "cuda" ? 3e-2 : 1e-5;  // bf16 against fp32, as Bf16AgreesWithFp32WithinItsPrecision
+  for (double scale : {0.0, -0.25, 0.5}) {
+    MqaOptions o;
+    o.dim = 128;
+    o.heads = 2;  // head_dim 64: a shape every fused kernel serves
+    o.softmax_scale = scale;
+    auto reference = MakeLayer(o);
+    core::TensorMap sd;
+    for (auto& [k, v] : reference->StateDict()) sd[k] = Unwrap(Unwrap(v.ToDType(dt)).To(dev));
+    for (AttnImpl impl : {AttnImpl::kFlash, AttnImpl::kTriton}) {
+      MqaOptions fo = o;
+      fo.attn_impl = impl;
+      fo.device = dev;
+      fo.dtype = dt;
+      auto fused = MakeLayer(fo);
+      ASSERT_TRUE(fused->LoadStateDict(sd).ok());
+      for (bool causal : {true, false}) {
+        for (int64_t s : {1, 2, 3, 7}) {
+          SCOPED_TRACE(std::string(core::AttnImplName(impl)) + " scale=" + std::to_string(scale) +
+                       " causal=" + std::to_string(causal) + " s=" + std::to_string(s));
+          ForwardArgs a;
+          a.x = Randn(DType::kFloat32, {2, s, 128});
+          a.causal = causal;
+          const std::vector<float> want = Floats(Fwd(*reference, a).out);
+          a.x = Unwrap(Unwrap(a.x.ToDType(dt)).To(dev));
+          const std::vector<float> got = Floats(Fwd(*fused, a).out);
+          ASSERT_FALSE(HasNaN(got));
+          EXPECT_LE(RelativeError(got, want), tol);
+        }
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Devices, NonPositiveScale, ::testing::Values("cpu", "cuda"));
+
 // ---------------------------------------------------------------- out-of-memory
 
 TEST(OutOfMemory, RefusedHostAllocationIsResourceExhaustedNamingTheBytes) {

@@ -1,6 +1,8 @@
 // Compares the C++ layer against expected outputs computed by the references (Zeta's published module, or the
 // Python reference of the spec), read from the case files of tests/reference/make_cases.py (format:
-// tests/reference/CASES.md). One GoogleTest case per (case file, device, attn_impl).
+// tests/reference/CASES.md). One GoogleTest case per (case file, device, attn_impl), through the layer's Forward;
+// cases that are one growing sequence (an empty cache, then calls chained on it, without bias or mask) also run
+// as session steps through the engine's paged pass (variants named *_session), one session per batch row.
 //
 // Usage: mqa_reference_test <cases-dir> [gtest flags]
 #include <gtest/gtest.h>
@@ -9,11 +11,13 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <iostream>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "mqa/core/engine.h"
 #include "mqa/core/mqa_layer.h"
 #include "mqa/core/safetensors.h"
 #include "test_util.h"
@@ -28,7 +32,21 @@ using nlohmann::json;
 struct Variant {
   std::string device;
   core::AttnImpl impl;
+  bool session = false;  // the calls as session steps through the engine (the paged pass), not Forward
 };
+
+// The calls are one growing sequence per batch row, as a session sees it: an empty cache first, then calls on
+// the returned cache, none with a bias or mask, all of one causality.
+bool SessionShaped(const json& calls) {
+  if (calls.empty() || calls[0].at("past").get<std::string>() != "empty") return false;
+  for (size_t i = 0; i < calls.size(); ++i) {
+    const json& c = calls[i];
+    if (i > 0 && c.at("past").get<std::string>() != "chain") return false;
+    if (c.at("has_bias").get<bool>() || c.at("has_mask").get<bool>()) return false;
+    if (c.at("causal").get<bool>() != calls[0].at("causal").get<bool>()) return false;
+  }
+  return true;
+}
 
 core::MqaOptions OptionsFrom(const json& cfg) {
   core::MqaOptions o;
@@ -106,6 +124,8 @@ class ReferenceCase : public ::testing::Test {
       }
     }
 
+    if (v_.session) return RunAsSessions(file, o, weights, calls, tol);
+
     auto layer = Unwrap(core::MultiQueryAttention::Create(o), "Create");
     core::Status st = layer->LoadStateDict(weights);
     ASSERT_TRUE(st.ok()) << st.ToString();
@@ -155,6 +175,61 @@ class ReferenceCase : public ::testing::Test {
   }
 
  private:
+  // One engine hosting the case's layer (weights through a safetensors file, as a server loads them), one session
+  // per batch row; call i is one step of every session, whose outputs together must equal the reference's.
+  void RunAsSessions(const core::SafetensorsFile& file, const core::MqaOptions& o, const core::TensorMap& weights,
+                     const json& calls, double tol) {
+    namespace fs = std::filesystem;
+    core::TensorMap stack;
+    for (const auto& [name, t] : weights) stack[core::MqaStack::LayerPrefix(0) + name] = t;
+    const fs::path dir = fs::temp_directory_path() / ("mqa_reference_" + std::to_string(NextSeed()));
+    fs::create_directories(dir);
+    const std::string weights_path = (dir / "layer.safetensors").string();
+    core::Status written = core::WriteSafetensors(weights_path, stack);
+    ASSERT_TRUE(written.ok()) << written.ToString();
+    core::EngineOptions eo;
+    core::ModelConfig m;
+    m.name = "case";
+    m.options = o;
+    m.weights_path = weights_path;
+    eo.models.push_back(m);
+    eo.kv_cache.budget_bytes = int64_t{16} << 20;
+    auto engine = Unwrap(core::Engine::Create(std::move(eo)), "Engine::Create");
+    fs::remove_all(dir);
+
+    const std::vector<int64_t> shape0 = file.tensors.at("call0.x").shape();
+    const int64_t b = shape0[0], dim = shape0[2];
+    std::vector<std::string> ids;
+    for (int64_t i = 0; i < b; ++i) {
+      core::SessionConfig sc;
+      sc.model = "case";
+      sc.causal = calls[0].at("causal").get<bool>();
+      ids.push_back(Unwrap(engine->CreateSession(sc), "CreateSession").id);
+    }
+    for (size_t c = 0; c < calls.size(); ++c) {
+      SCOPED_TRACE("call " + std::to_string(c) + " as session steps");
+      const std::string p = "call" + std::to_string(c) + ".";
+      const Tensor& x = file.tensors.at(p + "x");
+      const int64_t s = x.shape()[1];
+      const std::vector<float> xs = Floats(x);
+      std::vector<float> got;
+      for (int64_t i = 0; i < b; ++i) {
+        const std::vector<float> row(xs.begin() + i * s * dim, xs.begin() + (i + 1) * s * dim);
+        core::StepRequest req;
+        req.session_id = ids[static_cast<size_t>(i)];
+        req.x = Unwrap(Tensor::FromFloats(x.dtype(), {1, s, dim}, row), "FromFloats");
+        std::promise<core::StatusOr<core::StepResult>> done;
+        engine->SubmitStep(std::move(req), [&done](core::StatusOr<core::StepResult> r) { done.set_value(std::move(r)); });
+        core::StatusOr<core::StepResult> r = done.get_future().get();
+        ASSERT_TRUE(r.ok()) << r.status().ToString();
+        const std::vector<float> out = Floats(r->out);
+        got.insert(got.end(), out.begin(), out.end());
+      }
+      const Tensor& want = file.tensors.at(p + "out");
+      ExpectClose("out", Unwrap(Tensor::FromFloats(want.dtype(), want.shape(), got), "FromFloats"), want, tol, false);
+    }
+  }
+
   std::string path_;
   Variant v_;
 };
@@ -177,20 +252,29 @@ int main(int argc, char** argv) {
   }
   const nlohmann::json index = nlohmann::json::parse(idx);
   std::cout << "[mqa-reference] cases from " << dir << ", generator seed=" << index.at("seed") << "\n";
+  // The paged pass of torch and flash is the same code (flash's fused kernels serve the stateless Forward only);
+  // triton's is the project's kernels on CUDA in 16 bits (its stateless Forward uses flash's kernels there).
   std::vector<mqa::testing::Variant> variants = {{"cpu", mqa::core::AttnImpl::kTorch},
-                                                 {"cpu", mqa::core::AttnImpl::kFlash}};
+                                                 {"cpu", mqa::core::AttnImpl::kFlash},
+                                                 {"cpu", mqa::core::AttnImpl::kTorch, true}};
   if (mqa::core::CudaAvailable()) {
     variants.push_back({"cuda", mqa::core::AttnImpl::kTorch});
     variants.push_back({"cuda", mqa::core::AttnImpl::kFlash});
+    variants.push_back({"cuda", mqa::core::AttnImpl::kTriton});
+    variants.push_back({"cuda", mqa::core::AttnImpl::kTriton, true});
   } else {
     std::cout << "[mqa-reference] no CUDA device: CUDA variants are not registered (they run on the GPU machine)\n";
   }
   for (const auto& name : index.at("cases")) {
     const std::string case_name = name.get<std::string>();
     const std::string path = (dir / (case_name + ".safetensors")).string();
+    auto file = mqa::core::ReadSafetensors(path);
+    const bool session_shaped =
+        file.ok() && mqa::testing::SessionShaped(nlohmann::json::parse(file->metadata.at("calls")));
     for (const auto& v : variants) {
+      if (v.session && !session_shaped) continue;
       const std::string suite = "Reference_" + case_name;
-      const std::string test = v.device + "_" + std::string(mqa::core::AttnImplName(v.impl));
+      const std::string test = v.device + "_" + std::string(mqa::core::AttnImplName(v.impl)) + (v.session ? "_session" : "");
       ::testing::RegisterTest(suite.c_str(), test.c_str(), nullptr, nullptr, __FILE__, __LINE__,
                               [=]() -> mqa::testing::ReferenceCase* { return new mqa::testing::ReferenceCase(path, v); });
     }

@@ -234,8 +234,9 @@ TEST(KvAppendKernel, WritesEachRowToItsSlotFromStridedRows) {
 TEST(PagedForwardTriton, MixedPassesMatchTheTorchPathInFp32) {
   REQUIRE_CUDA();
   std::mt19937_64 rng(Seed() + 4);
-  for (int variant = 0; variant < 3; ++variant) {
-    const int64_t H = variant == 1 ? 8 : 32, D = variant == 1 ? 64 : 128;
+  // Variants 3 and 4: non-positive scales, which flash's prefill kernel got wrong where it masks (0 * -inf).
+  for (int variant = 0; variant < 5; ++variant) {
+    const int64_t H = variant == 1 || variant >= 3 ? 8 : 32, D = variant == 1 || variant >= 3 ? 64 : 128;
     const at::ScalarType dt = variant == 2 ? at::kHalf : at::kBFloat16;
     MqaOptions o;
     o.dim = H * D;
@@ -245,6 +246,8 @@ TEST(PagedForwardTriton, MixedPassesMatchTheTorchPathInFp32) {
     o.attn_impl = AttnImpl::kTriton;
     o.seed = rng();
     if (variant == 1) o.softmax_scale = 0.05;
+    if (variant == 3) o.softmax_scale = 0.0;
+    if (variant == 4) o.softmax_scale = -0.25;
     auto fast = std::move(MultiQueryAttention::Create(o)).value();
     MqaOptions ro = o;
     ro.dtype = DType::kFloat32;
