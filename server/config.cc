@@ -328,6 +328,12 @@ const std::vector<Setting>& Settings() {
        [](LoadState& s, std::string_view v, const std::string& origin) {
          return ApplyCount(s.config.engine.max_queue, v, origin);
        }},
+      {"--max-forward-scores", "MQA_MAX_FORWARD_SCORES", "max_forward_scores", "N", Kind::kInteger, "268435456",
+       "work limit of one Forward: b * H * s * s_k attention scores (2^28); more is refused with RESOURCE_EXHAUSTED "
+       "before any work. Its time grows with this figure, its memory linearly in s",
+       [](LoadState& s, std::string_view v, const std::string& origin) {
+         return ApplyInteger(s.config.engine.max_forward_scores, 1, v, origin);
+       }},
       {"--default-idle-ttl-ms", "MQA_DEFAULT_IDLE_TTL_MS", "default_idle_ttl_ms", "MS", Kind::kInteger, "300000",
        "idle time after which a session is closed, unless it asks for another",
        [](LoadState& s, std::string_view v, const std::string& origin) {

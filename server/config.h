@@ -15,6 +15,7 @@
 //   log_format: text               # text or json
 //   max_sessions: 1024             # >= 1
 //   max_queue: 4096                # >= 1, per device
+//   max_forward_scores: 268435456  # >= 1: b * H * s * s_k attention scores per Forward; more: RESOURCE_EXHAUSTED
 //   default_idle_ttl_ms: 300000    # 1 .. one year, <= max_idle_ttl_ms
 //   max_idle_ttl_ms: 3600000       # 1 .. one year
 //   reap_interval_ms: 200          # 1 .. one year

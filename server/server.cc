@@ -26,7 +26,10 @@ void SetServing(grpc::Server* server, bool serving) {
 core::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config) {
   std::unique_ptr<Server> s(new Server());
   s->config_ = config;
-  MQA_ASSIGN_OR_RETURN(s->engine_, core::Engine::Create(config.engine));
+  core::EngineOptions engine_options = config.engine;
+  // A Forward whose weights alone exceed the message limit could never be answered: the engine refuses it up front.
+  engine_options.max_forward_weights_bytes = static_cast<int64_t>(std::min<size_t>(config.max_message_bytes, INT32_MAX));
+  MQA_ASSIGN_OR_RETURN(s->engine_, core::Engine::Create(std::move(engine_options)));
   s->metrics_ = std::make_unique<ServiceMetrics>();
   ServiceOptions service_options;
   service_options.metrics = s->metrics_.get();

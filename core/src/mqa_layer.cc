@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cctype>
 #include <cmath>
@@ -142,11 +143,33 @@ void CudaCheck(int error, const char* what) {
 }
 #endif
 
-// Bottom-right causal mask [1, 1, s_q, s_k], true where a query may NOT look: query i (0-based within the new
-// chunk) sees key j iff j <= i + (s_k - s_q), so a chunk appended to a cache is causal against its absolute
-// positions. Shared by the torch and flash paths so both mask the same keys.
-at::Tensor FutureKeys(int64_t s_q, int64_t s_k, at::Device device) {
-  return at::ones({s_q, s_k}, at::TensorOptions().dtype(at::kBool).device(device)).triu(s_k - s_q + 1).view({1, 1, s_q, s_k});
+// Bottom-right causal mask [1, 1, rows, s_k] for query rows [row0, row0 + rows) of s_q (all of them by default),
+// true where a query may NOT look: query i (0-based within the new chunk) sees key j iff j <= i + (s_k - s_q), so
+// a chunk appended to a cache is causal against its absolute positions. Shared by the torch and flash paths so
+// both mask the same keys.
+at::Tensor FutureKeys(int64_t s_q, int64_t s_k, at::Device device, int64_t row0 = 0, int64_t rows = -1) {
+  if (rows < 0) rows = s_q;
+  return at::ones({rows, s_k}, at::TensorOptions().dtype(at::kBool).device(device))
+      .triu(s_k - s_q + 1 + row0)
+      .view({1, 1, rows, s_k});
+}
+
+// Logits per query tile of the stateless Forward when the weights are not returned: 2^20 (4 MiB in fp32) keeps a
+// tile's temporaries (logits, their masked copy, the probabilities) near 16 MiB whatever s is, so the memory of a
+// Forward grows linearly in s instead of with s * s_k; tiles stay large enough that their few extra small ops do
+// not show next to the two GEMMs.
+constexpr int64_t kTileScores = int64_t{1} << 20;
+
+// Query rows per tile for logits [b, H, s_q, s_k]: at least 1, at most s_q (one tile = the untiled computation).
+int64_t TileRows(int64_t b, int64_t H, int64_t s_q, int64_t s_k) {
+  const int64_t per_row = std::max<int64_t>(1, b * H * s_k);
+  return std::clamp<int64_t>(kTileScores / per_row, 1, std::max<int64_t>(1, s_q));
+}
+
+// Rows [row0, row0 + rows) of a bias already sliced to [1|b, 1|H, 1|s_q, 1|s_k]; a broadcast row stays as is.
+at::Tensor BiasRows(const at::Tensor& bias, int64_t row0, int64_t rows) {
+  if (!bias.defined() || bias.size(2) == 1) return bias;
+  return bias.narrow(2, row0, rows);
 }
 
 }  // namespace
@@ -218,20 +241,32 @@ at::Tensor MultiQueryAttention::Impl::AttendTorch(const at::Tensor& q, const at:
                                                   const at::Tensor& bias, const at::Tensor& mask, bool causal,
                                                   bool training, at::Tensor* weights) const {
   const int64_t b = q.size(0), H = q.size(1), s_q = q.size(2), d = q.size(3), s_k = v.size(2);
-  // MQA: all heads share K/V, so the heads fold into the rows of one [H*s_q, d] x [d, s_k] product per batch
-  // entry. Broadcasting K over H instead would make matmul materialise H copies of the cache.
-  at::Tensor attn = at::matmul(q.reshape({b, 1, H * s_q, d}), kt).view({b, H, s_q, s_k}) * scale;  // step 6
-  if (bias.defined()) attn = attn + bias;       // step 7 (may promote, e.g. bf16 + fp32 bias -> fp32)
+  // Every query row's softmax is independent of the others', so rows can be computed a tile at a time; only a
+  // request for the weights needs all [b, H, s_q, s_k] probabilities at once.
+  const int64_t rows = weights ? s_q : TileRows(b, H, s_q, s_k);
   const double min_val = MostNegative(q.scalar_type());
-  if (mask.defined()) attn = attn.masked_fill(mask.logical_not().view({b, 1, 1, s_k}), min_val);  // step 8
-  if (causal && s_q != 1) {                                                                        // step 9
-    attn = attn.masked_fill(FutureKeys(s_q, s_k, q.device()), min_val);
+  auto tile = [&](int64_t row0, int64_t t) {
+    // MQA: all heads share K/V, so the heads fold into the rows of one [H*t, d] x [d, s_k] product per batch
+    // entry. Broadcasting K over H instead would make matmul materialise H copies of the cache.
+    at::Tensor attn = at::matmul(q.narrow(2, row0, t).reshape({b, 1, H * t, d}), kt).view({b, H, t, s_k}) * scale;  // step 6
+    if (bias.defined()) attn = attn + BiasRows(bias, row0, t);  // step 7 (may promote: bf16 + fp32 bias -> fp32)
+    if (mask.defined()) attn = attn.masked_fill(mask.logical_not().view({b, 1, 1, s_k}), min_val);  // step 8
+    if (causal && s_q != 1) {                                                                        // step 9
+      attn = attn.masked_fill(FutureKeys(s_q, s_k, q.device(), row0, t), min_val);
+    }
+    at::Tensor p = at::softmax(attn, -1);                                     // step 10
+    if (training && opt.attn_pdrop > 0) p = at::dropout(p, opt.attn_pdrop, /*train=*/true);  // step 11
+    if (weights) *weights = p;
+    // step 12, heads folded the same way: [b, 1, H*t, s_k] x [b, 1, s_k, d] -> [b, H, t, d]
+    return at::matmul(p.to(v.scalar_type()).reshape({b, 1, H * t, s_k}), v).view({b, H, t, d});
+  };
+  if (rows >= s_q) return tile(0, s_q);
+  at::Tensor ctx = at::empty({b, H, s_q, d}, q.options().dtype(v.scalar_type()));
+  for (int64_t row0 = 0; row0 < s_q; row0 += rows) {
+    const int64_t t = std::min(rows, s_q - row0);
+    ctx.narrow(2, row0, t).copy_(tile(row0, t));
   }
-  at::Tensor p = at::softmax(attn, -1);                                     // step 10
-  if (training && opt.attn_pdrop > 0) p = at::dropout(p, opt.attn_pdrop, /*train=*/true);  // step 11
-  if (weights) *weights = p;
-  // step 12, heads folded the same way: [b, 1, H*s_q, s_k] x [b, 1, s_k, d] -> [b, H, s_q, d]
-  return at::matmul(p.to(v.scalar_type()).reshape({b, 1, H * s_q, s_k}), v).view({b, H, s_q, d});
+  return ctx;
 }
 
 at::Tensor MultiQueryAttention::Impl::AttendFlash(const at::Tensor& q, const at::Tensor& kt, const at::Tensor& v,
@@ -249,7 +284,8 @@ at::Tensor MultiQueryAttention::Impl::AttendFlash(const at::Tensor& q, const at:
   const double kernel_scale = scale > 0 ? scale : 1.0;
   if (!bias.defined() && !mask.defined() && !causal_applies) {
     // MQA: every head attends to the same single K/V head with no mask, so the heads can be folded into the
-    // query rows. One [b, 1, H*s_q, d] problem reads K/V once instead of H times.
+    // query rows. One [b, 1, H*s_q, d] problem reads K/V once instead of H times. The kernel works through the
+    // rows in tiles itself, so its memory is linear in s.
     at::Tensor folded = qs.reshape({b, 1, H * s_q, d});
     at::Tensor out = at::scaled_dot_product_attention(folded, k, v, {}, dropout, false, kernel_scale);
     return out.view({b, H, s_q, d});
@@ -263,22 +299,34 @@ at::Tensor MultiQueryAttention::Impl::AttendFlash(const at::Tensor& q, const at:
   const at::Tensor ke = k.expand({b, H, s_k, d});
   const at::Tensor ve = v.expand({b, H, s_k, d});
   // General case: one additive mask carries bias, padding and causal masking. Adding the most negative finite
-  // value to a finite logit rounds to that value, so this equals the spec's overwrite for finite logits.
+  // value to a finite logit rounds to that value, so this equals the spec's overwrite for finite logits. The mask
+  // is as large as the logits, so it is built a tile of query rows at a time (memory linear in s).
   const double min_val = MostNegative(q.scalar_type());
-  std::vector<int64_t> shape = {mask.defined() ? b : (bias.defined() ? bias.size(0) : 1),
-                                bias.defined() ? bias.size(1) : 1, s_q, s_k};
-  at::Tensor m = at::zeros(shape, q.options());
-  if (bias.defined()) m.add_(bias.to(q.scalar_type()));
-  if (mask.defined()) m.masked_fill_(mask.logical_not().view({b, 1, 1, s_k}), min_val);
-  if (causal_applies) {
-    m.masked_fill_(FutureKeys(s_q, s_k, q.device()), min_val);
-  }
-  at::Tensor ctx = at::scaled_dot_product_attention(qs, ke, ve, m, dropout, false, kernel_scale);
-  if (bias.defined()) {
-    // The spec's softmax gives NaN for a row whose logits are all -inf, or that holds +inf or NaN; fused
-    // kernels return zeros or finite values there instead. Restore the spec's NaN for exactly those rows.
-    at::Tensor bad = m.isneginf().all(-1).logical_or(m.isposinf().logical_or(m.isnan()).any(-1));
-    ctx = ctx.masked_fill(bad.unsqueeze(-1), std::numeric_limits<double>::quiet_NaN());
+  const int64_t rows = TileRows(b, H, s_q, s_k);
+  auto tile = [&](int64_t row0, int64_t t) {
+    const at::Tensor bias_t = BiasRows(bias, row0, t);
+    std::vector<int64_t> shape = {mask.defined() ? b : (bias.defined() ? bias.size(0) : 1),
+                                  bias.defined() ? bias.size(1) : 1, t, s_k};
+    at::Tensor m = at::zeros(shape, q.options());
+    if (bias.defined()) m.add_(bias_t.to(q.scalar_type()));
+    if (mask.defined()) m.masked_fill_(mask.logical_not().view({b, 1, 1, s_k}), min_val);
+    if (causal_applies) {
+      m.masked_fill_(FutureKeys(s_q, s_k, q.device(), row0, t), min_val);
+    }
+    at::Tensor ctx = at::scaled_dot_product_attention(qs.narrow(2, row0, t), ke, ve, m, dropout, false, kernel_scale);
+    if (bias.defined()) {
+      // The spec's softmax gives NaN for a row whose logits are all -inf, or that holds +inf or NaN; fused
+      // kernels return zeros or finite values there instead. Restore the spec's NaN for exactly those rows.
+      at::Tensor bad = m.isneginf().all(-1).logical_or(m.isposinf().logical_or(m.isnan()).any(-1));
+      ctx = ctx.masked_fill(bad.unsqueeze(-1), std::numeric_limits<double>::quiet_NaN());
+    }
+    return ctx;
+  };
+  if (rows >= s_q) return tile(0, s_q);
+  at::Tensor ctx = at::empty({b, H, s_q, d}, q.options());
+  for (int64_t row0 = 0; row0 < s_q; row0 += rows) {
+    const int64_t t = std::min(rows, s_q - row0);
+    ctx.narrow(2, row0, t).copy_(tile(row0, t));
   }
   return ctx;
 }

@@ -541,7 +541,44 @@ TEST_P(NonPositiveScale, FusedPathsMatchTheTorchPath) {
 
 INSTANTIATE_TEST_SUITE_P(Devices, NonPositiveScale, ::testing::Values("cpu", "cuda"));
 
-// ---------------------------------------------------------------- out-of-memory
+// ---------------------------------------------------------------- memory: query tiles, out-of-memory
+
+// Without weights the attention runs in tiles of query rows (memory linear in s); asking for the weights runs
+// the same math in one piece. Large enough for several tiles, with everything a tile slices or offsets: a past
+// cache (bottom-right causal rows), a per-row bias and a broadcast one, a key-padding mask.
+TEST(Tiling, TiledForwardEqualsTheUntiledOne) {
+  for (const std::string& dev : TestDevices()) {
+    MqaOptions o;
+    o.dim = 64;
+    o.heads = 4;
+    o.device = dev;
+    auto torch_layer = MakeLayer(o);
+    o.attn_impl = AttnImpl::kFlash;
+    auto flash_layer = MakeLayer(o);
+    ASSERT_TRUE(flash_layer->LoadStateDict(torch_layer->StateDict()).ok());
+    const int64_t b = 2, s = 400, past = 30, s_k = s + past;  // 2 * 4 * 400 * 430 logits: over one tile
+    for (int variant = 0; variant < 4; ++variant) {
+      SCOPED_TRACE(dev + " variant " + std::to_string(variant));
+      ForwardArgs a;
+      a.x = Randn(DType::kFloat32, {b, s, 64}, dev);
+      a.past_key_value = KvCache{Randn(DType::kFloat32, {b, 1, 16, past}, dev), Randn(DType::kFloat32, {b, 1, past, 16}, dev)};
+      a.causal = variant != 1;
+      if (variant == 1 || variant == 2) a.bias = Randn(DType::kFloat32, {1, 4, s, s_k}, dev);
+      if (variant == 3) a.bias = Randn(DType::kFloat32, {b, 1, 1, s_k}, dev);
+      if (variant >= 2) {
+        std::vector<uint8_t> m(static_cast<size_t>(b * s_k), 1);
+        m[static_cast<size_t>(s_k + 3)] = 0;
+        m[static_cast<size_t>(s_k + 300)] = 0;
+        a.mask = Unwrap(Bool({b, s_k}, m).To(dev));
+      }
+      ForwardArgs whole = a;
+      whole.needs_weights = true;
+      const std::vector<float> want = Floats(Fwd(*torch_layer, whole).out);
+      EXPECT_LE(RelativeError(Floats(Fwd(*torch_layer, a).out), want), 1e-6);
+      EXPECT_LE(RelativeError(Floats(Fwd(*flash_layer, a).out), want), 1e-5);
+    }
+  }
+}
 
 TEST(OutOfMemory, RefusedHostAllocationIsResourceExhaustedNamingTheBytes) {
   // 2^60 bytes: more than any address space, so LibTorch's CPU allocator refuses it outright, overcommit or not.
