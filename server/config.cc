@@ -1,4 +1,5 @@
 #include "config.h"
+#include "name_limits.h"
 
 #include <yaml-cpp/yaml.h>
 
@@ -294,6 +295,24 @@ const std::vector<Setting>& Settings() {
          s.config.max_message_bytes = static_cast<size_t>(n);
          return Status::Ok();
        }},
+      {"--metrics-max-connections", "MQA_METRICS_MAX_CONNECTIONS", "metrics_max_connections", "N",
+       Kind::kInteger, "64",
+       "HTTP connections to /metrics served at once, each on its own thread; more are answered 503 and closed",
+       [](LoadState& s, std::string_view v, const std::string& origin) {
+         return ApplyCount(s.config.metrics_max_connections, v, origin);
+       }},
+      {"--metrics-request-timeout-ms", "MQA_METRICS_REQUEST_TIMEOUT_MS", "metrics_request_timeout_ms", "MS",
+       Kind::kInteger, "5000",
+       "the most time one /metrics request may take, from its first byte (or the connection's accept) to the end "
+       "of its answer; slower clients are cut",
+       [](LoadState& s, std::string_view v, const std::string& origin) {
+         return ApplyMillis(s.config.metrics_request_timeout, 1, v, origin);
+       }},
+      {"--metrics-idle-timeout-ms", "MQA_METRICS_IDLE_TIMEOUT_MS", "metrics_idle_timeout_ms", "MS", Kind::kInteger,
+       "5000", "how long a kept-alive /metrics connection may wait for its next request",
+       [](LoadState& s, std::string_view v, const std::string& origin) {
+         return ApplyMillis(s.config.metrics_idle_timeout, 1, v, origin);
+       }},
       {"--drain-timeout-ms", "MQA_DRAIN_TIMEOUT_MS", "drain_timeout_ms", "MS", Kind::kInteger, "30000",
        "on SIGTERM, the most time spent finishing in-flight work",
        [](LoadState& s, std::string_view v, const std::string& origin) {
@@ -322,6 +341,25 @@ const std::vector<Setting>& Settings() {
        "open sessions at most; more are refused with RESOURCE_EXHAUSTED",
        [](LoadState& s, std::string_view v, const std::string& origin) {
          return ApplyCount(s.config.engine.max_sessions, v, origin);
+       }},
+      {"--stream-max-pending-steps", "MQA_STREAM_MAX_PENDING_STEPS", "stream_max_pending_steps", "N",
+       Kind::kInteger, "1024",
+       "a StreamSteps stream stops reading requests while this many of its steps are unanswered or their answers "
+       "not yet read by the client (flow control; nothing is dropped)",
+       [](LoadState& s, std::string_view v, const std::string& origin) {
+         return ApplyCount(s.config.stream_max_pending_steps, v, origin);
+       }},
+      {"--stream-max-pending-bytes", "MQA_STREAM_MAX_PENDING_BYTES", "stream_max_pending_bytes", "N",
+       Kind::kInteger, "33554432",
+       "... or while its unread answers (and the answers of its unanswered steps) reach this many bytes (32 MiB)",
+       [](LoadState& s, std::string_view v, const std::string& origin) {
+         return ApplyCount(s.config.stream_max_pending_bytes, v, origin);
+       }},
+      {"--replay-budget-bytes", "MQA_REPLAY_BUDGET_BYTES", "replay_budget_bytes", "N", Kind::kInteger, "268435456",
+       "bytes of last step answers kept, all sessions, so that a retried step (same position and input) gets its "
+       "answer again instead of being applied twice (256 MiB); 0 = keep none",
+       [](LoadState& s, std::string_view v, const std::string& origin) {
+         return ApplyInteger(s.config.engine.replay_budget_bytes, 0, v, origin, "bytes");
        }},
       {"--max-queue", "MQA_MAX_QUEUE", "max_queue", "N", Kind::kInteger, "4096",
        "queued requests per device at most; more are refused with RESOURCE_EXHAUSTED",
@@ -622,10 +660,17 @@ StatusOr<core::ModelConfig> ParseModel(const YAML::Node& node, size_t index, con
     core::MqaOptions& o = m.options;
     if (key == "name") {
       MQA_ASSIGN_OR_RETURN(m.name, FileString(v, origin));
-      const bool bad = m.name.empty() || std::any_of(m.name.begin(), m.name.end(), [](char c) {
+      // Requests naming a model are refused past kMaxModelNameBytes (request_checks.h), so a longer name could
+      // never be reached.
+      const bool bad = m.name.empty() || m.name.size() > kMaxModelNameBytes ||
+                       std::any_of(m.name.begin(), m.name.end(), [](char c) {
                          return std::isspace(static_cast<unsigned char>(c)) || std::iscntrl(static_cast<unsigned char>(c));
                        });
-      if (bad) return InvalidArgumentError(origin + ": expected a non-empty name without whitespace, got " + Quoted(m.name));
+      if (bad) {
+        return InvalidArgumentError(origin + ": expected a non-empty name of at most " +
+                                    std::to_string(kMaxModelNameBytes) + " bytes without whitespace, got " +
+                                    Quoted(m.name.substr(0, 160)));
+      }
       have_name = true;
     } else if (key == "num_layers") {
       MQA_ASSIGN_OR_RETURN(int64_t n, FileInteger(v, 1, INT_MAX, origin));

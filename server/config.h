@@ -8,6 +8,9 @@
 //   listen: "0.0.0.0:50051"        # host:port ("[::]:50051", port 0 = any free port) or "unix:/path"
 //   max_message_bytes: 67108864    # 1 .. 2147483647, both directions
 //   metrics_listen: "0.0.0.0:9400" # host:port of the HTTP /metrics endpoint (port 0 = any); "" = none
+//   metrics_max_connections: 64    # >= 1: HTTP connections served at once; more are answered 503 and closed
+//   metrics_request_timeout_ms: 5000  # 1 .. one year: one request's whole time, first byte to its answer
+//   metrics_idle_timeout_ms: 5000  # 1 .. one year: a kept-alive connection's wait for its next request
 //   health_listen: ""              # extra plaintext gRPC address (host:port or unix:/path), e.g. for
 //                                  # Kubernetes' grpc probes; "" = none
 //   drain_timeout_ms: 30000        # 0 .. one year
@@ -16,6 +19,9 @@
 //   max_sessions: 1024             # >= 1
 //   max_queue: 4096                # >= 1, per device
 //   max_forward_scores: 268435456  # >= 1: b * H * s * s_k attention scores per Forward; more: RESOURCE_EXHAUSTED
+//   stream_max_pending_steps: 1024 # >= 1: a stream stops reading while this many steps are unanswered/unread
+//   stream_max_pending_bytes: 33554432  # >= 1: ... or while their answers hold this many bytes
+//   replay_budget_bytes: 268435456 # >= 0: last answers kept for retried steps, all sessions; 0 = none
 //   default_idle_ttl_ms: 300000    # 1 .. one year, <= max_idle_ttl_ms
 //   max_idle_ttl_ms: 3600000       # 1 .. one year
 //   reap_interval_ms: 200          # 1 .. one year
@@ -84,9 +90,14 @@ struct ServerConfig {
   std::string port_file;                       // when set, the bound port is written there once serving
   std::string metrics_listen = "0.0.0.0:9400";  // HTTP GET /metrics (Prometheus text); "" = no endpoint
   std::string metrics_port_file;               // when set, the bound metrics port is written there
+  size_t metrics_max_connections = 64;         // /metrics connections at once; more are refused (503)
+  std::chrono::milliseconds metrics_request_timeout{5000};  // one HTTP request, first byte to last answered
+  std::chrono::milliseconds metrics_idle_timeout{5000};     // a kept-alive connection's wait for its next one
   std::string health_listen;                   // extra plaintext gRPC address of the same server; "" = none
   std::string health_port_file;                // when set, health_listen's bound port is written there
   size_t max_message_bytes = 64u << 20;        // both directions
+  size_t stream_max_pending_steps = 1024;      // per StreamSteps stream: see ServiceOptions
+  size_t stream_max_pending_bytes = 32u << 20;
   std::chrono::milliseconds drain_timeout{std::chrono::seconds(30)};  // SIGTERM: most time spent draining
   std::string log_level = "info";              // trace, debug, info, warn, error, critical, off
   std::string log_format = "text";             // "text" (key=value) or "json" (one object per line)

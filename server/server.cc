@@ -33,6 +33,8 @@ core::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   s->metrics_ = std::make_unique<ServiceMetrics>();
   ServiceOptions service_options;
   service_options.metrics = s->metrics_.get();
+  service_options.max_pending_steps_per_stream = config.stream_max_pending_steps;
+  service_options.max_pending_bytes_per_stream = config.stream_max_pending_bytes;
   s->service_ = std::make_unique<MqaServiceImpl>(s->engine_.get(), service_options);
 
   // gRPC's built-in health service keeps its schema outside protobuf's descriptor pool; touching our compiled copy
@@ -60,9 +62,17 @@ core::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   }
   if (!config.metrics_listen.empty()) {
     Server* raw = s.get();
-    MQA_ASSIGN_OR_RETURN(s->metrics_server_, MetricsHttpServer::Start(config.metrics_listen, [raw] {
-                           return raw->metrics_->Render(raw->engine_->stats(), raw->service_->draining());
-                         }));
+    MetricsHttpOptions http_options;
+    http_options.max_connections = config.metrics_max_connections;
+    http_options.request_timeout = config.metrics_request_timeout;
+    http_options.idle_timeout = config.metrics_idle_timeout;
+    MQA_ASSIGN_OR_RETURN(s->metrics_server_, MetricsHttpServer::Start(
+                                                 config.metrics_listen,
+                                                 [raw] {
+                                                   return raw->metrics_->Render(raw->engine_->stats(),
+                                                                                raw->service_->draining());
+                                                 },
+                                                 http_options));
     s->metrics_port_ = s->metrics_server_->port();
   }
   SetServing(s->server_.get(), true);

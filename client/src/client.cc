@@ -254,10 +254,13 @@ StatusOr<StepOutput> Session::Step(int32_t layer, const HostTensor& x, std::opti
   if (!valid.ok()) return valid;
   request.mutable_step()->set_sequence(sequence);
   v1::StepResponse response;
-  grpc::Status status = state_->impl->CallOnce(timeout, [&](grpc::ClientContext* context) {
+  auto attempt = [&](grpc::ClientContext* context) {
     internal::SetRoutingKey(context, state_->routing_key);
     return state_->impl->stub->Step(context, request, &response);
-  });
+  };
+  // Only a step that names its position can be sent again safely (the server recognises the repeat).
+  grpc::Status status =
+      position ? state_->impl->CallStep(timeout, attempt) : state_->impl->CallOnce(timeout, attempt);
   if (!status.ok()) return internal::FromGrpc(status);
   return internal::StepOutputFromProto(response.result());
 }

@@ -63,6 +63,33 @@ struct Client::Impl {
       backoff *= 2;
     }
   }
+
+  // For steps that name their position (the server answers a repeat of an applied step with its kept answer
+  // and never applies it twice): retries an attempt whose answer was lost on the way, UNAVAILABLE, CANCELLED,
+  // or DEADLINE_EXCEEDED of an attempt cut short by options.step_attempt_timeout, within the call's deadline.
+  template <typename Call>
+  grpc::Status CallStep(Timeout timeout, Call&& call) const {
+    const auto deadline = Deadline(timeout);
+    auto backoff = options.retry_backoff;
+    for (int attempt = 0;; ++attempt) {
+      grpc::ClientContext context;
+      auto attempt_deadline = deadline;
+      if (options.step_attempt_timeout.count() > 0) {
+        attempt_deadline = std::min(deadline, std::chrono::system_clock::now() + options.step_attempt_timeout);
+      }
+      context.set_deadline(attempt_deadline);
+      grpc::Status status = call(&context);
+      const grpc::StatusCode code = status.error_code();
+      const bool lost = code == grpc::StatusCode::UNAVAILABLE || code == grpc::StatusCode::CANCELLED ||
+                        (code == grpc::StatusCode::DEADLINE_EXCEEDED && attempt_deadline < deadline);
+      if (!lost || attempt >= options.max_retries) return status;
+      if (code != grpc::StatusCode::DEADLINE_EXCEEDED) {  // a cut-short attempt has waited already
+        if (std::chrono::system_clock::now() + backoff >= deadline) return status;
+        std::this_thread::sleep_for(backoff);
+        backoff *= 2;
+      }
+    }
+  }
 };
 
 }  // namespace mqa::client

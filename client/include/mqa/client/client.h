@@ -9,8 +9,10 @@
 //
 // Deadlines: every call carries one: the `timeout` argument when given, else ClientOptions::default_timeout.
 // Retries: only idempotent calls (Health, ListModels, GetModel, Forward, GetSession) are retried, only on
-// UNAVAILABLE, with exponential backoff, and never past the call's deadline. CreateSession, CloseSession and
-// steps are never retried (a retry could create a second session or apply a step twice).
+// UNAVAILABLE, with exponential backoff, and never past the call's deadline. Steps that name their position are
+// retried when their answer was lost (Session::Step): the server recognises the repeat and answers it again
+// without applying it twice. CreateSession, CloseSession and steps without a position are never retried (a
+// retry could create a second session or apply a step twice).
 //
 // Thread safety: Client is thread-safe (all methods may be called concurrently). Session is not (use one
 // from one thread at a time, or guard it). StepStream is thread-safe.
@@ -71,8 +73,12 @@ struct ClientOptions {
   std::string target;
   // Deadline of a call without an explicit timeout. Must be > 0.
   std::chrono::milliseconds default_timeout{std::chrono::seconds(30)};
-  // Extra attempts of an idempotent call that failed with UNAVAILABLE (0: no retry).
+  // Extra attempts of an idempotent call that failed with UNAVAILABLE (0: no retry), and of a step that names
+  // its position whose answer was lost (see Session::Step).
   int max_retries = 3;
+  // > 0: each attempt of a step that names its position gets at most this long (within the call's timeout);
+  // one that runs out is sent again. 0: one attempt has the whole timeout.
+  std::chrono::milliseconds step_attempt_timeout{0};
   // Wait before the first retry; doubled for each further one.
   std::chrono::milliseconds retry_backoff{50};
   // Largest message sent or received, in bytes.
@@ -240,7 +246,10 @@ class MQA_CLIENT_EXPORT Session {
   StatusOr<SessionInfo> Info(Timeout timeout = std::nullopt) const;
 
   // One unary step of `layer` with x [1, s, dim]. `position`: see StepRequest. `sequence` is echoed back.
-  // Never retried.
+  // With a position, a step whose answer was lost (UNAVAILABLE, CANCELLED, or an attempt cut short by
+  // ClientOptions::step_attempt_timeout) is sent again, up to max_retries times within the timeout: the server
+  // answers a repeat of a step it already applied with the same output, so the step is applied exactly once.
+  // Without a position it is never retried.
   StatusOr<StepOutput> Step(int32_t layer, const HostTensor& x, std::optional<int64_t> position = std::nullopt,
                             Timeout timeout = std::nullopt, uint64_t sequence = 0);
 
