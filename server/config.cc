@@ -405,7 +405,8 @@ const std::vector<Setting>& Settings() {
          return Status::Ok();
        }},
       {"--max-prefill-chunk", "MQA_MAX_PREFILL_CHUNK", "max_prefill_chunk", "N", Kind::kInteger, "512",
-       "longer prefills run in chunks of this many tokens, interleaved with other passes",
+       "longer causal steps run in chunks of this many tokens, interleaved with other passes (non-causal steps "
+       "run whole)",
        [](LoadState& s, std::string_view v, const std::string& origin) {
          return ApplyInteger(s.config.engine.batching.max_prefill_chunk, 1, v, origin);
        }},

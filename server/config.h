@@ -28,7 +28,8 @@
 //   max_batch_tokens: 4096         # >= 1: new tokens per batched pass (decode + prefill chunk tokens)
 //   max_batch_sessions: 256        # >= 1: steps per pass; 1 = unbatched
 //   max_queue_delay_us: 0          # 0 .. 1000000: how long a pass may wait to fill; 0 = run at once
-//   max_prefill_chunk: 512         # >= 1: longer prefills run in chunks of this many tokens
+//   max_prefill_chunk: 512         # >= 1: longer causal steps run in chunks of this many tokens (non-causal
+//                                  # steps run whole)
 //   kv_block_size: 16              # 1 .. 1024: tokens per KV-cache block
 //   kv_cache_bytes: 0              # >= 0: KV-cache bytes per device, all its models; 0 = from the two below
 //   kv_gpu_memory_fraction: 0.9    # (0, 1]: CUDA, of the memory free after loading the weights
@@ -39,10 +40,10 @@
 //       dim: 4096                  # (default 512)
 //       heads: 32                  # dim % heads == 0 (default 8)
 //       attn_impl: flash           # torch, flash, triton (default: triton on CUDA, torch on the CPU)
-//       clip_qkv: null             # number >= 0 or null (default null: no clipping)
+//       clip_qkv: null             # number >= 0 or null (default null: no clipping); < 0 stops the server
 //       qk_ln: false               # true or false
 //       softmax_scale: null        # number or null (default null: 1/sqrt(head_dim))
-//       attn_pdrop: 0.0            # [0, 1); only training-mode calls use it
+//       attn_pdrop: 0.0            # [0, 1), >= 1 stops the server; only training-mode calls use it
 //       norm_type: low_precision_layernorm   # or layernorm (alias layernornm), rmsnorm, low_precision_rmsnorm
 //       fc_type: torch             # only torch
 //       device: cuda:0             # cpu, cuda, cuda:N or auto (default auto: cuda:0 when a GPU exists, else cpu)
