@@ -48,7 +48,9 @@ class ServerProcess {
         << R"({"name": "slow", "num_layers": 1, "dim": 512, "heads": 8, "seed": 4, "device": "cpu", "dtype": "float32",)"
         << R"( "max_tokens_per_session": 8192}]})";
     std::vector<std::string> args = {bin, "--config", (dir_ / "config.json").string(), "--listen",
-                                     "127.0.0.1:" + std::to_string(port), "--port-file", (dir_ / "port").string()};
+                                     "127.0.0.1:" + std::to_string(port), "--port-file", (dir_ / "port").string(),
+                                     // never the shared default 0.0.0.0:9400, which another server may hold
+                                     "--metrics-listen", "127.0.0.1:0"};
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
@@ -296,6 +298,38 @@ TEST_F(ClientE2E, ADeadlinePassedInTheQueueIsDeadlineExceededAndNothingIsCompute
   EXPECT_EQ(late_f.get().status().code(), StatusCode::kDeadlineExceeded);
   EXPECT_TRUE(stream->Finish().ok());
   EXPECT_EQ(victim.Info().value().layer_positions[0], 0);
+}
+
+// Attempts cut short by step_attempt_timeout while the worker is busy: the step is sent again until one attempt
+// is answered (possibly with the kept answer of an attempt that ran after its client gave up), and it is
+// applied exactly once.
+TEST_F(ClientE2E, AStepWithAPositionIsRetriedAndAppliedOnce) {
+  ClientOptions o;
+  o.target = server_.target();
+  o.step_attempt_timeout = milliseconds(20);
+  o.max_retries = 1000;
+  o.retry_backoff = milliseconds(1);
+  auto client = Client::Connect(o).value();
+  auto busy = client->CreateSession(ModelSession("slow")).value();
+  auto victim = client->CreateSession(ModelSession("slow")).value();
+  auto stream = client->OpenStream().value();
+  StepRequest long_step;
+  long_step.session_id = busy.id();
+  long_step.x = RandomX(2048, 512, 7);
+  auto long_f = stream->Submit(std::move(long_step));
+  const HostTensor x = RandomX(3, 512, 8);
+  auto r = victim.Step(0, x, /*position=*/0, milliseconds(60000));
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->position, 0);
+  EXPECT_EQ(r->num_tokens, 3);
+  EXPECT_TRUE(long_f.get().ok());
+  EXPECT_TRUE(stream->Finish().ok());
+  EXPECT_EQ(victim.Info().value().layer_positions[0], 3);  // once, however many attempts there were
+  ForwardInput in;
+  in.model = "slow";
+  in.x = x;
+  auto want = client->Forward(in).value();
+  EXPECT_LT(RelErr(Floats(r->out), Floats(want.out)), 1e-5);
 }
 
 // A free port now; the server takes it a moment after the client starts calling.
