@@ -12,6 +12,8 @@
 
 #include <array>
 #include <atomic>
+#include <chrono>
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -50,21 +52,36 @@ class ServiceMetrics {
   std::atomic<uint64_t> step_sum_us_{0};
 };
 
+// Limits of MetricsHttpServer's connections. A scraper sends a few hundred bytes at once, so they only bite on
+// clients that are slow or hostile.
+struct MetricsHttpOptions {
+  // Connections served at once, each on its own thread; one more is answered 503 and closed at once.
+  size_t max_connections = 64;
+  // The most time one request may take from its first byte (a new connection: from its accept) to the last
+  // byte of its answer. A total, so that a client trickling one byte at a time is cut as surely as a silent one.
+  std::chrono::milliseconds request_timeout{5000};
+  // How long a kept-alive connection may wait for its next request.
+  std::chrono::milliseconds idle_timeout{5000};
+};
+
 // An HTTP server answering GET /metrics with render()'s text (Content-Type
-// "text/plain; version=0.0.4; charset=utf-8"); other paths are 404. It runs on its own threads until Stop() or
-// destruction.
+// "text/plain; version=0.0.4; charset=utf-8"); other paths are 404. It runs on its own threads (one accepting,
+// one per connection) until Stop() or destruction.
 class MetricsHttpServer {
  public:
   // Binds listen ("host:port", IPv6 hosts in brackets; port 0 = any free port) and starts serving.
   // UNAVAILABLE when the address cannot be bound. render is called on the HTTP threads, once per scrape.
   static core::StatusOr<std::unique_ptr<MetricsHttpServer>> Start(const std::string& listen,
-                                                                   std::function<std::string()> render);
+                                                                   std::function<std::string()> render,
+                                                                   const MetricsHttpOptions& options = {});
   ~MetricsHttpServer();  // Stop()s
   MetricsHttpServer(const MetricsHttpServer&) = delete;
   MetricsHttpServer& operator=(const MetricsHttpServer&) = delete;
 
   int port() const { return port_; }
-  // Closes the listening socket and joins the serving thread; scrapes in progress finish first. Idempotent.
+  // Closes the listening socket and every connection, in bounded time whatever the clients do: connections
+  // still reading a request are closed at once, answers being written get 250 ms more. Waits for the render
+  // calls in progress; none starts afterwards. Idempotent.
   void Stop();
 
  private:

@@ -330,6 +330,32 @@ kv_cpu_budget_bytes: 2048
   EXPECT_DOUBLE_EQ(j->engine.kv_cache.gpu_memory_fraction, 0.25);
 }
 
+TEST(ServerConfigTest, MetricsHttpLimitsFromFileEnvAndFlags) {
+  auto defaults = Load({});
+  ASSERT_TRUE(defaults.ok()) << defaults.status().ToString();
+  EXPECT_EQ(defaults->metrics_max_connections, 64u);
+  EXPECT_EQ(defaults->metrics_request_timeout, std::chrono::milliseconds(5000));
+  EXPECT_EQ(defaults->metrics_idle_timeout, std::chrono::milliseconds(5000));
+
+  TempDir dir;
+  const std::string path = dir.Write(
+      "c.yaml", "metrics_max_connections: 3\nmetrics_request_timeout_ms: 250\nmetrics_idle_timeout_ms: 750\n");
+  const Env env = {{"MQA_METRICS_REQUEST_TIMEOUT_MS", "400"}, {"MQA_METRICS_IDLE_TIMEOUT_MS", "600"}};
+  auto c = Load({"--config", path, "--metrics-idle-timeout-ms=900"}, env);
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->metrics_max_connections, 3u);                                // file only
+  EXPECT_EQ(c->metrics_request_timeout, std::chrono::milliseconds(400));   // env > file
+  EXPECT_EQ(c->metrics_idle_timeout, std::chrono::milliseconds(900));      // flag > env > file
+
+  // A zero limit would refuse every scrape, a zero timeout every request.
+  ExpectError(Load({"--metrics-max-connections=0"}), StatusCode::kInvalidArgument,
+              {"--metrics-max-connections: expected an integer >= 1, got '0'"});
+  ExpectError(Load({"--metrics-request-timeout-ms", "0"}), StatusCode::kInvalidArgument,
+              {"--metrics-request-timeout-ms: expected an integer (milliseconds) between 1 and"});
+  ExpectError(Load({}, {{"MQA_METRICS_IDLE_TIMEOUT_MS", "5s"}}), StatusCode::kInvalidArgument,
+              {"MQA_METRICS_IDLE_TIMEOUT_MS: expected an integer (milliseconds)"});
+}
+
 TEST(ServerConfigTest, EveryFlagInBothForms) {
   const std::vector<std::string> separate = {
       "--listen", "localhost:7", "--port-file", "/tmp/p", "--max-message-bytes", "1000", "--drain-timeout-ms", "0",
