@@ -105,7 +105,8 @@ uint64_t InputHash(const Tensor& x) {
     mix(w);
   }
   uint64_t tail = 0;
-  std::memcpy(&tail, p + i, n - i);
+  // An empty tensor's data pointer is null, and memcpy from null is undefined even for 0 bytes (UBSan).
+  if (n > i) std::memcpy(&tail, p + i, n - i);
   mix(tail ^ (static_cast<uint64_t>(n) << 56));
   return h;
 }
