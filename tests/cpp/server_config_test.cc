@@ -453,7 +453,10 @@ TEST(ServerConfigTest, WrongTypes) {
       {"models:\n  - name: a\n    softmax_scale: [1]\n", {"models[0].softmax_scale: expected a number or null"}},
       {"models:\n  - name: a\n    seed: -1\n", {"models[0].seed: expected an integer between 0 and"}},
       {"models:\n  - name: a\n    num_layers: 0\n", {"models[0].num_layers: expected an integer between 1 and"}},
-      {"models:\n  - name: a b\n", {"models[0].name: expected a non-empty name without whitespace, got 'a b'"}},
+      {"models:\n  - name: a b\n",
+       {"models[0].name: expected a non-empty name of at most 128 bytes without whitespace, got 'a b'"}},
+      // Requests cannot name a model longer than 128 bytes, so the configuration cannot host one.
+      {"models:\n  - name: " + std::string(129, 'n') + "\n", {"models[0].name: expected a non-empty name of at most 128"}},
       {"models:\n  - dim: 64\n", {"models[0]: missing required key 'name'"}},
       {"models:\n  - name: a\n    dim: 64\n    dim: 32\n", {"models[0].dim: duplicate key"}},
       {"[1, 2]\n", {"expected a map of settings at the top level, got a list"}},
