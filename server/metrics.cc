@@ -233,6 +233,12 @@ std::string ServiceMetrics::Render(const core::EngineStats& st, bool draining) c
            "Steps and forwards dropped before compute: cancelled by the client or past their deadline.");
   w.Sample("mqa_requests_dropped_total", "reason=\"cancelled\"", st.dropped_cancelled);
   w.Sample("mqa_requests_dropped_total", "reason=\"deadline\"", st.dropped_deadline);
+  w.Counter("mqa_steps_replayed_total",
+            "Repeats of already applied steps (same session, layer, position and input) answered with the kept "
+            "answer instead of being applied twice: clients retrying after a lost answer.",
+            st.steps_replayed);
+  w.Gauge("mqa_replay_bytes", "Bytes of last step answers kept for such retries (--replay-budget-bytes bounds it).",
+          st.replay_bytes);
   w.Gauge("mqa_draining", "1 while the server drains (after SIGTERM), else 0.", draining ? 1 : 0);
   w.Header("mqa_build_info", "gauge", "Always 1; the labels describe the running server.");
   w.Sample("mqa_build_info", std::string("version=\"") + kServerVersion + "\"", int64_t{1});
