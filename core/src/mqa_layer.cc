@@ -1022,21 +1022,32 @@ StatusOr<at::Tensor> PagedForward(const MultiQueryAttention& layer, const at::Te
         sl[static_cast<size_t>(p)] = s.table->Slot(p);
       }
       const at::Tensor idx = to_dev(at::tensor(sl, i64));
-      const at::Tensor kk = k_cache.index_select(0, idx);                           // [len, d]
-      const at::Tensor vv = v_cache.index_select(0, idx);
-      const at::Tensor qs = q.narrow(0, s.row, s.tokens).view({s.tokens, H, d}).transpose(0, 1);  // [H, s, d]
-      at::Tensor attn = at::matmul(qs, kk.t()) * L.scale;                            // [H, s, len]
-      if (s.alibi) {
-        const at::Tensor j = at::arange(len, i64.device(dev)).view({1, len});
-        const at::Tensor i = at::arange(s.past, len, i64.device(dev)).view({s.tokens, 1});
-        const at::Tensor rel = s.causal ? (j - (len - 1)).expand({s.tokens, len}) : -(j - i).abs();
-        attn = attn + slopes.view({H, 1, 1}) * rel.to(x.scalar_type()).view({1, s.tokens, len});
+      const at::Tensor kk_all = k_cache.index_select(0, idx);                       // [len, d]
+      const at::Tensor vv_all = v_cache.index_select(0, idx);
+      // A tile of query rows at a time, so the logits take tile x H x len, not s x H x len: a non-causal step
+      // runs whole (never chunked), however long.
+      const int64_t tile_rows = TileRows(1, H, s.tokens, len);
+      for (int64_t r0 = 0; r0 < s.tokens; r0 += tile_rows) {
+        const int64_t t = std::min(tile_rows, s.tokens - r0);
+        // A causal tile's queries see the keys up to their own positions only: the first past + r0 + t.
+        const int64_t keys = s.causal ? s.past + r0 + t : len;
+        const at::Tensor kk = kk_all.narrow(0, 0, keys);
+        const at::Tensor vv = vv_all.narrow(0, 0, keys);
+        const at::Tensor qs = q.narrow(0, s.row + r0, t).view({t, H, d}).transpose(0, 1);  // [H, t, d]
+        at::Tensor attn = at::matmul(qs, kk.t()) * L.scale;                          // [H, t, keys]
+        if (s.alibi) {
+          const at::Tensor j = at::arange(keys, i64.device(dev)).view({1, keys});
+          const at::Tensor i = at::arange(s.past + r0, s.past + r0 + t, i64.device(dev)).view({t, 1});
+          // Causal form: m_h * (j - (keys - 1)), which differs from -m_h * (i - j) by a constant per row.
+          const at::Tensor rel = s.causal ? (j - (keys - 1)).expand({t, keys}) : -(j - i).abs();
+          attn = attn + slopes.view({H, 1, 1}) * rel.to(x.scalar_type()).view({1, t, keys});
+        }
+        if (s.causal) {
+          attn = attn.masked_fill(FutureKeys(t, keys, dev).view({1, t, keys}), MostNegative(x.scalar_type()));
+        }
+        const at::Tensor p = at::softmax(attn, -1);
+        ctx.narrow(0, s.row + r0, t).copy_(at::matmul(p.to(vv.scalar_type()), vv).transpose(0, 1));
       }
-      if (s.causal) {
-        attn = attn.masked_fill(FutureKeys(s.tokens, len, dev).view({1, s.tokens, len}), MostNegative(x.scalar_type()));
-      }
-      const at::Tensor p = at::softmax(attn, -1);
-      ctx.narrow(0, s.row, s.tokens).copy_(at::matmul(p.to(vv.scalar_type()), vv).transpose(0, 1));
     }
     return at::linear(ctx.view({T, dim}), L.P("out_proj.weight"), L.P("out_proj.bias"));
   });

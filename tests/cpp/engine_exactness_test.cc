@@ -106,6 +106,39 @@ TEST(Exactness, NonPositiveSoftmaxScalesThroughThePagedPass) {
   }
 }
 
+// A non-causal step runs whole however long it is; the paged pass's attention then works through it a tile of
+// query rows at a time (memory linear in the step's length). 700 rows against 700+ keys and 4 heads is two tiles.
+TEST(Exactness, ALongNonCausalStepIsExactAcrossQueryTiles) {
+  EngineOptions o;
+  o.models.push_back(SmallModel("small", 2, 2048));
+  o.batching.max_prefill_chunk = 64;
+  auto e = MakeEngine(std::move(o));
+  auto stack = Unwrap(MqaStack::Create(SmallModel().options, 2));
+  for (bool causal : {false, true}) {
+    for (bool alibi : {false, true}) {
+      SCOPED_TRACE(std::string(causal ? "causal" : "non-causal") + (alibi ? " alibi" : ""));
+      SessionConfig c;
+      c.model = "small";
+      c.causal = causal;
+      c.position_bias = alibi ? PositionBias::kAlibi : PositionBias::kNone;
+      SessionInfo s = Create(*e, c);
+      Tensor x0 = Randn(DType::kFloat32, {1, 30, 64});
+      Tensor x1 = Randn(DType::kFloat32, {1, 700, 64});
+      ASSERT_TRUE(StepSync(*e, MakeStep(s.id, 0, x0)).ok());
+      auto got = Unwrap(StepSync(*e, MakeStep(s.id, 0, x1)));
+      ForwardArgs first;
+      first.x = x0;
+      first.causal = causal;
+      first.past_key_value = KvCache{};
+      if (alibi) first.bias = Unwrap(AlibiBias(4, 730, /*full=*/!causal, DType::kFloat32));
+      ForwardArgs second = first;
+      second.x = x1;
+      second.past_key_value = *Unwrap(stack->layer(0).Forward(first)).cache;
+      EXPECT_LT(RelativeError(Floats(got.out), Floats(Unwrap(stack->layer(0).Forward(second)).out)), 1e-5);
+    }
+  }
+}
+
 TEST(Exactness, AnEmptyStepGivesAnEmptyOutputAndChangesNothing) {
   for (bool causal : {true, false}) {
     auto e = MakeEngine();
