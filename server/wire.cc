@@ -40,13 +40,17 @@ core::StatusOr<core::Tensor> FromWire(const v1::Tensor& wire, const std::string&
                                 std::to_string(wire.shape_size()));
   }
   std::vector<int64_t> shape(wire.shape().begin(), wire.shape().end());
-  // Overflow-safe element count: a hostile shape must not wrap around to match a small payload.
+  // Overflow-safe element count: a hostile shape must not wrap around to match a small payload. The bound is on
+  // the product of the non-zero sizes, so it holds after a zero too: LibTorch computes strides from every size,
+  // and an empty [0, 2^34, 2^34, ...] overflowed there (INTERNAL; found by tests/fuzz/wire_fuzz).
   uint64_t numel = 1;
+  uint64_t nonzero = 1;
   for (int64_t d : shape) {
     if (d < 0) return InvalidArgumentError(name + ": sizes must be >= 0, got shape " + core::ShapeToString(shape));
-    if (d != 0 && numel > std::numeric_limits<uint64_t>::max() / static_cast<uint64_t>(d) / 8) {
+    if (d != 0 && nonzero > std::numeric_limits<uint64_t>::max() / static_cast<uint64_t>(d) / 8) {
       return InvalidArgumentError(name + ": shape " + core::ShapeToString(shape) + " is too large");
     }
+    if (d != 0) nonzero *= static_cast<uint64_t>(d);
     numel *= static_cast<uint64_t>(d);
   }
   const uint64_t want = numel * core::DTypeSize(dtype);

@@ -3,9 +3,12 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <fstream>
 #include <sstream>
+#include <string>
+#include <vector>
 
 namespace mqa::core {
 namespace {
@@ -33,6 +36,21 @@ StatusOr<DType> FromStName(const std::string& s) {
 
 // Header entries are limited to keep a malicious length from allocating gigabytes before any check.
 constexpr uint64_t kMaxHeaderBytes = 100u << 20;
+// Elements of one tensor at most: its byte count (8 bytes per element at most) and strides fit in int64.
+constexpr uint64_t kMaxElements = uint64_t{1} << 59;
+
+// A JSON list of integers >= 0 (a shape, or data_offsets). nlohmann's get<int64_t> would accept floats as
+// well, truncating 2.5 and converting 1e30 (or an integer beyond uint64, which the parser stores as a float)
+// with undefined behaviour; the format has integers only.
+bool ReadUnsignedList(const nlohmann::json& j, std::vector<uint64_t>* out) {
+  if (!j.is_array()) return false;
+  out->clear();
+  for (const nlohmann::json& v : j) {
+    if (!v.is_number_unsigned()) return false;  // negative integers are number_integer, floats number_float
+    out->push_back(v.get<uint64_t>());
+  }
+  return true;
+}
 
 }  // namespace
 
@@ -67,17 +85,33 @@ StatusOr<SafetensorsFile> ParseSafetensors(const std::string& bytes, const std::
       continue;
     }
     try {
-      MQA_ASSIGN_OR_RETURN(DType dtype, FromStName(e.at("dtype").get<std::string>()));
-      std::vector<int64_t> shape = e.at("shape").get<std::vector<int64_t>>();
-      auto offsets = e.at("data_offsets").get<std::vector<uint64_t>>();
-      if (offsets.size() != 2 || offsets[0] > offsets[1] || offsets[1] > data_len) {
+      StatusOr<DType> parsed = FromStName(e.at("dtype").get<std::string>());
+      if (!parsed.ok()) return DataLossError(what + ": tensor '" + name + "': " + parsed.status().message());
+      const DType dtype = *parsed;
+      std::vector<uint64_t> sizes;
+      if (!ReadUnsignedList(e.at("shape"), &sizes)) {
+        return DataLossError(what + ": tensor '" + name + "' has a shape that is not a list of integers >= 0");
+      }
+      std::vector<uint64_t> offsets;
+      if (!ReadUnsignedList(e.at("data_offsets"), &offsets) || offsets.size() != 2 || offsets[0] > offsets[1] ||
+          offsets[1] > data_len) {
         return DataLossError(what + ": tensor '" + name + "' has data_offsets outside the data section");
       }
+      // The element count must not wrap around (2^32 x 2^32 is 0 modulo 2^64 and would match an empty range),
+      // nor may any partial product, zeros aside: Tensor::FromBytes multiplies the sizes in int64 in order, so
+      // [2^40, 2^40, 0] would overflow there. kMaxElements bounds the product of the non-zero sizes.
       uint64_t numel = 1;
-      for (int64_t s : shape) {
-        if (s < 0) return DataLossError(what + ": tensor '" + name + "' has a negative dimension");
-        numel *= static_cast<uint64_t>(s);
+      uint64_t nonzero = 1;
+      for (uint64_t u : sizes) {
+        if (u > 1 && nonzero > kMaxElements / u) {
+          std::string listed;
+          for (uint64_t v : sizes) listed += (listed.empty() ? "" : ", ") + std::to_string(v);
+          return DataLossError(what + ": tensor '" + name + "' has shape [" + listed + "], too large for any file");
+        }
+        if (u > 0) nonzero *= u;
+        numel *= u;
       }
+      const std::vector<int64_t> shape(sizes.begin(), sizes.end());  // each size fits: <= kMaxElements or 0
       if (numel * DTypeSize(dtype) != offsets[1] - offsets[0]) {
         return DataLossError(what + ": tensor '" + name + "' of shape " + ShapeToString(shape) + " and dtype " +
                              StName(dtype) + " needs " + std::to_string(numel * DTypeSize(dtype)) +

@@ -2,6 +2,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <cstring>
+#include <limits>
 #include <new>
 #include <sstream>
 #include <string>
@@ -133,6 +134,12 @@ StatusOr<at::Device> ParseDevice(std::string_view device) {
       return InvalidArgumentError("malformed device '" + std::string(device) + "'; expected cpu, cuda or cuda:N");
     }
     index = std::stoi(digits);
+    // c10::DeviceIndex is 8 bits: cuda:200 would wrap to a negative index, which at::Device refuses by throwing
+    // (--devices cuda:200 ended mqa-server in std::terminate; tests/fuzz/corpus/config/crash-devices-cuda-200).
+    if (index > std::numeric_limits<c10::DeviceIndex>::max()) {
+      return InvalidArgumentError("device '" + std::string(device) + "': CUDA device indices go up to " +
+                                  std::to_string(std::numeric_limits<c10::DeviceIndex>::max()));
+    }
   } else {
     return InvalidArgumentError("malformed device '" + std::string(device) + "'; expected cpu, cuda or cuda:N");
   }

@@ -753,6 +753,22 @@ TEST(ServerConfigTest, BadDevicesInTheFile) {
   }
 }
 
+// A crash of tests/fuzz/config_fuzz (corpus/config/crash-*): CUDA device indices past 127 (c10::DeviceIndex is 8
+// bits) wrapped to a negative index that at::Device refuses by throwing, so --devices cuda:200 ended mqa-server in
+// std::terminate. Every way of naming a device now gets INVALID_ARGUMENT naming where it came from.
+TEST(ServerConfigTest, CudaIndicesBeyondEightBitsAreInvalidNotACrash) {
+  ExpectError(Load({"--devices", "cuda:200"}), StatusCode::kInvalidArgument,
+              {"--devices: ", "cuda:200", "go up to 127"});
+  ExpectError(Load({"--device", "cuda:128"}), StatusCode::kInvalidArgument, {"--device: ", "cuda:128"});
+  ExpectError(Load({}, {{"MQA_DEFAULT_DEVICE", "cuda:999"}}), StatusCode::kInvalidArgument,
+              {"MQA_DEFAULT_DEVICE: ", "cuda:999"});
+  TempDir dir;
+  ExpectError(Load({"--config", dir.Write("a.yaml", "models:\n  - name: m\n    device: cuda:255\n")}),
+              StatusCode::kInvalidArgument, {"models[0] (m): ", "cuda:255"});
+  ExpectError(Load({"--config", dir.Write("b.yaml", "models:\n  - name: m\n    devices: [cpu, cuda:130]\n")}),
+              StatusCode::kInvalidArgument, {"models[0].devices[1]", "cuda:130"});
+}
+
 TEST(ServerConfigTest, MissingFileIsNotFound) {
   ExpectError(Load({"--config", "/nonexistent/mqa.yaml"}), StatusCode::kNotFound,
               {"config file '/nonexistent/mqa.yaml' not found"});

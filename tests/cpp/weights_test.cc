@@ -89,6 +89,63 @@ TEST(Safetensors, CorruptFilesAreDataLossNotCrashes) {
   EXPECT_EQ(core::ReadSafetensors(dir.File("missing.safetensors")).status().code(), StatusCode::kNotFound);
 }
 
+// A header in the format's own layout: 8-byte little-endian length, then the JSON.
+std::string SafetensorsImage(const std::string& header) {
+  std::string bytes(8, '\0');
+  for (int i = 0; i < 8; ++i) bytes[static_cast<size_t>(i)] = static_cast<char>((header.size() >> (8 * i)) & 0xff);
+  return bytes + header;
+}
+
+// A crash of tests/fuzz/safetensors_fuzz (corpus/safetensors/crash-shape-*): the element count was multiplied in 64
+// bits unchecked, so 2^32 x 2^32 wrapped to 0 and matched an empty byte range, and Tensor::FromBytes then overflowed
+// int64 on the same shape (undefined behaviour; LibTorch was asked for 2^64 elements). Zeros do not excuse a partial
+// product that overflows: FromBytes multiplies in order.
+TEST(Safetensors, ShapesWhoseElementCountOverflowsAreDataLoss) {
+  for (const std::string shape : {"[4294967296,4294967296]", "[1099511627776,1099511627776,0]",
+                                  "[2305843009213693952,4]", "[9223372036854775807]"}) {
+    const std::string header = R"({"x":{"dtype":"F32","shape":)" + shape + R"(,"data_offsets":[0,0]}})";
+    auto f = core::ParseSafetensors(SafetensorsImage(header), "big.safetensors");
+    ASSERT_FALSE(f.ok()) << shape;
+    EXPECT_EQ(f.status().code(), StatusCode::kDataLoss) << shape;
+    EXPECT_NE(f.status().message().find("big.safetensors: tensor 'x'"), std::string::npos) << f.status().message();
+  }
+  // Zero elements with large sizes after the zero stay readable: no product of the non-zero sizes overflows.
+  auto empty = core::ParseSafetensors(SafetensorsImage(
+      R"({"x":{"dtype":"F32","shape":[0,1099511627776,1024],"data_offsets":[0,0]}})"));
+  ASSERT_TRUE(empty.ok()) << empty.status().message();
+  EXPECT_EQ(empty->tensors.at("x").numel(), 0);
+}
+
+// Found by tests/fuzz/safetensors_fuzz (corpus/safetensors/crash-shape-beyond-uint64-is-a-float): sizes and offsets
+// were read with nlohmann's get<int64_t>/<uint64_t>, which converts floats too; an integer beyond uint64 (stored as
+// a float by the JSON parser) or 1e30 converted with undefined behaviour, 2.5 was truncated and -1 wrapped around.
+// The format has integers >= 0 only.
+TEST(Safetensors, ShapesAndOffsetsMustBeIntegers) {
+  for (const std::string bad : {R"("shape":[31844674407370955161],"data_offsets":[0,0])",
+                                R"("shape":[1e30],"data_offsets":[0,0])", R"("shape":[2.5],"data_offsets":[0,8])",
+                                R"("shape":[-1],"data_offsets":[0,0])", R"("shape":"2","data_offsets":[0,8])",
+                                R"("shape":[2],"data_offsets":[0,8.0])", R"("shape":[2],"data_offsets":[-8,0])",
+                                R"("shape":[2],"data_offsets":[0,1e300])"}) {
+    const std::string header = R"({"x":{"dtype":"F32",)" + bad + "}}";
+    auto f = core::ParseSafetensors(SafetensorsImage(header) + std::string(8, '\0'), "f.safetensors");
+    ASSERT_FALSE(f.ok()) << bad;
+    EXPECT_EQ(f.status().code(), StatusCode::kDataLoss) << bad;
+    EXPECT_EQ(f.status().message().rfind("f.safetensors: tensor 'x' has ", 0), 0u) << f.status().message();
+  }
+}
+
+// Found by tests/fuzz/safetensors_fuzz on its seed corpus/safetensors/bad_dtype: an unknown dtype was the one
+// refusal that named neither the file nor the entry (the header's contract: the message names both).
+TEST(Safetensors, UnsupportedDtypeNamesTheFileAndTheEntry) {
+  auto f = core::ParseSafetensors(
+      SafetensorsImage(R"({"w":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}})") + std::string(8, '\0'),
+      "model.safetensors");
+  ASSERT_FALSE(f.ok());
+  EXPECT_EQ(f.status().code(), StatusCode::kDataLoss);
+  EXPECT_EQ(f.status().message().rfind("model.safetensors: tensor 'w': unsupported safetensors dtype 'I64'", 0), 0u)
+      << f.status().message();
+}
+
 TEST(StateDict, UsesTheSpecNamesAndShapes) {
   auto layer = Unwrap(MultiQueryAttention::Create(Small(true)));
   const auto sd = layer->StateDict("layers.0.attn.");
