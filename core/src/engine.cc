@@ -255,7 +255,9 @@ struct Session {
   void KeepAnswerLocked(LastStep& l, std::optional<Tensor> out) {
     if (l.out) replay_bytes->fetch_sub(static_cast<int64_t>(l.out->nbytes()));
     l.out.reset();
-    if (!out) return;
+    // A closed session's answers are let go (ReleaseBlocksIfIdleLocked, again when its last step finishes); one
+    // finishing after the close is not kept at all, so nobody's budget holds it even for a moment.
+    if (!out || closed) return;
     const auto n = static_cast<int64_t>(out->nbytes());
     int64_t used = replay_bytes->load();
     while (used + n <= replay_budget) {

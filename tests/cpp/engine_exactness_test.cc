@@ -203,6 +203,32 @@ TEST(Exactness, ARetriedStepIsAnsweredAgainAndAppliedOnce) {
   EXPECT_FALSE(Unwrap(StepSync(*e, l0)).replayed);
 }
 
+// Session b is closed by a's completion, in the same pass, after b's step was computed: b's answer must not stay
+// kept (nobody can retry it, and its bytes would count against everyone's budget).
+TEST(Exactness, AStepFinishingAfterItsSessionClosedKeepsNoAnswer) {
+  EngineOptions o;
+  o.models.push_back(SmallModel());
+  o.batching.max_batch_sessions = 2;
+  o.batching.max_queue_delay = std::chrono::seconds(5);  // both steps in one pass
+  auto e = MakeEngine(std::move(o));
+  SessionInfo a = Create(*e), b = Create(*e);
+  std::promise<StatusOr<StepResult>> a_done, b_done;
+  auto sa = MakeStep(a.id, 0, Randn(DType::kFloat32, {1, 1, 64}));
+  sa.position = 0;
+  e->SubmitStep(sa, [&](StatusOr<StepResult> r) {
+    EXPECT_TRUE(e->CloseSession(b.id).ok());
+    a_done.set_value(std::move(r));
+  });
+  auto sb = MakeStep(b.id, 0, Randn(DType::kFloat32, {1, 1, 64}));
+  sb.position = 0;
+  e->SubmitStep(sb, [&](StatusOr<StepResult> r) { b_done.set_value(std::move(r)); });
+  ASSERT_TRUE(a_done.get_future().get().ok());
+  ASSERT_TRUE(b_done.get_future().get().ok());  // computed before the close: its answer was delivered
+  EXPECT_EQ(e->stats().replay_bytes, 64 * 4);  // a's only
+  ASSERT_TRUE(e->CloseSession(a.id).ok());
+  EXPECT_EQ(e->stats().replay_bytes, 0);
+}
+
 TEST(Exactness, AnAnswerOverTheReplayBudgetIsNotKeptAndTheRetrySaysSo) {
   EngineOptions o;
   o.models.push_back(SmallModel());
