@@ -51,43 +51,42 @@ struct Client::Impl {
   // the caller's timeout bounds the whole call, not each attempt.
   template <typename Call>
   grpc::Status CallIdempotent(Timeout timeout, Call&& call) const {
-    const auto deadline = Deadline(timeout);
-    auto backoff = options.retry_backoff;
-    for (int attempt = 0;; ++attempt) {
-      grpc::ClientContext context;
-      context.set_deadline(deadline);
-      grpc::Status status = call(&context);
-      if (status.error_code() != grpc::StatusCode::UNAVAILABLE || attempt >= options.max_retries) return status;
-      if (std::chrono::system_clock::now() + backoff >= deadline) return status;
-      std::this_thread::sleep_for(backoff);
-      backoff *= 2;
-    }
+    return CallWithRetries(timeout, std::chrono::milliseconds(0), /*retry_lost_answers=*/false, call);
   }
 
   // For steps that name their position (the server answers a repeat of an applied step with its kept answer
-  // and never applies it twice): retries an attempt whose answer was lost on the way, UNAVAILABLE, CANCELLED,
-  // or DEADLINE_EXCEEDED of an attempt cut short by options.step_attempt_timeout, within the call's deadline.
+  // and never applies it twice): also retries an attempt whose answer was lost on the way, CANCELLED, or
+  // DEADLINE_EXCEEDED of an attempt cut short by options.step_attempt_timeout, within the call's deadline.
   template <typename Call>
   grpc::Status CallStep(Timeout timeout, Call&& call) const {
+    return CallWithRetries(timeout, options.step_attempt_timeout, /*retry_lost_answers=*/true, call);
+  }
+
+  // Up to options.max_retries more attempts, each with at most attempt_timeout (0: the whole deadline) of the
+  // call's one deadline. UNAVAILABLE is retried after a doubling backoff; with retry_lost_answers, CANCELLED too,
+  // and a cut-short attempt's DEADLINE_EXCEEDED at once (it has waited already).
+  template <typename Call>
+  grpc::Status CallWithRetries(Timeout timeout, std::chrono::milliseconds attempt_timeout, bool retry_lost_answers,
+                               Call& call) const {
     const auto deadline = Deadline(timeout);
     auto backoff = options.retry_backoff;
     for (int attempt = 0;; ++attempt) {
       grpc::ClientContext context;
       auto attempt_deadline = deadline;
-      if (options.step_attempt_timeout.count() > 0) {
-        attempt_deadline = std::min(deadline, std::chrono::system_clock::now() + options.step_attempt_timeout);
+      if (attempt_timeout.count() > 0) {
+        attempt_deadline = std::min(deadline, std::chrono::system_clock::now() + attempt_timeout);
       }
       context.set_deadline(attempt_deadline);
       grpc::Status status = call(&context);
       const grpc::StatusCode code = status.error_code();
-      const bool lost = code == grpc::StatusCode::UNAVAILABLE || code == grpc::StatusCode::CANCELLED ||
-                        (code == grpc::StatusCode::DEADLINE_EXCEEDED && attempt_deadline < deadline);
-      if (!lost || attempt >= options.max_retries) return status;
-      if (code != grpc::StatusCode::DEADLINE_EXCEEDED) {  // a cut-short attempt has waited already
-        if (std::chrono::system_clock::now() + backoff >= deadline) return status;
-        std::this_thread::sleep_for(backoff);
-        backoff *= 2;
-      }
+      const bool cut_short = code == grpc::StatusCode::DEADLINE_EXCEEDED && attempt_deadline < deadline;
+      const bool retry = code == grpc::StatusCode::UNAVAILABLE ||
+                         (retry_lost_answers && (code == grpc::StatusCode::CANCELLED || cut_short));
+      if (!retry || attempt >= options.max_retries) return status;
+      if (cut_short) continue;
+      if (std::chrono::system_clock::now() + backoff >= deadline) return status;
+      std::this_thread::sleep_for(backoff);
+      backoff *= 2;
     }
   }
 };

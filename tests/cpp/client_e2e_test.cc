@@ -121,6 +121,14 @@ HostTensor RandomX(int64_t s, int64_t dim, uint64_t seed) {
 
 std::vector<float> Floats(const HostTensor& t) { return t.ToFloats().value(); }
 
+// A 2048-token step of a "slow" session: it keeps the server's CPU worker busy while other steps queue.
+StepRequest LongStep(const Session& session, uint64_t seed) {
+  StepRequest r;
+  r.session_id = session.id();
+  r.x = RandomX(2048, 512, seed);
+  return r;
+}
+
 double RelErr(const std::vector<float>& a, const std::vector<float>& b) {
   double num = 0, den = 0;
   for (size_t i = 0; i < a.size(); ++i) {
@@ -285,14 +293,11 @@ TEST_F(ClientE2E, ADeadlinePassedInTheQueueIsDeadlineExceededAndNothingIsCompute
   auto busy = client->CreateSession(ModelSession("slow")).value();
   auto victim = client->CreateSession(ModelSession("slow")).value();
   auto stream = client->OpenStream().value();
-  StepRequest long_step;
-  long_step.session_id = busy.id();
-  long_step.x = RandomX(2048, 512, 5);
   StepRequest late;
   late.session_id = victim.id();
   late.x = RandomX(1, 512, 6);
   late.timeout = milliseconds(1);
-  auto long_f = stream->Submit(std::move(long_step));
+  auto long_f = stream->Submit(LongStep(busy, 5));
   auto late_f = stream->Submit(std::move(late));
   EXPECT_TRUE(long_f.get().ok());
   EXPECT_EQ(late_f.get().status().code(), StatusCode::kDeadlineExceeded);
@@ -313,10 +318,7 @@ TEST_F(ClientE2E, AStepWithAPositionIsRetriedAndAppliedOnce) {
   auto busy = client->CreateSession(ModelSession("slow")).value();
   auto victim = client->CreateSession(ModelSession("slow")).value();
   auto stream = client->OpenStream().value();
-  StepRequest long_step;
-  long_step.session_id = busy.id();
-  long_step.x = RandomX(2048, 512, 7);
-  auto long_f = stream->Submit(std::move(long_step));
+  auto long_f = stream->Submit(LongStep(busy, 7));
   const HostTensor x = RandomX(3, 512, 8);
   auto r = victim.Step(0, x, /*position=*/0, milliseconds(60000));
   ASSERT_TRUE(r.ok()) << r.status().ToString();

@@ -212,23 +212,13 @@ TEST(Engine, IdleSessionsExpireAndActiveOnesStay) {
   EXPECT_EQ(e->stats().sessions_expired, 1u);
 }
 
-// A step long enough that work queued behind it is still waiting when it is cancelled or its deadline passes.
-ModelConfig SlowModel() {
-  ModelConfig m = SmallModel("slow", 1, 4096);
-  m.options.dim = 512;
-  m.options.heads = 8;
-  return m;
-}
-
 TEST(Engine, CancelledAndExpiredStepsAreDroppedUncomputed) {
   auto e = MakeEngine(SlowModel());
   SessionConfig c;
   c.model = "slow";
   SessionInfo busy = Create(*e, c);
   SessionInfo victim = Create(*e, c);
-  std::promise<StatusOr<StepResult>> long_done;
-  e->SubmitStep(MakeStep(busy.id, 0, Randn(DType::kFloat32, {1, 2048, 512})),
-                [&](StatusOr<StepResult> r) { long_done.set_value(std::move(r)); });
+  auto long_done = OccupyWorker(*e, busy.id);
 
   auto cancel = std::make_shared<CancelFlag>();
   auto cancelled_step = MakeStep(victim.id, 0, Randn(DType::kFloat32, {1, 1, 512}));
@@ -241,7 +231,7 @@ TEST(Engine, CancelledAndExpiredStepsAreDroppedUncomputed) {
   late_step.deadline = Clock::now() + std::chrono::milliseconds(1);
   auto late = StepSync(*e, late_step);
 
-  EXPECT_TRUE(long_done.get_future().get().ok());
+  EXPECT_TRUE(long_done.get().ok());
   EXPECT_EQ(cancelled_done.get_future().get().status().code(), StatusCode::kCancelled);
   EXPECT_EQ(late.status().code(), StatusCode::kDeadlineExceeded);
   EXPECT_EQ(Unwrap(e->GetSession(victim.id)).layer_positions[0], 0);  // neither was computed

@@ -55,6 +55,24 @@ inline SessionInfo Create(Engine& e, SessionConfig c = {}) {
   return Unwrap(e.CreateSession(c), "CreateSession");
 }
 
+// A model slow enough that work queued behind one long step is still waiting when it is cancelled or its
+// deadline passes.
+inline ModelConfig SlowModel() {
+  ModelConfig m = SmallModel("slow", 1, 4096);
+  m.options.dim = 512;
+  m.options.heads = 8;
+  return m;
+}
+
+// Submits a 2048-token step of SlowModel's session `id`, which keeps the worker busy for a while.
+inline std::future<StatusOr<StepResult>> OccupyWorker(Engine& e, const std::string& id) {
+  auto done = std::make_shared<std::promise<StatusOr<StepResult>>>();
+  auto f = done->get_future();
+  e.SubmitStep(MakeStep(id, 0, ::mqa::testing::Randn(DType::kFloat32, {1, 2048, 512})),
+               [done](StatusOr<StepResult> r) { done->set_value(std::move(r)); });
+  return f;
+}
+
 // Rows [from, to) of a [1, s, dim] tensor's values.
 inline std::vector<float> Rows(const std::vector<float>& v, int64_t dim, int64_t from, int64_t to) {
   return std::vector<float>(v.begin() + from * dim, v.begin() + to * dim);
