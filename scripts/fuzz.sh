@@ -83,6 +83,6 @@ for t in "${TARGETS[@]}"; do
     -timeout=10 "${dict[@]}" -artifact_prefix="$BUILD/artifacts/$t-" \
     "$BUILD/corpus/$t" "tests/fuzz/corpus/$t" >"$BUILD/run-$t.log" 2>&1 || status=1
   grep -E "^#[0-9]+.*(DONE|pulse)|stat::number_of_executed_units|stat::peak_rss|ERROR|SUMMARY" \
-    "$BUILD/run-$t.log" | tail -n 6
+    "$BUILD/run-$t.log" | tail -n 6 || true
 done
 exit "$status"
