@@ -68,7 +68,9 @@ void CheckChunkingIsInvisible(const Device& dev, std::optional<double> softmax_s
             SessionInfo s = Create(*e, c);
             Tensor x0 = Randn(DType::kFloat32, {1, past, dim});
             Tensor x1 = Randn(DType::kFloat32, {1, len, dim});
-            if (past > 0) ASSERT_TRUE(StepSync(*e, MakeStep(s.id, 1, x0)).ok());
+            if (past > 0) {
+              ASSERT_TRUE(StepSync(*e, MakeStep(s.id, 1, x0)).ok());
+            }
             auto got = StepSync(*e, MakeStep(s.id, 1, x1));
             ASSERT_TRUE(got.ok()) << got.status().ToString();
 
@@ -212,7 +214,7 @@ TEST(Exactness, AStepFinishingAfterItsSessionClosedKeepsNoAnswer) {
   o.batching.max_queue_delay = std::chrono::seconds(5);  // both steps in one pass
   auto e = MakeEngine(std::move(o));
   SessionInfo a = Create(*e), b = Create(*e);
-  std::promise<StatusOr<StepResult>> a_done, b_done;
+  std::promise<StatusOr<StepResult>> a_done;
   auto sa = MakeStep(a.id, 0, Randn(DType::kFloat32, {1, 1, 64}));
   sa.position = 0;
   e->SubmitStep(sa, [&](StatusOr<StepResult> r) {
@@ -221,9 +223,9 @@ TEST(Exactness, AStepFinishingAfterItsSessionClosedKeepsNoAnswer) {
   });
   auto sb = MakeStep(b.id, 0, Randn(DType::kFloat32, {1, 1, 64}));
   sb.position = 0;
-  e->SubmitStep(sb, [&](StatusOr<StepResult> r) { b_done.set_value(std::move(r)); });
+  auto b_done = StepAsync(*e, sb);
   ASSERT_TRUE(a_done.get_future().get().ok());
-  ASSERT_TRUE(b_done.get_future().get().ok());  // computed before the close: its answer was delivered
+  ASSERT_TRUE(b_done.get().ok());  // computed before the close: its answer was delivered
   EXPECT_EQ(e->stats().replay_bytes, 64 * 4);  // a's only
   ASSERT_TRUE(e->CloseSession(a.id).ok());
   EXPECT_EQ(e->stats().replay_bytes, 0);
@@ -260,12 +262,11 @@ TEST(Exactness, AnExpiredCancellationCountsAsADeadlineDrop) {
   auto flag = std::make_shared<CancelFlag>();
   auto step = MakeStep(victim.id, 0, Randn(DType::kFloat32, {1, 1, 512}));
   step.cancel = flag;
-  std::promise<StatusOr<StepResult>> done;
-  e->SubmitStep(step, [&](StatusOr<StepResult> r) { done.set_value(std::move(r)); });
+  auto done = StepAsync(*e, step);
   flag->Expire();
   flag->Cancel();  // the first reason sticks
   EXPECT_TRUE(long_done.get().ok());
-  EXPECT_EQ(done.get_future().get().status().code(), StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(done.get().status().code(), StatusCode::kDeadlineExceeded);
   EXPECT_EQ(e->stats().dropped_deadline, 1u);
   EXPECT_EQ(e->stats().dropped_cancelled, 0u);
 }

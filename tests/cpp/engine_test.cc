@@ -223,8 +223,7 @@ TEST(Engine, CancelledAndExpiredStepsAreDroppedUncomputed) {
   auto cancel = std::make_shared<CancelFlag>();
   auto cancelled_step = MakeStep(victim.id, 0, Randn(DType::kFloat32, {1, 1, 512}));
   cancelled_step.cancel = cancel;
-  std::promise<StatusOr<StepResult>> cancelled_done;
-  e->SubmitStep(cancelled_step, [&](StatusOr<StepResult> r) { cancelled_done.set_value(std::move(r)); });
+  auto cancelled_done = StepAsync(*e, cancelled_step);
   cancel->Cancel();
 
   auto late_step = MakeStep(victim.id, 0, Randn(DType::kFloat32, {1, 1, 512}));
@@ -232,7 +231,7 @@ TEST(Engine, CancelledAndExpiredStepsAreDroppedUncomputed) {
   auto late = StepSync(*e, late_step);
 
   EXPECT_TRUE(long_done.get().ok());
-  EXPECT_EQ(cancelled_done.get_future().get().status().code(), StatusCode::kCancelled);
+  EXPECT_EQ(cancelled_done.get().status().code(), StatusCode::kCancelled);
   EXPECT_EQ(late.status().code(), StatusCode::kDeadlineExceeded);
   EXPECT_EQ(Unwrap(e->GetSession(victim.id)).layer_positions[0], 0);  // neither was computed
   EngineStats st = e->stats();
@@ -250,13 +249,9 @@ TEST(Engine, FullQueueIsResourceExhaustedForThatStepOnly) {
   c.model = "slow";
   SessionInfo s = Create(*e, c);
   std::vector<std::future<StatusOr<StepResult>>> results;
-  std::vector<std::shared_ptr<std::promise<StatusOr<StepResult>>>> promises;
   for (int i = 0; i < 5; ++i) {
-    auto p = std::make_shared<std::promise<StatusOr<StepResult>>>();
-    results.push_back(p->get_future());
     const int64_t tokens = i == 0 ? 2048 : 1;
-    e->SubmitStep(MakeStep(s.id, 0, Randn(DType::kFloat32, {1, tokens, 512})),
-                  [p](StatusOr<StepResult> r) { p->set_value(std::move(r)); });
+    results.push_back(StepAsync(*e, MakeStep(s.id, 0, Randn(DType::kFloat32, {1, tokens, 512}))));
   }
   int ok = 0, exhausted = 0;
   for (auto& f : results) {

@@ -35,12 +35,15 @@ inline std::unique_ptr<Engine> MakeEngine(ModelConfig model = SmallModel()) {
   return MakeEngine(std::move(o));
 }
 
-inline StatusOr<StepResult> StepSync(Engine& e, StepRequest req) {
-  std::promise<StatusOr<StepResult>> p;
-  auto f = p.get_future();
-  e.SubmitStep(std::move(req), [&p](StatusOr<StepResult> r) { p.set_value(std::move(r)); });
-  return f.get();
+// Submits a step; its result arrives through the future.
+inline std::future<StatusOr<StepResult>> StepAsync(Engine& e, StepRequest req) {
+  auto done = std::make_shared<std::promise<StatusOr<StepResult>>>();
+  auto f = done->get_future();
+  e.SubmitStep(std::move(req), [done](StatusOr<StepResult> r) { done->set_value(std::move(r)); });
+  return f;
 }
+
+inline StatusOr<StepResult> StepSync(Engine& e, StepRequest req) { return StepAsync(e, std::move(req)).get(); }
 
 inline StepRequest MakeStep(const std::string& id, int layer, Tensor x) {
   StepRequest r;
@@ -66,11 +69,7 @@ inline ModelConfig SlowModel() {
 
 // Submits a 2048-token step of SlowModel's session `id`, which keeps the worker busy for a while.
 inline std::future<StatusOr<StepResult>> OccupyWorker(Engine& e, const std::string& id) {
-  auto done = std::make_shared<std::promise<StatusOr<StepResult>>>();
-  auto f = done->get_future();
-  e.SubmitStep(MakeStep(id, 0, ::mqa::testing::Randn(DType::kFloat32, {1, 2048, 512})),
-               [done](StatusOr<StepResult> r) { done->set_value(std::move(r)); });
-  return f;
+  return StepAsync(e, MakeStep(id, 0, ::mqa::testing::Randn(DType::kFloat32, {1, 2048, 512})));
 }
 
 // Rows [from, to) of a [1, s, dim] tensor's values.
