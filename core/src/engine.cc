@@ -136,14 +136,11 @@ struct StepJob {
   Clock::time_point started;
   StepCallback finish;             // the step's one completion (item.fail routes failures here too)
   uint64_t x_hash = 0;             // InputHash(request.x): recognises a retry of this step (StepRequest)
-  bool causal = true;              // the session's, copied: chunking reads it under the worker's queue lock
   int64_t remaining() const { return request.x.size(1) - done; }
   // Tokens of the step's next pass. A causal step is split into chunks of max_chunk: the keys a query sees end
   // at its own position, so the chunks compose exactly. A non-causal step's queries see all of its keys,
   // including those of later chunks, so it runs whole.
-  int64_t NextChunk(int64_t max_chunk) const {
-    return causal ? std::min(remaining(), std::max<int64_t>(1, max_chunk)) : remaining();
-  }
+  int64_t NextChunk(int64_t max_chunk) const;
 };
 
 // The last applied step of one (session, layer) and its answer, kept so that a retry of it gets the same answer
@@ -276,6 +273,11 @@ struct Session {
   }
 };
 
+// Session::causal never changes after creation, so the worker reads it without the session's lock.
+int64_t StepJob::NextChunk(int64_t max_chunk) const {
+  return session->causal ? std::min(remaining(), std::max<int64_t>(1, max_chunk)) : remaining();
+}
+
 // A worker: one thread that runs everything for one device. Steps of one (model, layer) waiting together run as
 // one pass (continuous batching); everything else runs alone, in queue order.
 class Worker {
@@ -349,7 +351,6 @@ class Worker {
     return Status();
   }
 
-  static int64_t ChunkTokens(const WorkItem& item, int64_t max_chunk) { return item.job->NextChunk(max_chunk); }
 
   // Takes, under mu_, the front item and (when it is a step) the queued steps that can share its pass: same
   // model and layer, each (session, layer) at most once and never ahead of an earlier step of the same
@@ -369,7 +370,7 @@ class Worker {
     if (batch.empty() || !batch[0].job) return batch;
     const StepJob& first = *batch[0].job;
     const int64_t max_sessions = std::max<int64_t>(1, batching_.max_batch_sessions);
-    int64_t tokens = ChunkTokens(batch[0], batching_.max_prefill_chunk);
+    int64_t tokens = first.NextChunk(batching_.max_prefill_chunk);
     std::set<std::pair<const void*, int>> seen = {{first.session.get(), first.request.layer}};
     for (auto it = queue_.begin(); it != queue_.end() && static_cast<int64_t>(batch.size()) < max_sessions;) {
       if (!it->job) {
@@ -393,7 +394,7 @@ class Worker {
         it = queue_.erase(it);
         continue;
       }
-      const int64_t t = ChunkTokens(*it, batching_.max_prefill_chunk);
+      const int64_t t = job.NextChunk(batching_.max_prefill_chunk);
       if (tokens + t > std::max<int64_t>(1, batching_.max_batch_tokens)) {
         ++it;
         continue;
@@ -1002,7 +1003,6 @@ void Engine::SubmitStep(StepRequest request, StepCallback done) {
   auto job = std::make_shared<StepJob>();
   job->session = session;
   job->replica = session->replica;
-  job->causal = session->causal;
   job->x_hash = request.position ? InputHash(request.x) : 0;  // only steps that name a position can be retried
   job->request = std::move(request);
   job->finish = finish;
