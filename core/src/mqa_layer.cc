@@ -1,4 +1,4 @@
-// The MultiQueryAttention layer on LibTorch (ATen). The function is ../shared/spec/mqa-semantics.md; step
+// The MultiQueryAttention layer on LibTorch (ATen). The function is docs/semantics.md; step
 // numbers in comments refer to its "Forward" list.
 #include "mqa/core/mqa_layer.h"
 

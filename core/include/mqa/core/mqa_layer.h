@@ -1,4 +1,4 @@
-// MultiQueryAttention: the layer of ../shared/spec/mqa-semantics.md (Zeta's / llm-foundry's MQA layer).
+// MultiQueryAttention: the layer of docs/semantics.md (Zeta's / llm-foundry's MQA layer).
 //
 // H query heads share one key/value head. Notation: b = batch, s = new tokens (s_q), H = heads,
 // d = head_dim = dim / H, s_k = cached + new tokens.
