@@ -223,19 +223,6 @@ struct EngineStats {
   std::vector<DeviceStats> devices;  // per device: cpu, cuda:0, cuda:1, ...; the fields above are their totals
 };
 
-// Where a new session goes. One candidate per replica of the model: its free KV blocks, its open sessions and
-// its device's ordinal (DeviceOrdinal). RankReplicas returns the candidates' indices, best first: most free
-// blocks, then fewest sessions, then lowest ordinal, then lowest index. CreateSession takes the first; a
-// guaranteed session whose reservation the first cannot satisfy tries the next ones in this order.
-struct ReplicaLoad {
-  int64_t free_blocks = 0;
-  size_t sessions = 0;
-  int device_ordinal = 0;
-};
-std::vector<size_t> RankReplicas(const std::vector<ReplicaLoad>& replicas);
-// "cpu" -> -1, "cuda:N" -> N ("cuda" -> 0); anything else -> INT_MAX (last).
-int DeviceOrdinal(const std::string& device);
-
 class Engine {
  public:
   // Builds every model's layers (one replica per device) and starts one worker per device. INVALID_ARGUMENT for
@@ -250,8 +237,9 @@ class Engine {
   std::vector<ModelInfo> ListModels() const;   // sorted by name
   StatusOr<ModelInfo> GetModel(const std::string& name) const;
 
-  // Places the session on the model's replica with the most free KV blocks (RankReplicas); a guaranteed
-  // session reserves its blocks there, or on the next replica that has them. NOT_FOUND (model),
+  // Places the session on the model's replica with the most free KV blocks (then the fewest open sessions, then
+  // the lowest device ordinal); a guaranteed session reserves its blocks there, or on the next replica in that
+  // order that has them. NOT_FOUND (model),
   // INVALID_ARGUMENT (max_tokens or idle_ttl out of range), RESOURCE_EXHAUSTED (at max_sessions, or no replica
   // with the blocks a guaranteed session needs), UNAVAILABLE (after StopAcceptingSessions).
   StatusOr<SessionInfo> CreateSession(const SessionConfig& config);

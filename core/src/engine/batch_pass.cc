@@ -1,0 +1,189 @@
+#include "engine/engine_impl.h"
+
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "engine/caller_tensors.h"
+#include "paged_attention.h"
+#include "tensor_impl.h"
+
+namespace mqa::core {
+
+std::vector<PoolView> Engine::Impl::Pools() const {
+  std::vector<PoolView> pools;
+  pools.reserve(replicas.size());
+  for (const Replica* r : replicas) {
+    pools.push_back({r->pool->free_blocks(), r->pool->capacity(), r->pool->block_size()});
+  }
+  return pools;
+}
+
+void Engine::Impl::Settle(WorkItem& item, const Decision& d) {
+  StepJob& job = *item.job;
+  Session& session = *job.session;
+  const int layer = job.request.layer;
+  if (d.verdict == Verdict::kRefuse) {
+    if (d.kv_exhausted) Count([](EngineStats& c) { ++c.kv_exhausted; });
+    return item.fail(d.status);
+  }
+  StepResult r;
+  r.position = d.start;
+  r.queue_us = MicrosBetween(item.enqueued, Clock::now());
+  if (d.verdict == Verdict::kEmpty) {
+    r.out = job.request.x;
+    return job.finish(std::move(r));
+  }
+  // kReplay: the kept answer, unless the session was closed since the policy looked (which lets it go).
+  std::optional<Tensor> kept;
+  {
+    std::lock_guard<std::mutex> slock(session.mu);
+    kept = session.last[static_cast<size_t>(layer)].out;
+  }
+  if (!kept) {
+    return item.fail(NotFoundError("session " + session.id + " was closed before this step ran; nothing was computed"));
+  }
+  r.out = std::move(*kept);
+  r.num_tokens = job.tokens();
+  r.replayed = true;
+  Count([](EngineStats& c) { ++c.steps_replayed; });
+  job.finish(std::move(r));
+}
+
+void Engine::Impl::RunPass(std::vector<WorkItem>& pass, const std::vector<Decision>& plan,
+                           std::vector<WorkItem>* unfinished) {
+  const Replica& replica = *pass[0].job->replica;
+  const MqaOptions& o = replica.model->info.options;
+  const int layer = pass[0].job->request.layer;
+  const int32_t bs = replica.pool->block_size();
+  const auto start = Clock::now();
+  // A first chunk was admitted by the policy against the session's state; here it takes its blocks.
+  std::vector<size_t> run;  // indices into pass
+  for (size_t i = 0; i < pass.size(); ++i) {
+    WorkItem& item = pass[i];
+    StepJob& job = *item.job;
+    Session& session = *job.session;
+    if (job.start >= 0) {
+      run.push_back(i);
+      continue;
+    }
+    Status refused;
+    {
+      std::lock_guard<std::mutex> slock(session.mu);
+      if (session.closed) {
+        refused = NotFoundError("session " + session.id + " was closed before this step ran; nothing was computed");
+      }
+    }
+    if (refused.ok()) {
+      // The policy counted the free blocks; a guaranteed session created since may have taken them.
+      refused = session.table->EnsureCapacity(plan[i].start + job.tokens());
+      if (!refused.ok()) {
+        Count([](EngineStats& c) { ++c.kv_exhausted; });
+        refused = Status(refused.code(), refused.message() + "; session " + session.id +
+                                             " is unchanged: retry the step when blocks are free");
+      }
+    }
+    if (refused.ok()) {
+      // Converted on the CPU; the pass moves all its chunks to the device in one copy.
+      auto x = job.request.x.dtype() == o.dtype ? StatusOr<Tensor>(job.request.x) : job.request.x.ToDType(o.dtype);
+      if (x.ok()) {
+        job.x = Unwrap(*x).view({job.tokens(), o.dim});
+        job.start = plan[i].start;
+        job.started = start;
+      } else {
+        refused = x.status();
+      }
+    }
+    if (!refused.ok()) {
+      item.fail(refused);
+      continue;
+    }
+    {
+      std::lock_guard<std::mutex> slock(session.mu);
+      session.cache_bytes = static_cast<int64_t>(session.table->blocks().size()) * replica.block_bytes;
+    }
+    run.push_back(i);
+  }
+  if (run.empty()) return;
+
+  // One pass over the next chunk of every step.
+  std::vector<PagedSeq> seqs;
+  std::vector<at::Tensor> xs;
+  std::vector<int64_t> chunk(run.size());
+  int64_t rows = 0;
+  for (size_t i = 0; i < run.size(); ++i) {
+    StepJob& job = *pass[run[i]].job;
+    chunk[i] = plan[run[i]].chunk;
+    PagedSeq seq;
+    seq.row = rows;
+    seq.tokens = chunk[i];
+    seq.past = job.start + job.done;
+    seq.table = job.session->table.get();
+    seq.causal = job.session->causal;
+    seq.alibi = job.session->position_bias == PositionBias::kAlibi;
+    seqs.push_back(seq);
+    xs.push_back(job.x.narrow(0, job.done, chunk[i]));
+    rows += chunk[i];
+  }
+  StatusOr<at::Tensor> out = CatchAll("batched pass", [&]() -> StatusOr<at::Tensor> {
+    const at::Tensor& cache = replica.k_cache[static_cast<size_t>(layer)];
+    const at::Tensor x = (xs.size() == 1 ? xs[0] : at::cat(xs, 0)).to(cache.device());
+    MQA_ASSIGN_OR_RETURN(at::Tensor y, PagedForward(replica.stack->layer(layer), x, seqs, bs, cache,
+                                                    replica.v_cache[static_cast<size_t>(layer)]));
+    // One copy back for the whole pass (one synchronisation), sliced per step on the CPU.
+    return y.is_cpu() ? y : y.to(at::kCPU);
+  });
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    ++counters.batches;
+    counters.batched_steps += run.size();
+    size_t bucket = 0;
+    while ((size_t{1} << bucket) < run.size() && bucket + 1 < batch_histogram.size()) ++bucket;
+    ++batch_histogram[bucket];
+  }
+  for (size_t i = 0; i < run.size(); ++i) {
+    WorkItem& item = pass[run[i]];
+    StepJob& job = *item.job;
+    if (!out.ok()) {
+      item.fail(out.status());
+      continue;
+    }
+    job.outs.push_back(out->narrow(0, seqs[i].row, chunk[i]));
+    job.done += chunk[i];
+    // The session's position moves only when the whole step is done: a step whose later chunk fails leaves the
+    // session where it was (the chunks' keys past that position are overwritten by the next step).
+    if (job.remaining() > 0) {
+      unfinished->push_back(std::move(item));
+      continue;
+    }
+    StatusOr<Tensor> result = CatchAll("step output", [&]() -> StatusOr<Tensor> {
+      at::Tensor all = job.outs.size() == 1 ? job.outs[0] : at::cat(job.outs, 0);
+      return ToCaller(Wrap(all.view({1, job.request.x.size(1), o.dim})), job.request.x.dtype());
+    });
+    if (!result.ok()) {
+      item.fail(result.status());
+      continue;
+    }
+    StepResult r;
+    r.out = std::move(result).value();
+    r.position = job.start;
+    r.num_tokens = job.request.x.size(1);
+    {
+      std::lock_guard<std::mutex> slock(job.session->mu);
+      job.session->positions[static_cast<size_t>(layer)] = job.start + job.done;
+      LastStep& last = job.session->last[static_cast<size_t>(layer)];
+      last.position = job.start;
+      last.tokens = r.num_tokens;
+      last.dtype = job.request.x.dtype();
+      last.x_hash = job.x_hash;
+      // Only a step that names its position can be retried, so only its answer is worth keeping.
+      job.session->KeepAnswerLocked(last, job.request.position ? std::optional<Tensor>(r.out) : std::nullopt);
+    }
+    r.queue_us = MicrosBetween(item.enqueued, job.started);
+    r.compute_us = MicrosBetween(job.started, Clock::now());
+    job.outs.clear();
+    job.finish(std::move(r));
+  }
+}
+
+}  // namespace mqa::core
