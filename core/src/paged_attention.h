@@ -28,8 +28,11 @@ struct PagedSeq {
 // x: [T, dim] (T = sum of tokens) in the layer's dtype and device. k_cache, v_cache: [num_blocks * block_size,
 // head_dim] of this layer; block 0 must hold zeros (the padding target). Writes each session's new k/v into its
 // slots, then attends each new token to its session's cached and new keys. Returns [T, dim]. Sessions never
-// read each other's slots, so a NaN in one session's input stays in that session's rows. Torch math, in the
-// layer dtype (like attn_impl torch).
+// read each other's slots, so a NaN in one session's input stays in that session's rows. With attn_impl triton
+// where the fused kernels serve the layer (CUDA, 16 bits, head_dim 64 or 128, at most 64 heads): the KV append
+// and paged decode kernels, prefill chunks through LibTorch's variable-length flash kernel, and decode-only
+// passes replayed from a CUDA graph (MqaOptions::cuda_graphs). Otherwise, and for torch and flash, the torch
+// math in the layer dtype.
 StatusOr<at::Tensor> PagedForward(const MultiQueryAttention& layer, const at::Tensor& x,
                                   const std::vector<PagedSeq>& seqs, int32_t block_size, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache);
