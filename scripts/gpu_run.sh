@@ -1,23 +1,48 @@
 #!/usr/bin/env bash
-# One call on the GPU machine (device tool): build, run the whole test suite with the CUDA paths, benchmark.
-# Carried paths: .device-debs (../shared/gpu/fetch-debs.sh libgmock-dev libcpp-httplib-dev libcpp-httplib0.11
-# libbrotli-dev libbrotli1: the shared list lacks the metrics server's HTTP library), .whl (Python wheels the machine lacks), and
-# .shared-gpu (a copy of ../shared/gpu, used when ../shared did not travel).
-# Usage: scripts/gpu_run.sh [all|test|bench|service|batch|kernels|docker]...   results under $OUT (default /tmp/mqa-out)
-#   kernels  the CUDA kernel tests (also under compute-sanitizer memcheck) and mqa-bench-kernels
-#   profile  Nsight Compute (ncu) on the decode kernel and the layer step's graph, for the cases whose targets
-#            the kernel bench measures (text reports under $OUT/ncu)
-#   docker   the Dockerfile's build-stage steps (setup.sh's downloads excepted) and a run of the bundle it makes
+# One call on a GPU machine that reaches no package registry: build, run the whole test suite with the CUDA paths,
+# benchmark (docs/gpu.md). It needs, beside the working tree (all three are in .gitignore):
+#   .device-debs  the Debian 12 packages that machine lacks (gRPC, protobuf, spdlog, GoogleTest, ...; docs/gpu.md
+#                 lists them: the GPU environment folder's fetch-debs.sh and deps.list, plus libgmock-dev
+#                 libcpp-httplib-dev libcpp-httplib0.11 libbrotli-dev libbrotli1 for the metrics server)
+#   .whl          Python wheels the machine lacks (installed into /tmp/site, no index)
+#   the GPU environment folder: gpu-env.sh (unpacks .device-debs into /opt/deps and exports PATH,
+#                 LD_LIBRARY_PATH, CMAKE_PREFIX_PATH, ...), with deps.list and fetch-debs.sh beside it.
+#                 MQA_GPU_ENV_DIR names it (default .shared-gpu; relative to the repository root); set it empty
+#                 on a machine whose packages are installed system-wide.
+# Usage: scripts/gpu_run.sh [MODE]...   (no MODE: all)   results under $OUT (default /tmp/mqa-out)
+#   all             test, bench, batch, service and kernels
+#   test            the CTest suite (deploy checks excepted) and the reference cases on CUDA
+#   bench           the layer benchmark, twice (the spread between the two is the noise)
+#   batch           the continuous-batching benchmark, in process and over gRPC
+#   service         mqa-server on the GPU driven by mqa-cli session-demo (default model, a dim-4096 model)
+#   kernels         the CUDA kernel tests (also under compute-sanitizer memcheck) and mqa-bench-kernels
+#   engine          the engine's CUDA tests only (batching, several devices, the layer on CUDA)
+#   engine-kernels  the engine benchmark with the fused kernels (triton) against the torch math (flash)
+#   profile         Nsight Compute (ncu) on the decode kernel and the layer step's graph, for the cases whose
+#                   targets the kernel bench measures (text reports under $OUT/ncu)
+#   docker          the Dockerfile's build-stage steps (setup.sh's downloads excepted) and a run of the bundle
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=" ${*:-all} "
+for mode in $what; do
+  case "$mode" in
+    all|test|bench|batch|service|kernels|engine|engine-kernels|profile|docker) ;;
+    *) echo "gpu_run: unknown mode '$mode'; see the usage at the top of $0" >&2; exit 2 ;;
+  esac
+done
 want() { [[ "$what" == *" all "* || "$what" == *" $1 "* ]]; }
 OUT=${OUT:-/tmp/mqa-out}
 mkdir -p "$OUT"
-if [ -f ../shared/gpu/gpu-env.sh ]; then
-  echo "gpu_run: ../shared arrived"; env_sh=../shared/gpu/gpu-env.sh
-else
-  echo "gpu_run: ../shared did not arrive; using the carried copy .shared-gpu"; env_sh=.shared-gpu/gpu-env.sh
+gpu_env_dir=${MQA_GPU_ENV_DIR-.shared-gpu}
+env_sh=""
+if [ -n "$gpu_env_dir" ]; then
+  env_sh=$gpu_env_dir/gpu-env.sh
+  if [ ! -f "$env_sh" ]; then
+    echo "gpu_run: no $env_sh: copy the GPU environment folder to .shared-gpu, or point MQA_GPU_ENV_DIR at it" \
+      "(empty: packages installed system-wide); docs/gpu.md" >&2
+    exit 2
+  fi
+  echo "gpu_run: GPU environment from $gpu_env_dir"
 fi
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -30,8 +55,10 @@ if [ -f /opt/deps/.unpacked ]; then
     [ -f "$m" ] || { dpkg -x "$f" /opt/deps && touch "$m"; }
   done
 fi
-# shellcheck disable=SC1090
-source "$env_sh" .device-debs
+if [ -n "$env_sh" ]; then
+  # shellcheck disable=SC1090
+  source "$env_sh" .device-debs
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 if [[ "$what" == *" docker "* ]]; then
   # In the background, beside the test build: the image's build steps, then its runtime as the image runs it.
@@ -63,7 +90,7 @@ if want bench; then
   done
 fi
 if want batch; then
-  # Continuous batching vs one step per pass, in process and over gRPC (issue 4), same run.
+  # Continuous batching vs one step per pass, in process and over gRPC, same run: the speedup is batching's alone.
   python3 bench/run_engine_bench.py --preset gpu --build build-gpu --out "$OUT/batch" > "$OUT/batch.txt" 2>&1
   echo "batch bench rc=$?"; tail -30 "$OUT/batch.txt"
 fi
@@ -77,8 +104,8 @@ if [[ "$what" == *" engine-kernels "* ]]; then
   done
 fi
 if want service; then
-  # The main job on the GPU: mqa-server with its embedded default model (bf16 on cuda:0), then a model of
-  # dim 4096 / 32 heads, each driven by mqa-cli session-demo over loopback (unbatched: issue 4 adds batching).
+  # The main job on the GPU: mqa-server with its embedded default model (bf16 on cuda:0, triton), then a model of
+  # dim 4096 / 32 heads, each driven by mqa-cli session-demo over loopback with the server's default batching.
   run_service() {  # name, extra server args, demo args...
     local name=$1 sargs=$2; shift 2
     rm -f "$OUT/$name.port"
