@@ -37,9 +37,11 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-# Tests and benchmarks are CI's job (scripts/test.sh); the image builds the server and the CLI only.
-RUN bash scripts/setup.sh \
- && bash scripts/build.sh -DMQA_BUILD_TESTS=OFF -DMQA_BUILD_BENCH=OFF \
+# Tests and benchmarks are CI's job (scripts/test.sh); the image installs and builds only what the server and the
+# CLI need (the demo profile of both scripts). The CPU variant's Debian 12 has no CUDA toolkit: the build then
+# leaves the project's CUDA code out and takes the CUDA runtime from the PyTorch wheel (CMakeLists.txt).
+RUN bash scripts/setup.sh demo \
+ && bash scripts/build.sh demo \
  && bash scripts/bundle_runtime.sh build/release /opt/mqa
 
 # ---- runtime stage ------------------------------------------------------------------------------------------------

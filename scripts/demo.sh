@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Quick start, command 1: install what is missing, build (release preset), then the main job: mqa-server on
-# 127.0.0.1 with the embedded default model, and mqa-cli streaming a session through every layer of it.
+# Quick start, command 1: install what is missing (setup.sh's demo profile), build mqa-server and mqa-cli (release
+# preset), then the main job: mqa-server on 127.0.0.1 with the embedded default model, and mqa-cli streaming a
+# session through every layer of it.
 # Extra arguments go to `mqa-cli session-demo` (e.g. --tokens 256 --prefill 64 --sessions 8).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-bash scripts/build.sh
+bash scripts/setup.sh demo
+bash scripts/build.sh demo
 
 work=$(mktemp -d)
 # Loopback only, ephemeral ports (the metrics endpoint too, so nothing on the machine can be in the way).
