@@ -32,7 +32,7 @@
 //
 //   auto stream = client->OpenStream();
 //   SessionOptions options;
-//   options.model = "default";
+//   options.model = "mqa-default";
 //   options.routing_key = (*stream)->routing_key();
 //   auto session = client->CreateSession(options);
 //
