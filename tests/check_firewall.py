@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The include firewall (DEVELOPERS.md, ../shared/gpu/README.md rule 2).
+"""The include firewall (docs/development.md; docs/gpu.md, "The two LibTorch rules", rule 2).
 
 LibTorch ships its own protobuf and fmt headers, which shadow the system ones. So:
   1. torch/ATen/c10/caffe2 headers may be included only by core's private sources (core/src/), and by the
