@@ -363,7 +363,7 @@ TEST(Engine, WaitIdleWaitsForCallbacksToReturn) {
   EXPECT_TRUE(finished.load());
 }
 
-// ---- Paged KV cache and continuous batching (issue 4) ----
+// ---- Paged KV cache and continuous batching ----
 namespace batching {
 
 EngineOptions Options(int64_t max_batch_sessions, int64_t kv_budget_bytes = 0) {

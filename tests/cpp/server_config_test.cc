@@ -596,7 +596,7 @@ TEST(ServerConfigTest, BadModelOptions) {
   EXPECT_TRUE(env_device.ok()) << env_device.status().ToString();
 }
 
-// ---- Several devices (issue 5) ----
+// ---- Several devices ----
 
 // What "all" means here: every CUDA device, or the CPU on a machine without one.
 std::vector<std::string> AllHere() {

@@ -40,7 +40,7 @@ def zeta_steps(model, steps, causal, alibi):
 
 @pytest.mark.parametrize("chunk", [1, 4, 7])
 def test_chunked_steps_equal_zeta_for_every_mask(pb, start_server, stub_for, chunk):
-    """Issue 11.1: a step longer than --max-prefill-chunk gives the spec's answer, causal or not, with or
+    """A step longer than --max-prefill-chunk gives the spec's answer, causal or not, with or
     without ALiBi (the engine used to cut non-causal steps so early queries missed later keys)."""
     server = start_server({"models": [MODEL]}, args=("--max-prefill-chunk", str(chunk)))
     stub = stub_for(server)
@@ -65,7 +65,7 @@ def test_chunked_steps_equal_zeta_for_every_mask(pb, start_server, stub_for, chu
 
 
 def test_empty_step_is_an_empty_answer(pb, start_server, stub_for):
-    """Issue 11.7: the spec gives an empty output for a zero-length input; a step with s = 0 is answered so,
+    """The spec gives an empty output for a zero-length input; a step with s = 0 is answered so,
     in either mask, and changes nothing."""
     server = start_server({"models": [MODEL]})
     stub = stub_for(server)
@@ -91,7 +91,7 @@ def dropped(server, reason):
 
 
 def test_retried_steps_apply_every_token_exactly_once(pb, start_server, stub_for):
-    """Issue 11.3: unary steps with deadlines of 1 us to 2 ms; whatever came back DEADLINE_EXCEEDED is sent
+    """Unary steps with deadlines of 1 us to 2 ms; whatever came back DEADLINE_EXCEEDED is sent
     again (same position, same input) until it is answered. Every token is applied exactly once, the answers are
     Zeta's, and the dropped ones count as deadline drops, not cancellations."""
     server = start_server({"models": [MODEL]})

@@ -1,4 +1,4 @@
-"""The stateless Forward's memory and work through a real mqa-server (issue 11, point 8).
+"""The stateless Forward's memory and work through a real mqa-server.
 
 Without weights the attention runs in tiles of query rows, so the server's memory grows linearly in s (it grew
 with s * s_k: one 1 MiB request of s = 4096 raised the peak RSS by about 540 MiB). The work of one request,

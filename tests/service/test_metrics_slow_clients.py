@@ -1,4 +1,4 @@
-"""/metrics against HTTP clients that never finish their request (issue 11): connections that trickle header bytes
+"""/metrics against HTTP clients that never finish their request: connections that trickle header bytes
 or say nothing must neither starve scrapes nor hold the process past its drain budget after SIGTERM, and each
 one is cut once it has had --metrics-request-timeout-ms to send its request.
 

@@ -1,4 +1,4 @@
-"""softmax_scale <= 0 through a real mqa-server (issue 11, point 2), against Zeta's published module.
+"""softmax_scale <= 0 through a real mqa-server, against Zeta's published module.
 
 The spec uses any set scale as given, 0 and negative ones included: the logits are (q . k) * scale, then masked,
 then softmaxed, so a scale of 0 attends uniformly to the unmasked keys and a negative one prefers the least

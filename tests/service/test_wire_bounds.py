@@ -31,7 +31,7 @@ def raw_channel(server):
 
 
 def test_a_bad_frame_ends_the_stream_with_invalid_argument(pb, start_server, stub_for):
-    """Issue 11.4: valid, unparseable, valid. The first is answered, the stream ends INVALID_ARGUMENT saying
+    """Valid, unparseable, valid. The first is answered, the stream ends INVALID_ARGUMENT saying
     the message did not parse, and the third step is not applied."""
     server = start_server({"models": [MODEL]})
     stub = stub_for(server)
@@ -67,7 +67,7 @@ def test_unary_calls_that_do_not_parse_are_invalid_argument(pb, start_server, me
 
 
 def test_huge_and_negative_step_timeouts(pb, start_server, stub_for):
-    """Issue 11.5: a timeout of 300 years or protobuf's maximum is simply no tighter than the stream's; a
+    """A timeout of 300 years or protobuf's maximum is simply no tighter than the stream's; a
     negative one is INVALID_ARGUMENT for that step only."""
     server = start_server({"models": [MODEL]})
     stub = stub_for(server)
@@ -89,7 +89,7 @@ def test_huge_and_negative_step_timeouts(pb, start_server, stub_for):
 
 
 def test_long_strings_are_refused_short_and_never_echoed_whole(pb, start_server, stub_for):
-    """Issue 11.6: a 200 kB model name or a 20 000-character session id is INVALID_ARGUMENT with a short
+    """A 200 kB model name or a 20 000-character session id is INVALID_ARGUMENT with a short
     message, not RESOURCE_EXHAUSTED from overflowing trailers; and they do not flood the log."""
     server = start_server({"models": [MODEL]})
     stub = stub_for(server)
@@ -134,7 +134,7 @@ def rss_bytes(pid):
 
 
 def test_a_stream_whose_answers_are_never_read_holds_bounded_memory(pb, start_server, stub_for):
-    """Issue 11.9: 600 steps whose answers are 64 KiB each, the answers never read. The stream stops reading
+    """600 steps whose answers are 64 KiB each, the answers never read. The stream stops reading
     requests at its bound (2 MiB here), so few steps are applied while it stalls and the server's memory
     stays bounded; once the client reads, every step is answered and applied exactly once, none dropped."""
     bound = 2 << 20
