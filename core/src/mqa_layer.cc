@@ -16,19 +16,10 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "layer/layer_math.h"
 #include "mqa/core/device.h"
 #include "mqa/core/logging.h"
-#include "paged_attention.h"
 #include "tensor_impl.h"
-
-#ifdef MQA_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/CUDAEvent.h>
-#include <ATen/cuda/CUDAGraph.h>
-
-#include "copy_bandwidth.h"
-#include "paged_mqa.h"
-#endif
 
 namespace mqa::core {
 
@@ -105,8 +96,6 @@ struct ParamSpec {
   std::vector<int64_t> shape;
 };
 
-bool IsLayerNorm(NormType t) { return t == NormType::kLayerNorm || t == NormType::kLowPrecisionLayerNorm; }
-
 std::vector<ParamSpec> ParamSpecs(const MqaOptions& o) {
   const int64_t d = o.head_dim();
   std::vector<ParamSpec> specs = {
@@ -126,45 +115,7 @@ std::vector<ParamSpec> ParamSpecs(const MqaOptions& o) {
   return specs;
 }
 
-double MostNegative(at::ScalarType t) {
-  switch (t) {
-    case at::kBFloat16: return static_cast<double>(std::numeric_limits<c10::BFloat16>::lowest());
-    case at::kHalf: return static_cast<double>(std::numeric_limits<c10::Half>::lowest());
-    default: return static_cast<double>(std::numeric_limits<float>::lowest());
-  }
-}
-
 std::string Str(const std::vector<int64_t>& v) { return ShapeToString(v); }
-
-#ifdef MQA_WITH_CUDA
-// Kernel launch errors become exceptions inside CatchAll, which turns them into INTERNAL statuses.
-void CudaCheck(int error, const char* what) {
-  if (error != 0) throw std::runtime_error(std::string(what) + ": " + cuda::ErrorString(error));
-}
-#endif
-
-// Bottom-right causal mask [1, 1, rows, s_k] for query rows [row0, row0 + rows) of s_q (all of them by default),
-// true where a query may NOT look: query i (0-based within the new chunk) sees key j iff j <= i + (s_k - s_q), so
-// a chunk appended to a cache is causal against its absolute positions. Shared by the torch and flash paths so
-// both mask the same keys.
-at::Tensor FutureKeys(int64_t s_q, int64_t s_k, at::Device device, int64_t row0 = 0, int64_t rows = -1) {
-  if (rows < 0) rows = s_q;
-  return at::ones({rows, s_k}, at::TensorOptions().dtype(at::kBool).device(device))
-      .triu(s_k - s_q + 1 + row0)
-      .view({1, 1, rows, s_k});
-}
-
-// Logits per query tile of the stateless Forward when the weights are not returned: 2^20 (4 MiB in fp32) keeps a
-// tile's temporaries (logits, their masked copy, the probabilities) near 16 MiB whatever s is, so the memory of a
-// Forward grows linearly in s instead of with s * s_k; tiles stay large enough that their few extra small ops do
-// not show next to the two GEMMs.
-constexpr int64_t kTileScores = int64_t{1} << 20;
-
-// Query rows per tile for logits [b, H, s_q, s_k]: at least 1, at most s_q (one tile = the untiled computation).
-int64_t TileRows(int64_t b, int64_t H, int64_t s_q, int64_t s_k) {
-  const int64_t per_row = std::max<int64_t>(1, b * H * s_k);
-  return std::clamp<int64_t>(kTileScores / per_row, 1, std::max<int64_t>(1, s_q));
-}
 
 // Rows [row0, row0 + rows) of a bias already sliced to [1|b, 1|H, 1|s_q, 1|s_k]; a broadcast row stays as is.
 at::Tensor BiasRows(const at::Tensor& bias, int64_t row0, int64_t rows) {
@@ -183,30 +134,19 @@ struct MultiQueryAttention::Impl {
   mutable std::atomic<uint64_t> forwards{0};
   mutable std::atomic<uint64_t> fallbacks{0};
   mutable std::once_flag fallback_logged;
-  mutable std::atomic<uint64_t> graph_captures{0};
-  mutable std::atomic<uint64_t> graph_replays{0};
-#ifdef MQA_WITH_CUDA
-  // Captured decode passes by (bucket, table width, block size, k cache, v cache). Touched only by the one
-  // thread that runs this layer's paged passes (its device's worker).
-  mutable std::map<std::tuple<int64_t, int64_t, int32_t, const void*, const void*>, std::unique_ptr<at::cuda::CUDAGraph>>
-      graphs;
-  mutable bool graphs_broken = false;  // a capture failed: eager from then on (logged)
-#endif
+  mutable std::mutex fallback_mu;
+  mutable std::map<std::string, uint64_t> fallbacks_by_reason;  // guarded by fallback_mu
 
   const at::Tensor& P(const char* name) const { return params.at(name); }
 
-  // True when attn_impl triton's own kernels serve this layer: CUDA, 16-bit, a head_dim they are built for.
-  bool KernelsServe() const {
-#ifdef MQA_WITH_CUDA
-    return opt.attn_impl == AttnImpl::kTriton && device.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf) &&
-           cuda::PagedDecodeSupports(static_cast<int>(opt.heads), static_cast<int>(opt.head_dim()));
-#else
-    return false;
-#endif
-  }
-  // A flash or triton request served by another path: counted every time, logged once per layer.
-  void NoteFallback(const std::string& why) const {
+  // A flash or triton request served by another path: counted every time (by reason, a short label for the
+  // metrics), logged once per layer.
+  void NoteFallback(const char* reason, const std::string& why) const {
     fallbacks.fetch_add(1, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lock(fallback_mu);
+      ++fallbacks_by_reason[reason];
+    }
     std::call_once(fallback_logged, [&] {
       Log(LogLevel::kInfo, "attn_impl=" + std::string(AttnImplName(opt.attn_impl)) + ": " + why +
                                " (counted in fallbacks_to_torch)");
@@ -224,17 +164,8 @@ struct MultiQueryAttention::Impl {
 
 at::Tensor MultiQueryAttention::Impl::Norm(const at::Tensor& x, const char* prefix) const {
   const std::string p(prefix);
-  const at::Tensor w = params.at(p + ".weight").to(at::kFloat);
-  const at::Tensor xf = x.to(at::kFloat);
-  at::Tensor y;
-  if (IsLayerNorm(opt.norm_type)) {
-    // Parameters live in the layer dtype already, so "low precision" (round inputs and parameters to the low
-    // dtype, compute in fp32, round the result) and the plain norm are the same computation here.
-    y = at::layer_norm(xf, {x.size(-1)}, w, params.at(p + ".bias").to(at::kFloat), 1e-5);
-  } else {
-    y = xf * at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + 1e-5) * w;
-  }
-  return y.to(x.scalar_type());
+  auto bias = params.find(p + ".bias");
+  return QkNorm(opt.norm_type, x, params.at(p + ".weight"), bias == params.end() ? at::Tensor() : bias->second);
 }
 
 at::Tensor MultiQueryAttention::Impl::AttendTorch(const at::Tensor& q, const at::Tensor& kt, const at::Tensor& v,
@@ -421,12 +352,12 @@ StatusOr<ForwardResult> MultiQueryAttention::Impl::Forward(const ForwardArgs& a)
   if (opt.attn_impl == AttnImpl::kFlash || opt.attn_impl == AttnImpl::kTriton) {
     if (a.needs_weights) {
       // The fused kernels never materialise the probabilities; the torch path computes the same function.
-      NoteFallback("needs_weights requests are served by the torch path");
+      NoteFallback("needs_weights", "needs_weights requests are served by the torch path");
     } else if (opt.attn_impl == AttnImpl::kTriton && !fused_dtype) {
-      NoteFallback("the fused kernels need a CUDA device and bfloat16 or float16; this layer (" + dev + ", " +
+      NoteFallback("unsupported_layer", "the fused kernels need a CUDA device and bfloat16 or float16; this layer (" + dev + ", " +
                    std::string(dt) + ") computes with the torch path");
     } else if (opt.attn_impl == AttnImpl::kTriton) {
-      NoteFallback("stateless forwards (no paged cache) are served by LibTorch's fused attention");
+      NoteFallback("stateless_forward", "stateless forwards (no paged cache) are served by LibTorch's fused attention");
       use_flash = true;
     } else {
       use_flash = true;
@@ -491,7 +422,7 @@ StatusOr<std::unique_ptr<MultiQueryAttention>> MultiQueryAttention::Create(const
   impl->opt = options;
   MQA_ASSIGN_OR_RETURN(impl->device, ParseDevice(options.device));
   impl->dtype = ToScalarType(options.dtype);
-  impl->scale = options.softmax_scale ? *options.softmax_scale : 1.0 / std::sqrt(static_cast<double>(options.head_dim()));
+  impl->scale = SoftmaxScale(options);
   Status st = CatchAll("MultiQueryAttention::Create", [&]() -> Status {
     // Same draws, in the same order, as torch.manual_seed(seed) followed by the reference constructor:
     // Wqkv (weight, bias), the norms (no draws), out_proj (weight, bias). nn.Linear's defaults are
@@ -585,8 +516,12 @@ Status MultiQueryAttention::LoadStateDict(const TensorMap& tensors, const std::s
 }
 
 LayerCounters MultiQueryAttention::counters() const {
-  return LayerCounters{impl_->forwards.load(), impl_->fallbacks.load(), impl_->graph_captures.load(),
-                       impl_->graph_replays.load()};
+  LayerCounters c;
+  c.forwards = impl_->forwards.load();
+  c.fallbacks_to_torch = impl_->fallbacks.load();
+  std::lock_guard<std::mutex> lock(impl_->fallback_mu);
+  c.fallbacks = impl_->fallbacks_by_reason;
+  return c;
 }
 
 std::vector<float> AlibiSlopes(int64_t heads) {
@@ -614,442 +549,6 @@ StatusOr<Tensor> AlibiBias(int64_t heads, int64_t seq_len, bool full, DType dtyp
     if (full) pos = (pos - at::arange(1 - seq_len, 1, at::kInt).view({1, 1, seq_len, 1})).abs().mul(-1);
     at::Tensor m = at::from_blob(const_cast<float*>(slopes.data()), {1, heads, 1, 1}, at::kFloat).clone();
     return Wrap((pos * m).to(dev, ToScalarType(dtype)));
-  });
-}
-
-namespace {
-
-struct Qkv {
-  at::Tensor q, k, v;  // [T, dim], [T, d], [T, d]: views of the projection output (or the normed q/k)
-};
-
-// The projection of every token of a pass (steps 1-3 of the spec, and the qk norms).
-Qkv Project(const MultiQueryAttention::Impl& L, const at::Tensor& x) {
-  const MqaOptions& opt = L.opt;
-  const int64_t dim = opt.dim, d = opt.head_dim();
-  at::Tensor qkv = at::linear(x, L.P("Wqkv.weight"), L.P("Wqkv.bias"));
-  if (opt.clip_qkv && *opt.clip_qkv != 0.0) qkv = qkv.clamp(-*opt.clip_qkv, *opt.clip_qkv);
-  Qkv r{qkv.narrow(1, 0, dim), qkv.narrow(1, dim, d), qkv.narrow(1, dim + d, d)};
-  if (opt.qk_ln) {
-    r.q = L.Norm(r.q, "q_ln");
-    r.k = L.Norm(r.k, "k_ln");
-  }
-  return r;
-}
-
-#ifdef MQA_WITH_CUDA
-cuda::KvType KvTypeOf(at::ScalarType t) {
-  return t == at::kBFloat16 ? cuda::KvType::kBFloat16 : cuda::KvType::kFloat16;
-}
-
-// The int32 metadata of a decode pass of B sessions with tables nb blocks wide: [B, nb] block tables, then B
-// lengths, then B ALiBi flags. Rows past decode.size() are padding: an empty table (block 0, which holds zeros),
-// length 1, no ALiBi.
-void FillDecodeMeta(const std::vector<const PagedSeq*>& decode, int64_t B, int64_t nb, int32_t block_size, int32_t* h) {
-  std::fill(h, h + B * nb + 2 * B, 0);
-  for (int64_t b = 0; b < B; ++b) {
-    if (b >= static_cast<int64_t>(decode.size())) {
-      h[B * nb + b] = 1;
-      continue;
-    }
-    const PagedSeq& s = *decode[static_cast<size_t>(b)];
-    const int64_t used = (s.past + 1 + block_size - 1) / block_size;
-    for (int64_t i = 0; i < used; ++i) h[b * nb + i] = static_cast<int32_t>(s.table->blocks()[static_cast<size_t>(i)]);
-    h[B * nb + b] = static_cast<int32_t>(s.past + 1);
-    h[B * nb + B + b] = s.alibi ? 1 : 0;
-  }
-}
-
-// The decode kernel over B sessions described by `meta` (FillDecodeMeta's layout, on the device); q rows of B
-// sessions (any row stride), out [B, H * d] contiguous. slopes_f32: [H] float32, or undefined for no ALiBi.
-void LaunchDecode(const MultiQueryAttention::Impl& L, int64_t B, int64_t nb, int32_t block_size, const at::Tensor& meta,
-                  const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                  const at::Tensor& slopes_f32, float* workspace, int splits, const at::Tensor& out) {
-  cuda::PagedDecodeParams p;
-  p.dtype = KvTypeOf(q.scalar_type());
-  p.batch = static_cast<int>(B);
-  p.heads = static_cast<int>(L.opt.heads);
-  p.head_dim = static_cast<int>(L.opt.head_dim());
-  p.q = q.data_ptr();
-  p.q_stride = q.stride(0);
-  p.k_cache = k_cache.data_ptr();
-  p.v_cache = v_cache.data_ptr();
-  p.block_tables = meta.data_ptr<int32_t>();
-  p.block_table_stride = static_cast<int>(nb);
-  p.seq_lens = meta.data_ptr<int32_t>() + B * nb;
-  p.block_size = block_size;
-  p.scale = static_cast<float>(L.scale);
-  if (slopes_f32.defined()) {
-    p.alibi_slopes = slopes_f32.data_ptr<float>();
-    p.alibi_on = meta.data_ptr<int32_t>() + B * nb + B;
-  }
-  p.out = out.data_ptr();
-  p.out_stride = out.stride(0);
-  p.num_splits = splits;
-  p.workspace = workspace;
-  CudaCheck(cuda::PagedDecode(p, at::cuda::getCurrentCUDAStream().stream()), "PagedDecode");
-}
-
-constexpr int64_t kMaxGraphBatch = 256;
-
-// Decode-only passes (rows in session order) of at most kMaxGraphBatch sessions can replay a graph.
-bool GraphEligible(const std::vector<PagedSeq>& seqs) {
-  if (seqs.empty() || static_cast<int64_t>(seqs.size()) > kMaxGraphBatch) return false;
-  for (size_t i = 0; i < seqs.size(); ++i) {
-    if (seqs[i].tokens != 1 || seqs[i].row != static_cast<int64_t>(i)) return false;
-  }
-  // Capture needs a stream of its own; the legacy default stream cannot be captured.
-  return at::cuda::getCurrentCUDAStream() != at::cuda::getDefaultCUDAStream();
-}
-
-// Static buffers of the captured decode passes of one shape (device, batch bucket, table width, block size,
-// layer shape and dtype). Every layer's graph of that shape reads and writes these: safe, because one worker
-// thread replays them one at a time, in order, on its stream, and each result is copied out before the next.
-struct GraphIo {
-  at::Tensor x, out;                 // [bucket, dim]
-  at::Tensor staging, staging_host;  // bytes: the slots, then the metadata; the host copy is pinned
-  at::Tensor slots;                  // [bucket] int64 slot of each new token, -1 for padding (view of staging)
-  at::Tensor meta;                   // FillDecodeMeta's layout (view of staging)
-  at::Tensor slopes;                 // [H] float32
-  at::Tensor workspace;              // float32, for `splits` > 1
-  int splits = 1;
-  at::cuda::CUDAEvent staged;        // recorded after the copy out of the pinned buffer
-};
-
-GraphIo& GraphIoFor(const MultiQueryAttention::Impl& L, at::Device dev, int64_t bucket, int64_t nb, int32_t block_size) {
-  using Key = std::tuple<int, int64_t, int64_t, int32_t, int64_t, int64_t, int>;
-  // Never destroyed: their tensors and events would otherwise be freed after CUDA shuts down at exit.
-  static std::mutex& mu = *new std::mutex;
-  static auto& ios = *new std::map<Key, std::unique_ptr<GraphIo>>;
-  const int64_t dim = L.opt.dim, H = L.opt.heads, d = L.opt.head_dim();
-  const Key key{dev.index(), bucket, nb, block_size, dim, H, static_cast<int>(L.dtype)};
-  std::lock_guard<std::mutex> lock(mu);
-  std::unique_ptr<GraphIo>& io = ios[key];
-  if (!io) {
-    auto fresh = std::make_unique<GraphIo>();
-    const auto o = at::TensorOptions().device(dev);
-    fresh->x = at::zeros({bucket, dim}, o.dtype(L.dtype));
-    fresh->out = at::zeros({bucket, dim}, o.dtype(L.dtype));
-    const int64_t slot_bytes = bucket * 8, meta_bytes = (bucket * nb + 2 * bucket) * 4;
-    fresh->staging = at::zeros({slot_bytes + meta_bytes}, o.dtype(at::kByte));
-    fresh->staging_host = at::zeros({slot_bytes + meta_bytes}, at::TensorOptions().dtype(at::kByte)).pin_memory();
-    fresh->slots = fresh->staging.narrow(0, 0, slot_bytes).view(at::kLong);
-    fresh->meta = fresh->staging.narrow(0, slot_bytes, meta_bytes).view(at::kInt);
-    fresh->slopes = at::tensor(AlibiSlopes(H), at::TensorOptions().dtype(at::kFloat)).to(dev);
-    fresh->splits = cuda::PagedDecodeSplits(static_cast<int>(bucket), static_cast<int>(nb * block_size),
-                                            static_cast<int>(H), static_cast<int>(d),
-                                            at::cuda::getDeviceProperties(dev.index())->multiProcessorCount);
-    if (fresh->splits > 1) {
-      const size_t bytes = cuda::PagedDecodeWorkspaceBytes(static_cast<int>(bucket), static_cast<int>(H),
-                                                           static_cast<int>(d), fresh->splits);
-      fresh->workspace = at::empty({static_cast<int64_t>(bytes / sizeof(float))}, o.dtype(at::kFloat));
-    }
-    io = std::move(fresh);
-  }
-  return *io;
-}
-
-// One memory pool per device for the temporaries of every captured graph: replays never overlap (one worker
-// thread, one stream), so they can share it.
-at::cuda::MempoolId_t GraphPool(int device) {
-  static std::mutex& mu = *new std::mutex;
-  static auto& pools = *new std::map<int, at::cuda::MempoolId_t>;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = pools.find(device);
-  if (it == pools.end()) it = pools.emplace(device, at::cuda::graph_pool_handle()).first;
-  return it->second;
-}
-
-// A decode-only pass through a captured graph: the batch is padded to a power of two (padding rows append
-// nothing and attend to the zero block), block tables to a power-of-two width of at least 16 blocks. The first
-// pass of a shape runs eagerly (warming cuBLAS up for it) and is then captured; later ones replay.
-at::Tensor DecodeWithGraph(const MultiQueryAttention::Impl& L, const at::Tensor& x, const std::vector<PagedSeq>& seqs,
-                           int32_t block_size, const at::Tensor& k_cache, const at::Tensor& v_cache) {
-  const int64_t B = static_cast<int64_t>(seqs.size()), H = L.opt.heads, d = L.opt.head_dim();
-  int64_t bucket = 1, len_max = 0;
-  while (bucket < B) bucket *= 2;
-  std::vector<const PagedSeq*> decode;
-  for (const PagedSeq& s : seqs) {
-    decode.push_back(&s);
-    len_max = std::max(len_max, s.past + 1);
-  }
-  int64_t nb = 16;
-  while (nb * block_size < len_max) nb *= 2;
-  GraphIo& io = GraphIoFor(L, x.device(), bucket, nb, block_size);
-  const c10::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
-  io.staged.synchronize();  // the previous pass's copy out of the pinned buffer is done
-  // Raw copies rather than tensor operations: at one session a pass is a few tens of microseconds of GPU time,
-  // so the host's per-operator dispatch matters.
-  uint8_t* host = io.staging_host.data_ptr<uint8_t>();
-  int64_t* slots = reinterpret_cast<int64_t*>(host);
-  for (int64_t b = 0; b < bucket; ++b) slots[b] = b < B ? seqs[static_cast<size_t>(b)].table->Slot(seqs[static_cast<size_t>(b)].past) : -1;
-  FillDecodeMeta(decode, bucket, nb, block_size, reinterpret_cast<int32_t*>(host + bucket * 8));
-  CudaCheck(cudaMemcpyAsync(io.staging.data_ptr(), host, static_cast<size_t>(io.staging.numel()), cudaMemcpyHostToDevice,
-                            stream.stream()),
-            "staging copy");
-  io.staged.record(stream);
-  const at::Tensor xc = x.contiguous();
-  CudaCheck(cudaMemcpyAsync(io.x.data_ptr(), xc.data_ptr(), static_cast<size_t>(xc.nbytes()), cudaMemcpyDeviceToDevice,
-                            stream.stream()),
-            "input copy");
-
-  auto body = [&] {
-    auto [q, k, v] = Project(L, io.x);
-    CudaCheck(cuda::KvAppend(KvTypeOf(L.dtype), static_cast<int>(bucket), static_cast<int>(d), k.data_ptr(), k.stride(0),
-                             v.data_ptr(), v.stride(0), io.slots.data_ptr<int64_t>(), k_cache.data_ptr(),
-                             v_cache.data_ptr(), stream.stream()),
-              "KvAppend");
-    at::Tensor ctx = at::empty({bucket, H * d}, io.x.options());
-    LaunchDecode(L, bucket, nb, block_size, io.meta, q, k_cache, v_cache, io.slopes,
-                 io.workspace.defined() ? io.workspace.data_ptr<float>() : nullptr, io.splits, ctx);
-    io.out.copy_(at::linear(ctx, L.P("out_proj.weight"), L.P("out_proj.bias")));
-  };
-  auto& graph = L.graphs[{bucket, nb, block_size, k_cache.data_ptr(), v_cache.data_ptr()}];
-  if (graph) {
-    graph->replay();
-    L.graph_replays.fetch_add(1, std::memory_order_relaxed);
-  } else {
-    body();  // this pass's result, eagerly; the capture below records without running
-    auto fresh = std::make_unique<at::cuda::CUDAGraph>();
-    fresh->capture_begin(GraphPool(x.device().index()), cudaStreamCaptureModeThreadLocal);
-    try {
-      body();
-    } catch (...) {
-      try {
-        fresh->capture_end();
-      } catch (...) {
-      }
-      throw;
-    }
-    fresh->capture_end();
-    graph = std::move(fresh);
-    L.graph_captures.fetch_add(1, std::memory_order_relaxed);
-  }
-  at::Tensor result = at::empty({B, L.opt.dim}, io.out.options());
-  CudaCheck(cudaMemcpyAsync(result.data_ptr(), io.out.data_ptr(), static_cast<size_t>(result.nbytes()),
-                            cudaMemcpyDeviceToDevice, stream.stream()),
-            "output copy");
-  return result;
-}
-#endif
-
-}  // namespace
-
-StatusOr<at::Tensor> PagedForward(const MultiQueryAttention& layer, const at::Tensor& x,
-                                  const std::vector<PagedSeq>& seqs, int32_t block_size, const at::Tensor& k_cache,
-                                  const at::Tensor& v_cache) {
-  const MultiQueryAttention::Impl& L = layer.impl();
-  const MqaOptions& opt = L.opt;
-  const int64_t dim = opt.dim, H = opt.heads, d = opt.head_dim(), T = x.size(0);
-  return CatchAll("PagedForward", [&]() -> StatusOr<at::Tensor> {
-    L.forwards.fetch_add(1, std::memory_order_relaxed);
-    const at::Device dev = x.device();
-    const auto i64 = at::TensorOptions().dtype(at::kLong);
-    // Small index tensors go to the device from pinned memory, asynchronously: a pageable copy would make the
-    // host wait for the GPU work queued before it.
-    auto to_dev = [&](const at::Tensor& t) { return dev.is_cpu() ? t : t.pin_memory().to(dev, /*non_blocking=*/true); };
-    const bool kernels = L.KernelsServe();
-#ifdef MQA_WITH_CUDA
-    if (kernels && opt.cuda_graphs && !L.graphs_broken && GraphEligible(seqs)) {
-      try {
-        return DecodeWithGraph(L, x, seqs, block_size, k_cache, v_cache);
-      } catch (const std::exception& e) {
-        // The eager path below computes the same pass (the warm-up may already have appended the same K/V).
-        L.graphs_broken = true;
-        std::string msg = e.what();
-        if (auto nl = msg.find('\n'); nl != std::string::npos) msg.resize(nl);
-        Log(LogLevel::kWarning, "CUDA graph capture failed; this layer runs its decode passes eagerly from now on: " + msg);
-      }
-    }
-#endif
-    // One projection GEMM over every token of the pass.
-    auto [q, k, v] = Project(L, x);
-    // KV append: every new token's slot, then one scatter per cache.
-    std::vector<int64_t> new_slots;
-    new_slots.reserve(static_cast<size_t>(T));
-    for (const PagedSeq& s : seqs) {
-      for (int64_t p = s.past; p < s.past + s.tokens; ++p) {
-        new_slots.push_back(s.table->Slot(p));
-      }
-    }
-    const at::Tensor slot_index = to_dev(at::tensor(new_slots, i64));
-    if (!kernels && opt.attn_impl == AttnImpl::kTriton) {
-      L.NoteFallback("the paged pass needs CUDA, bfloat16 or float16 and head_dim 64 or 128 for the fused kernels; "
-                     "it computes with the torch path");
-    }
-#ifdef MQA_WITH_CUDA
-    if (kernels) {
-      // k and v are read in place (row stride of the projection output, or of the normed k).
-      CudaCheck(cuda::KvAppend(KvTypeOf(x.scalar_type()), static_cast<int>(T), static_cast<int>(d), k.data_ptr(), k.stride(0),
-                               v.data_ptr(), v.stride(0), slot_index.data_ptr<int64_t>(), k_cache.data_ptr(),
-                               v_cache.data_ptr(), at::cuda::getCurrentCUDAStream().stream()),
-                "KvAppend");
-    } else
-#endif
-    {
-      k_cache.index_copy_(0, slot_index, k.contiguous());
-      v_cache.index_copy_(0, slot_index, v.contiguous());
-    }
-
-    at::Tensor ctx = at::empty({T, H, d}, x.options());
-    bool any_alibi = false;
-    for (const PagedSeq& s : seqs) any_alibi = any_alibi || s.alibi;
-    const at::Tensor slopes_f32 =
-        any_alibi ? to_dev(at::tensor(AlibiSlopes(H), at::TensorOptions().dtype(at::kFloat))) : at::Tensor();
-    const at::Tensor slopes = any_alibi ? slopes_f32.to(x.scalar_type()) : at::Tensor();
-
-    std::vector<const PagedSeq*> decode;
-    for (const PagedSeq& s : seqs) {
-      if (s.tokens == 1) decode.push_back(&s);
-    }
-#ifdef MQA_WITH_CUDA
-    if (kernels && !decode.empty()) {
-      // One kernel for every decode token: block tables, lengths and ALiBi flags travel in one int32 buffer.
-      const int64_t B = static_cast<int64_t>(decode.size());
-      int64_t len_max = 0;
-      bool in_order = true;  // decode rows are 0..B-1: q and ctx are read and written in place
-      std::vector<int64_t> rows;
-      for (int64_t b = 0; b < B; ++b) {
-        len_max = std::max(len_max, decode[static_cast<size_t>(b)]->past + 1);
-        in_order = in_order && decode[static_cast<size_t>(b)]->row == b;
-        rows.push_back(decode[static_cast<size_t>(b)]->row);
-      }
-      const int64_t nb = (len_max + block_size - 1) / block_size;
-      at::Tensor host = at::empty({B * nb + 2 * B}, at::TensorOptions().dtype(at::kInt));
-      FillDecodeMeta(decode, B, nb, block_size, host.data_ptr<int32_t>());
-      const at::Tensor meta = to_dev(host);
-      const at::Tensor row_index = in_order ? at::Tensor() : to_dev(at::tensor(rows, i64));
-      at::Tensor q_dec = in_order ? q : q.index_select(0, row_index);
-      at::Tensor out = in_order ? ctx.view({T, H * d}) : at::empty({B, H * d}, x.options());
-      const int splits = cuda::PagedDecodeSplits(static_cast<int>(B), static_cast<int>(len_max), static_cast<int>(H),
-                                                 static_cast<int>(d), at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
-      at::Tensor workspace;
-      if (splits > 1) {
-        const size_t bytes = cuda::PagedDecodeWorkspaceBytes(static_cast<int>(B), static_cast<int>(H), static_cast<int>(d), splits);
-        workspace = at::empty({static_cast<int64_t>(bytes / sizeof(float))}, x.options().dtype(at::kFloat));
-      }
-      LaunchDecode(L, B, nb, block_size, meta, q_dec, k_cache, v_cache, any_alibi ? slopes_f32 : at::Tensor(),
-                   workspace.defined() ? workspace.data_ptr<float>() : nullptr, splits, out);
-      if (!in_order) ctx.index_copy_(0, row_index, out.view({B, H, d}));
-      decode.clear();
-    }
-#endif
-    // Decode tokens (one per session) attend together: each session's slots are gathered into a padded
-    // [B, L_max] index; padding and the unused tail of a block point at block 0 (zeros) and are masked out.
-    if (!decode.empty()) {
-      const int64_t B = static_cast<int64_t>(decode.size());
-      int64_t len_max = 0;
-      for (const PagedSeq* s : decode) len_max = std::max(len_max, s->past + 1);
-      const int64_t nb = (len_max + block_size - 1) / block_size;
-      std::vector<int64_t> tables(static_cast<size_t>(B * nb), 0), lengths, rows;
-      for (int64_t b = 0; b < B; ++b) {
-        const PagedSeq& s = *decode[static_cast<size_t>(b)];
-        const int64_t used = (s.past + 1 + block_size - 1) / block_size;
-        for (int64_t i = 0; i < used; ++i) tables[static_cast<size_t>(b * nb + i)] = s.table->blocks()[static_cast<size_t>(i)];
-        lengths.push_back(s.past + 1);
-        rows.push_back(s.row);
-      }
-      const at::Tensor table = to_dev(at::tensor(tables, i64).view({B, nb}));
-      const at::Tensor length = to_dev(at::tensor(lengths, i64)).view({B, 1});
-      const at::Tensor pos = at::arange(len_max, i64.device(dev)).view({1, len_max});
-      const at::Tensor valid = pos < length;                                        // [B, L_max]
-      at::Tensor slots = (table.unsqueeze(-1) * block_size + at::arange(block_size, i64.device(dev)))
-                             .view({B, nb * block_size})
-                             .narrow(1, 0, len_max);
-      slots = at::where(valid, slots, at::zeros_like(slots));
-      const at::Tensor kg = k_cache.index_select(0, slots.reshape(-1)).view({B, len_max, d});
-      const at::Tensor vg = v_cache.index_select(0, slots.reshape(-1)).view({B, len_max, d});
-      const at::Tensor row_index = to_dev(at::tensor(rows, i64));
-      const at::Tensor qd = q.index_select(0, row_index).view({B, H, d});
-      at::Tensor attn = at::bmm(qd, kg.transpose(1, 2)) * L.scale;                 // [B, H, L_max]
-      std::vector<uint8_t> alibi_rows;
-      for (const PagedSeq* s : decode) alibi_rows.push_back(s->alibi ? 1 : 0);
-      if (any_alibi) {
-        // Causal form relative to each session's last key: m_h * (j - (len - 1)).
-        const at::Tensor rel = (pos - (length - 1)).to(x.scalar_type()).view({B, 1, len_max});
-        const at::Tensor on = to_dev(at::tensor(alibi_rows, at::TensorOptions().dtype(at::kByte))).to(at::kBool).view({B, 1, 1});
-        attn = attn + at::where(on, slopes.view({1, H, 1}) * rel, at::zeros({}, attn.options()));
-      }
-      attn = attn.masked_fill(valid.logical_not().view({B, 1, len_max}), -std::numeric_limits<double>::infinity());
-      const at::Tensor p = at::softmax(attn, -1);
-      ctx.index_copy_(0, row_index, at::bmm(p.to(vg.scalar_type()), vg));         // [B, H, d]
-    }
-
-#ifdef MQA_WITH_CUDA
-    if (kernels) {
-      // Prefill chunks of the same causal kind go through one variable-length flash call against their gathered
-      // K/V (one shared head). Flash aligns the causal mask bottom-right when a chunk has fewer queries than keys,
-      // as the spec does. LibTorch's flash build has no ALiBi, so ALiBi chunks take the torch attention below.
-      for (const bool causal : {false, true}) {
-        std::vector<int64_t> q_rows, kv_slots;
-        std::vector<int32_t> cu_q{0}, cu_k{0};
-        int64_t max_q = 0, max_k = 0;
-        for (const PagedSeq& s : seqs) {
-          if (s.tokens == 1 || s.causal != causal || s.alibi) continue;
-          const int64_t len = s.past + s.tokens;
-          for (int64_t r = 0; r < s.tokens; ++r) q_rows.push_back(s.row + r);
-          for (int64_t p = 0; p < len; ++p) kv_slots.push_back(s.table->Slot(p));
-          cu_q.push_back(static_cast<int32_t>(q_rows.size()));
-          cu_k.push_back(static_cast<int32_t>(kv_slots.size()));
-          max_q = std::max(max_q, s.tokens);
-          max_k = std::max(max_k, len);
-        }
-        if (q_rows.empty()) continue;
-        const at::Tensor q_index = to_dev(at::tensor(q_rows, i64));
-        const at::Tensor kv_index = to_dev(at::tensor(kv_slots, i64));
-        const auto i32 = at::TensorOptions().dtype(at::kInt);
-        // A non-positive scale goes into q, the kernel gets 1: flash masks raw q.k products with -inf and scales
-        // them afterwards (0 * -inf = NaN), with its row maximum over the raw products (see AttendFlash).
-        at::Tensor qp = q.index_select(0, q_index);
-        if (L.scale <= 0) qp = qp * L.scale;
-        qp = qp.view({-1, H, d});
-        const at::Tensor kp = k_cache.index_select(0, kv_index).view({-1, 1, d});
-        const at::Tensor vp = v_cache.index_select(0, kv_index).view({-1, 1, d});
-        auto result = at::_flash_attention_forward(
-            qp, kp, vp, to_dev(at::tensor(cu_q, i32)), to_dev(at::tensor(cu_k, i32)), max_q, max_k, 0.0, causal,
-            false, L.scale > 0 ? L.scale : 1.0);
-        ctx.index_copy_(0, q_index, std::get<0>(result));
-      }
-    }
-#endif
-    // Prefill chunks: one attention each, against exactly the session's slots (no padding).
-    for (const PagedSeq& s : seqs) {
-      if (s.tokens == 1 || (kernels && !s.alibi)) continue;
-      if (kernels) L.NoteFallback("prefill chunks with ALiBi use the torch path's attention (no ALiBi in LibTorch's flash build)");
-      const int64_t len = s.past + s.tokens;
-      std::vector<int64_t> sl(static_cast<size_t>(len));
-      for (int64_t p = 0; p < len; ++p) {
-        sl[static_cast<size_t>(p)] = s.table->Slot(p);
-      }
-      const at::Tensor idx = to_dev(at::tensor(sl, i64));
-      const at::Tensor kk_all = k_cache.index_select(0, idx);                       // [len, d]
-      const at::Tensor vv_all = v_cache.index_select(0, idx);
-      // A tile of query rows at a time, so the logits take tile x H x len, not s x H x len: a non-causal step
-      // runs whole (never chunked), however long.
-      const int64_t tile_rows = TileRows(1, H, s.tokens, len);
-      for (int64_t r0 = 0; r0 < s.tokens; r0 += tile_rows) {
-        const int64_t t = std::min(tile_rows, s.tokens - r0);
-        // A causal tile's queries see the keys up to their own positions only: the first past + r0 + t.
-        const int64_t keys = s.causal ? s.past + r0 + t : len;
-        const at::Tensor kk = kk_all.narrow(0, 0, keys);
-        const at::Tensor vv = vv_all.narrow(0, 0, keys);
-        const at::Tensor qs = q.narrow(0, s.row + r0, t).view({t, H, d}).transpose(0, 1);  // [H, t, d]
-        at::Tensor attn = at::matmul(qs, kk.t()) * L.scale;                          // [H, t, keys]
-        if (s.alibi) {
-          const at::Tensor j = at::arange(keys, i64.device(dev)).view({1, keys});
-          const at::Tensor i = at::arange(s.past + r0, s.past + r0 + t, i64.device(dev)).view({t, 1});
-          // Causal form: m_h * (j - (keys - 1)), which differs from -m_h * (i - j) by a constant per row.
-          const at::Tensor rel = s.causal ? (j - (keys - 1)).expand({t, keys}) : -(j - i).abs();
-          attn = attn + slopes.view({H, 1, 1}) * rel.to(x.scalar_type()).view({1, t, keys});
-        }
-        if (s.causal) {
-          attn = attn.masked_fill(FutureKeys(t, keys, dev).view({1, t, keys}), MostNegative(x.scalar_type()));
-        }
-        const at::Tensor p = at::softmax(attn, -1);
-        ctx.narrow(0, s.row + r0, t).copy_(at::matmul(p.to(vv.scalar_type()), vv).transpose(0, 1));
-      }
-    }
-    return at::linear(ctx.view({T, dim}), L.P("out_proj.weight"), L.P("out_proj.bias"));
   });
 }
 

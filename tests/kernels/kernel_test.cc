@@ -18,7 +18,7 @@
 #include "mqa/core/block_pool.h"
 #include "mqa/core/device.h"
 #include "mqa/core/mqa_layer.h"
-#include "paged_attention.h"
+#include "paged/paged_layer.h"
 #include "paged_mqa.h"
 #include "tensor_impl.h"
 #include "test_util.h"
@@ -297,14 +297,15 @@ TEST(PagedForwardTriton, MixedPassesMatchTheTorchPathInFp32) {
     // pass of decode tokens only, in row order, takes the in-place path.
     const at::Tensor x = at::randn({T, H * D}, co.dtype(dt)) * 0.5;
     at::Tensor kc32 = kc.to(at::kFloat), vc32 = vc.to(at::kFloat);
-    auto got = PagedForward(*fast, x, seqs, bs, kc, vc);
+    PagedLayer fast_paged(*fast, kc, vc), ref_paged(*ref, kc32, vc32);
+    auto got = fast_paged.Forward(x, seqs, bs);
     ASSERT_TRUE(got.ok()) << got.status().ToString();
-    auto want = PagedForward(*ref, x.to(at::kFloat), seqs, bs, kc32, vc32);
+    auto want = ref_paged.Forward(x.to(at::kFloat), seqs, bs);
     ASSERT_TRUE(want.ok()) << want.status().ToString();
     // Only prefill chunks with ALiBi leave the fused path (LibTorch's flash build has no ALiBi), each counted.
     uint64_t alibi_chunks = 0;
     for (const PagedSeq& s : seqs) alibi_chunks += s.alibi && s.tokens > 1;
-    EXPECT_EQ(fast->counters().fallbacks_to_torch, alibi_chunks);
+    EXPECT_EQ(fast_paged.counters().fallbacks_to_torch, alibi_chunks);
     for (const PagedSeq& s : seqs) {
       const double e = RelErr(got->narrow(0, s.row, s.tokens), want->narrow(0, s.row, s.tokens));
       EXPECT_LT(e, 3e-2) << "variant " << variant << " past " << s.past << " tokens " << s.tokens << " causal "
@@ -323,9 +324,9 @@ TEST(PagedForwardTriton, MixedPassesMatchTheTorchPathInFp32) {
       dec.push_back(s);
     }
     const at::Tensor xd = at::randn({row, H * D}, co.dtype(dt));
-    auto got_d = PagedForward(*fast, xd, dec, bs, kc, vc);
+    auto got_d = fast_paged.Forward(xd, dec, bs);
     ASSERT_TRUE(got_d.ok()) << got_d.status().ToString();
-    auto want_d = PagedForward(*ref, xd.to(at::kFloat), dec, bs, kc32, vc32);
+    auto want_d = ref_paged.Forward(xd.to(at::kFloat), dec, bs);
     ASSERT_TRUE(want_d.ok());
     EXPECT_LT(RelErr(*got_d, *want_d), 3e-2) << "variant " << variant << " decode-only pass";
   }
@@ -352,6 +353,7 @@ TEST(PagedForwardTriton, GraphReplaysEqualEagerPasses) {
   const auto co = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
   at::Tensor kc_g = at::zeros({2048 * bs, 64}, co), vc_g = at::zeros_like(kc_g);
   at::Tensor kc_e = at::zeros_like(kc_g), vc_e = at::zeros_like(kc_g);
+  PagedLayer graphed_paged(*graphed, kc_g, vc_g), eager_paged(*eager, kc_e, vc_e);
   std::vector<std::unique_ptr<BlockTable>> tables;
   std::vector<int64_t> lens;
   at::manual_seed(rng());
@@ -369,8 +371,8 @@ TEST(PagedForwardTriton, GraphReplaysEqualEagerPasses) {
       seqs.push_back(PagedSeq{b, 1, lens[i], tables[i].get(), true, b % 3 == 0});
     }
     const at::Tensor x = at::randn({batches[step], 1024}, co);
-    auto g = PagedForward(*graphed, x, seqs, bs, kc_g, vc_g);
-    auto e = PagedForward(*eager, x, seqs, bs, kc_e, vc_e);
+    auto g = graphed_paged.Forward(x, seqs, bs);
+    auto e = eager_paged.Forward(x, seqs, bs);
     ASSERT_TRUE(g.ok() && e.ok()) << g.status().ToString() << " " << e.status().ToString();
     EXPECT_LT(RelErr(*g, *e), 1e-2) << "step " << step << " batch " << batches[step];
     for (int b = 0; b < batches[step]; ++b) ++lens[static_cast<size_t>(b)];
@@ -378,10 +380,10 @@ TEST(PagedForwardTriton, GraphReplaysEqualEagerPasses) {
   EXPECT_TRUE(at::equal(kc_g.narrow(0, 0, bs), at::zeros({bs, 64}, co))) << "padding wrote into block 0";
   EXPECT_LT(RelErr(kc_g, kc_e), 1e-2);
   EXPECT_LT(RelErr(vc_g, vc_e), 1e-2);
-  const LayerCounters c = graphed->counters();
+  const PagedCounters c = graphed_paged.counters();
   EXPECT_GE(c.graph_captures, 3u);
   EXPECT_GE(c.graph_replays, 4u);
-  EXPECT_EQ(eager->counters().graph_replays, 0u);
+  EXPECT_EQ(eager_paged.counters().graph_replays, 0u);
 }
 
 TEST(PagedForwardTriton, FallsBackVisiblyWhereTheKernelsCannotServe) {
@@ -396,15 +398,17 @@ TEST(PagedForwardTriton, FallsBackVisiblyWhereTheKernelsCannotServe) {
   ASSERT_TRUE(table.EnsureCapacity(3).ok());
   at::Tensor kc = at::zeros({32, 64}), vc = at::zeros({32, 64});
   const at::Tensor x = at::randn({3, 256});
-  auto r = PagedForward(*layer, x, {PagedSeq{0, 3, 0, &table, true, false}}, 4, kc, vc);
+  PagedLayer paged(*layer, kc, vc);
+  auto r = paged.Forward(x, {PagedSeq{0, 3, 0, &table, true, false}}, 4);
   ASSERT_TRUE(r.ok()) << r.status().ToString();
-  EXPECT_EQ(layer->counters().fallbacks_to_torch, 1u);
+  EXPECT_EQ(paged.counters().fallbacks_to_torch, 1u);
   // Same function as a torch layer of the same weights.
   MqaOptions to = o;
   to.attn_impl = AttnImpl::kTorch;
   auto torch_layer = std::move(MultiQueryAttention::Create(to)).value();
   at::Tensor kc2 = at::zeros({32, 64}), vc2 = at::zeros({32, 64});
-  auto r2 = PagedForward(*torch_layer, x, {PagedSeq{0, 3, 0, &table, true, false}}, 4, kc2, vc2);
+  PagedLayer torch_paged(*torch_layer, kc2, vc2);
+  auto r2 = torch_paged.Forward(x, {PagedSeq{0, 3, 0, &table, true, false}}, 4);
   ASSERT_TRUE(r2.ok());
   EXPECT_TRUE(at::allclose(*r, *r2));
 }

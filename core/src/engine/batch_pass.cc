@@ -5,7 +5,7 @@
 #include <vector>
 
 #include "engine/caller_tensors.h"
-#include "paged_attention.h"
+#include "paged/paged_layer.h"
 #include "tensor_impl.h"
 
 namespace mqa::core {
@@ -126,10 +126,9 @@ void Engine::Impl::RunPass(std::vector<WorkItem>& pass, const std::vector<Decisi
     rows += chunk[i];
   }
   StatusOr<at::Tensor> out = CatchAll("batched pass", [&]() -> StatusOr<at::Tensor> {
-    const at::Tensor& cache = replica.k_cache[static_cast<size_t>(layer)];
-    const at::Tensor x = (xs.size() == 1 ? xs[0] : at::cat(xs, 0)).to(cache.device());
-    MQA_ASSIGN_OR_RETURN(at::Tensor y, PagedForward(replica.stack->layer(layer), x, seqs, bs, cache,
-                                                    replica.v_cache[static_cast<size_t>(layer)]));
+    PagedLayer& paged = *replica.paged[static_cast<size_t>(layer)];
+    const at::Tensor x = (xs.size() == 1 ? xs[0] : at::cat(xs, 0)).to(paged.device());
+    MQA_ASSIGN_OR_RETURN(at::Tensor y, paged.Forward(x, seqs, bs));
     // One copy back for the whole pass (one synchronisation), sliced per step on the CPU.
     return y.is_cpu() ? y : y.to(at::kCPU);
   });

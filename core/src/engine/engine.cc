@@ -378,6 +378,25 @@ EngineStats Engine::stats() const {
     s.kv_blocks_free += avail;
   }
   for (auto& [device, d] : per_device) s.devices.push_back(std::move(d));
+  for (const auto& [name, model] : impl_->models) {
+    for (const auto& r : model->replicas) {
+      ExecutionStats e;
+      e.model = name;
+      e.device = r->device;
+      e.attn_impl = std::string(AttnImplName(model->info.options.attn_impl));
+      for (int i = 0; i < r->stack->num_layers(); ++i) {
+        for (const auto& [why, n] : r->stack->layer(i).counters().fallbacks) e.forward_fallbacks[why] += n;
+      }
+      for (const auto& paged : r->paged) {
+        const PagedCounters c = paged->counters();
+        for (const auto& [why, n] : c.fallbacks) e.paged_fallbacks[why] += n;
+        e.paged_passes += c.passes;
+        e.graph_captures += c.graph_captures;
+        e.graph_replays += c.graph_replays;
+      }
+      s.execution.push_back(std::move(e));
+    }
+  }
   std::stable_sort(s.devices.begin(), s.devices.end(), [](const DeviceStats& a, const DeviceStats& b) {
     return DeviceOrdinal(a.device) < DeviceOrdinal(b.device);
   });

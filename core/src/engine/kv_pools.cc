@@ -68,18 +68,15 @@ Status SizeKvPools(const EngineOptions& options, std::map<std::string, std::uniq
             std::to_string(m->info.max_tokens_per_session) + " needs; raise the KV cache budget or lower max_tokens");
       }
       r->pool = std::make_unique<BlockPool>(static_cast<int32_t>(blocks), kv.block_size);
-      Status st = CatchAll("allocating the KV cache", [&]() -> Status {
-        MQA_ASSIGN_OR_RETURN(at::Device dev, ParseDevice(r->device));
-        const auto opts = at::TensorOptions().dtype(ToScalarType(o.dtype)).device(dev);
-        for (int i = 0; i < m->info.num_layers; ++i) {
-          r->k_cache.push_back(at::empty({blocks * kv.block_size, d}, opts));
-          r->v_cache.push_back(at::empty({blocks * kv.block_size, d}, opts));
-          // Block 0 is the padding target of batched attention: it must read as zeros, never as stale data.
-          r->k_cache.back().narrow(0, 0, kv.block_size).zero_();
-          r->v_cache.back().narrow(0, 0, kv.block_size).zero_();
+      Status st;
+      for (int i = 0; i < m->info.num_layers && st.ok(); ++i) {
+        auto paged = PagedLayer::Create(r->stack->layer(i), blocks * kv.block_size, kv.block_size);
+        if (paged.ok()) {
+          r->paged.push_back(std::move(paged).value());
+        } else {
+          st = paged.status();
         }
-        return Status();
-      });
+      }
       if (!st.ok()) return Status(st.code(), "model \"" + name + "\" on " + r->device + ": " + st.message());
       Log(LogLevel::kInfo, "KV cache of model " + name + " on " + r->device + ": " + std::to_string(blocks - 1) +
                                " blocks of " + std::to_string(kv.block_size) + " tokens (" +

@@ -3,8 +3,6 @@
 #ifndef MQA_CORE_SRC_ENGINE_REPLICA_H_
 #define MQA_CORE_SRC_ENGINE_REPLICA_H_
 
-#include <ATen/ATen.h>
-
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -14,6 +12,7 @@
 #include "mqa/core/block_pool.h"
 #include "mqa/core/engine.h"
 #include "mqa/core/mqa_layer.h"
+#include "paged/paged_layer.h"
 
 namespace mqa::core {
 
@@ -26,9 +25,10 @@ struct Replica {
   int index = 0;                     // in the engine's list of all replicas (the scheduler's pool index)
   std::string device;
   std::unique_ptr<MqaStack> stack;
-  // The paged KV cache: one block pool shared by the layers; per layer k and v [num_blocks * block_size, d].
+  // The paged KV cache: one block pool shared by the layers, and per layer its paged execution, which owns that
+  // layer's k and v [num_blocks * block_size, d] and its CUDA graphs.
   std::unique_ptr<BlockPool> pool;
-  std::vector<at::Tensor> k_cache, v_cache;
+  std::vector<std::unique_ptr<PagedLayer>> paged;
   int64_t block_bytes = 0;           // all layers' k and v for one block
   std::atomic<size_t> sessions{0};   // open sessions placed here (placement's tie-break)
 };

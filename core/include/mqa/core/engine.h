@@ -17,6 +17,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -196,6 +197,21 @@ struct DeviceStats {
   int64_t kv_blocks_free = 0;
 };
 
+// What computed one model's layers on one device, summed over its layers: requests for attn_impl's fast path that
+// another path served, by where and why, and the CUDA graphs of its paged decode passes.
+struct ExecutionStats {
+  std::string model;
+  std::string device;
+  std::string attn_impl;
+  // Reason -> count. forward: stateless Forwards ("needs_weights", "unsupported_layer", "stateless_forward");
+  // paged: the engine's batched passes ("unsupported_layer", "alibi_prefill"). See AttnImpl.
+  std::map<std::string, uint64_t> forward_fallbacks;
+  std::map<std::string, uint64_t> paged_fallbacks;
+  uint64_t paged_passes = 0;
+  uint64_t graph_captures = 0;      // CUDA graphs captured (one per layer, batch bucket and table width in use)
+  uint64_t graph_replays = 0;       // paged decode passes served by replaying one
+};
+
 struct EngineStats {
   size_t queue_depth = 0;           // items waiting, all devices
   size_t running = 0;               // steps and forwards being computed now
@@ -221,6 +237,7 @@ struct EngineStats {
   int64_t replay_bytes = 0;         // bytes of answers kept for retries now
   uint64_t forwards_completed = 0;
   std::vector<DeviceStats> devices;  // per device: cpu, cuda:0, cuda:1, ...; the fields above are their totals
+  std::vector<ExecutionStats> execution;  // per model and replica, by model name then device order
 };
 
 class Engine {

@@ -10,6 +10,7 @@
 #define MQA_CORE_MQA_LAYER_H_
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -90,8 +91,9 @@ struct ForwardResult {
 struct LayerCounters {
   uint64_t forwards = 0;
   uint64_t fallbacks_to_torch = 0;  // flash/triton requests served by another path (see AttnImpl)
-  uint64_t graph_captures = 0;      // CUDA graphs captured (one per batch bucket and table width in use)
-  uint64_t graph_replays = 0;       // paged decode passes served by replaying one
+  // The same, by reason: "needs_weights", "unsupported_layer" (no CUDA, or not 16-bit), "stateless_forward"
+  // (triton's kernels work on the paged cache; a stateless Forward uses flash's).
+  std::map<std::string, uint64_t> fallbacks;
 };
 
 class MultiQueryAttention {
@@ -114,13 +116,11 @@ class MultiQueryAttention {
   // (INVALID_ARGUMENT naming each problem); extra names under prefix are errors too. Tensors are copied.
   Status LoadStateDict(const TensorMap& tensors, const std::string& prefix = "");
 
+  // The stateless Forward's counters (the engine's paged passes count theirs apart: EngineStats::execution).
   LayerCounters counters() const;
 
-  // For core's private sources only (the engine's paged, batched pass).
-  struct Impl;
-  const Impl& impl() const { return *impl_; }
-
  private:
+  struct Impl;
   explicit MultiQueryAttention(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
