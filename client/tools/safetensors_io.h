@@ -1,8 +1,9 @@
-// A small safetensors reader and writer for mqa-cli and the client tests (https://huggingface.co/docs/
-// safetensors: an 8-byte little-endian header length, a JSON header, then the raw tensor bytes).
+// Safetensors files as client::HostTensors, for mqa-cli and the client tests. The format itself (what is
+// accepted, the codes, the limits) is core's torch-free mqa/core/safetensors_format.h, the project's one reader
+// and writer; this is its adapter to the public client types. Files are mapped (mmap) and each tensor copied out
+// once.
 //
-// Supported dtypes: F32, BF16, F16, BOOL, U8 (the ones mqa.v1 carries). Others are rejected with
-// INVALID_ARGUMENT. Uses only the public client API for its types. Functions are thread-compatible (no
+// Supported dtypes: F32, BF16, F16, BOOL, U8 (the ones mqa.v1 carries). Functions are thread-compatible (no
 // shared state).
 #ifndef MQA_CLIENT_TOOLS_SAFETENSORS_IO_H_
 #define MQA_CLIENT_TOOLS_SAFETENSORS_IO_H_
@@ -22,15 +23,16 @@ struct SafetensorsFile {
   std::map<std::string, std::string> metadata;     // "__metadata__"
 };
 
-// Parses a whole file's bytes. INVALID_ARGUMENT (with the reason) on any malformation: short file, header
-// length past the end, bad JSON, offsets out of range or overlapping, byte counts that do not match the
-// shape, unsupported dtypes.
+// Parses a whole file's bytes. DATA_LOSS (with the reason) on any malformation: short file, header length past
+// the end, bad JSON, offsets out of range or overlapping, byte counts that do not match the shape, unsupported
+// dtypes (safetensors_format.h lists every check).
 StatusOr<SafetensorsFile> ParseSafetensors(const std::vector<uint8_t>& bytes);
 // Tensors in name order, header padded with spaces to a multiple of 8 bytes. INVALID_ARGUMENT when a
-// tensor is malformed (HostTensor::Validate).
+// tensor is malformed (HostTensor::Validate) or named "__metadata__".
 StatusOr<std::vector<uint8_t>> SerializeSafetensors(const SafetensorsFile& file);
 
-// File versions of the above; NOT_FOUND when the file cannot be opened, INTERNAL on a write failure.
+// File versions of the above: NOT_FOUND when the file cannot be opened; a write goes to "<path>.tmp" first and is
+// renamed over path (FAILED_PRECONDITION when either fails).
 StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path);
 Status WriteSafetensors(const std::string& path, const SafetensorsFile& file);
 

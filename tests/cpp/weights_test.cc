@@ -7,6 +7,7 @@
 
 #include "mqa/core/mqa_layer.h"
 #include "mqa/core/safetensors.h"
+#include "mqa/core/testing/safetensors.h"
 #include "test_util.h"
 
 namespace mqa::testing {

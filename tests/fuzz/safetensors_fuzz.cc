@@ -1,6 +1,7 @@
-// Fuzzes the safetensors reader (core/src/safetensors.cc): the 8-byte header length, the JSON header and the
-// data layout it describes. Weights files come from operators, not clients, but a truncated or hostile file
-// must still end in a Status (DATA_LOSS naming the file), never in a crash or a read outside the buffer.
+// Fuzzes the safetensors reader (core/src/safetensors_format.cc, through core's adapter): the 8-byte header
+// length, the JSON header and the data layout it describes. Weights files come from operators, not clients, but a
+// truncated or hostile file must still end in a Status (DATA_LOSS naming the file), never in a crash or a read
+// outside the buffer.
 //
 // Input: the bytes of a file. Beyond the sanitizers' checks, the target aborts when
 //  - a refusal is not DATA_LOSS or its message does not start with the file's name;
@@ -16,6 +17,7 @@
 #include <string>
 
 #include "mqa/core/safetensors.h"
+#include "mqa/core/testing/safetensors.h"
 #include "mqa/core/status.h"
 #include "mqa/core/tensor.h"
 
