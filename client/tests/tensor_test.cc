@@ -8,6 +8,7 @@
 
 #include <gtest/gtest.h>
 
+#include "float_bits.h"  // the scalar conversions, internal to libmqa_client
 #include "mqa/client/tensor.h"
 
 namespace mqa::client {

@@ -32,13 +32,6 @@ MQA_CLIENT_EXPORT std::string DataTypeName(DataType dtype);
 // Inverse of DataTypeName; also accepts "f32", "bf16", "f16", "fp32", "fp16", "u8". nullopt when unknown.
 MQA_CLIENT_EXPORT std::optional<DataType> ParseDataType(std::string_view name);
 
-// Scalar conversions. Narrowing rounds to nearest, ties to even; overflow gives +-inf; NaN stays NaN (quiet,
-// sign kept); float16 subnormals are produced and read exactly.
-MQA_CLIENT_EXPORT uint16_t FloatToBFloat16Bits(float value);
-MQA_CLIENT_EXPORT float BFloat16BitsToFloat(uint16_t bits);
-MQA_CLIENT_EXPORT uint16_t FloatToFloat16Bits(float value);
-MQA_CLIENT_EXPORT float Float16BitsToFloat(uint16_t bits);
-
 // A dense row-major (C order) tensor in host memory: `data` holds product(shape) * DataTypeSize(dtype) bytes,
 // little-endian (the wire format of mqa.v1.Tensor). An empty shape is a scalar. A plain value type: copying
 // copies the bytes; no synchronisation.
@@ -57,7 +50,8 @@ struct MQA_CLIENT_EXPORT HostTensor {
   // "[2, 3, 4]".
   std::string ShapeString() const;
 
-  // Builds a tensor of `dtype` (kFloat32, kBFloat16 or kFloat16) from float values, rounding to nearest even.
+  // Builds a tensor of `dtype` (kFloat32, kBFloat16 or kFloat16) from float values. Narrowing rounds to nearest,
+  // ties to even; overflow gives +-inf; NaN stays NaN (quiet, sign kept); float16 subnormals are produced exactly.
   // INVALID_ARGUMENT when values.size() != product(shape) or dtype is not a floating type.
   static StatusOr<HostTensor> FromFloats(std::vector<int64_t> shape, const std::vector<float>& values,
                                          DataType dtype = DataType::kFloat32);
