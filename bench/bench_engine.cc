@@ -18,6 +18,7 @@
 //          [--layers 4] [--sessions 1,8,64,256] [--prefill 128] [--tokens 64] [--warmup 4]
 //          [--attn-impl torch|flash|triton] [--max-batch-sessions 256] [--max-batch-tokens 4096]
 //          [--max-queue-delay-us 0] [--kv-block-size 16] [--modes batched,unbatched] [--seed 0] [--json FILE]
+//        mqa-bench-engine --help | --version
 #include <algorithm>
 #include <chrono>
 #include <cinttypes>
@@ -26,10 +27,8 @@
 #include <cstdlib>
 #include <ctime>
 #include <fstream>
-#include <map>
 #include <memory>
 #include <optional>
-#include <set>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -42,6 +41,7 @@
 #include "mqa/core/tensor.h"
 #include "bench_report.h"
 #include "closed_loop.h"
+#include "command_line.h"
 
 namespace {
 
@@ -71,84 +71,10 @@ void Check(const Status& s, const std::string& what) {
   if (!s.ok()) Die(what + ": " + s.ToString());
 }
 
-// "--name value" or "--name=value"; an unknown flag or a missing value stops the program (exit 2).
-class Flags {
- public:
-  Flags(int argc, char** argv, std::set<std::string> known) : known_(std::move(known)) {
-    for (int i = 1; i < argc; ++i) {
-      std::string arg = argv[i];
-      if (arg == "--help" || arg == "-h") Usage(0);
-      if (arg.rfind("--", 0) != 0) UsageError("unexpected argument '" + arg + "'");
-      std::string name = arg.substr(2);
-      std::string value;
-      const size_t eq = name.find('=');
-      if (eq != std::string::npos) {
-        value = name.substr(eq + 1);
-        name = name.substr(0, eq);
-      } else if (i + 1 < argc) {
-        value = argv[++i];
-      } else {
-        UsageError("flag --" + name + " needs a value");
-      }
-      if (!known_.count(name)) UsageError("unknown flag --" + name);
-      values_[name] = value;
-    }
-  }
-
-  std::string Str(const std::string& name, const std::string& fallback) const {
-    auto it = values_.find(name);
-    return it == values_.end() ? fallback : it->second;
-  }
-
-  int64_t Int(const std::string& name, int64_t fallback, int64_t min_value) const {
-    auto it = values_.find(name);
-    if (it == values_.end()) return fallback;
-    return ParseInt(name, it->second, min_value);
-  }
-
-  // A comma-separated list of integers >= min_value.
-  std::vector<int64_t> IntList(const std::string& name, const std::string& fallback, int64_t min_value) const {
-    std::vector<int64_t> out;
-    std::stringstream ss(Str(name, fallback));
-    std::string item;
-    while (std::getline(ss, item, ',')) {
-      if (!item.empty()) out.push_back(ParseInt(name, item, min_value));
-    }
-    if (out.empty()) UsageError("--" + name + " needs at least one value");
-    return out;
-  }
-
-  [[noreturn]] static void UsageError(const std::string& message) {
-    std::fprintf(stderr, "mqa-bench-engine: %s\n\n", message.c_str());
-    Usage(2);
-  }
-
-  [[noreturn]] static void Usage(int code) {
-    std::fputs(
-        "usage: mqa-bench-engine [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--dim N] [--heads H]\n"
-        "         [--layers L] [--sessions 1,8,64,256] [--prefill P=128] [--tokens T=64] [--warmup W=4]\n"
-        "         [--attn-impl torch|flash|triton] [--max-batch-sessions B=256] [--max-batch-tokens K=4096]\n"
-        "         [--max-queue-delay-us U=0] [--kv-block-size S=16] [--modes batched,unbatched] [--seed N]\n"
-        "         [--json FILE]\n"
-        "defaults: cuda when a GPU is present (bfloat16, dim 4096, heads 32, layers 4, flash), else cpu (float32,\n"
-        "dim 512, heads 8, layers 2, torch). unbatched = max_batch_sessions 1.\n",
-        code == 0 ? stdout : stderr);
-    std::exit(code);
-  }
-
- private:
-  static int64_t ParseInt(const std::string& name, const std::string& text, int64_t min_value) {
-    char* end = nullptr;
-    const long long v = std::strtoll(text.c_str(), &end, 10);
-    if (end == text.c_str() || *end != '\0' || v < min_value) {
-      UsageError("--" + name + " needs integers >= " + std::to_string(min_value) + ", got '" + text + "'");
-    }
-    return v;
-  }
-
-  std::set<std::string> known_;
-  std::map<std::string, std::string> values_;
-};
+[[noreturn]] void UsageError(const std::string& message) {
+  std::fprintf(stderr, "mqa-bench-engine: %s\nrun 'mqa-bench-engine --help' for usage\n", message.c_str());
+  std::exit(2);
+}
 
 double Mean(const std::vector<double>& values) {
   if (values.empty()) return 0.0;
@@ -363,43 +289,80 @@ std::string RowJson(const BenchConfig& c, const Row& r) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const Flags flags(argc, argv,
-                    {"device", "dtype", "dim", "heads", "layers", "sessions", "prefill", "tokens", "warmup",
-                     "attn-impl", "max-batch-sessions", "max-batch-tokens", "max-queue-delay-us", "kv-block-size",
-                     "modes", "seed", "json"});
-  BenchConfig c;
-  c.device = flags.Str("device", mqa::core::CudaAvailable() ? "cuda" : "cpu");
-  Check(mqa::core::ValidateDevice(c.device), "--device");
-  const bool on_gpu = c.device != "cpu";
-  c.dtype = Check(mqa::core::ParseDType(flags.Str("dtype", on_gpu ? "bfloat16" : "float32")), "--dtype");
-  c.dim = flags.Int("dim", on_gpu ? 4096 : 512, 1);
-  c.heads = flags.Int("heads", on_gpu ? 32 : 8, 1);
-  c.layers = static_cast<int>(flags.Int("layers", on_gpu ? 4 : 2, 1));
-  c.attn_impl = Check(mqa::core::ParseAttnImpl(flags.Str("attn-impl", on_gpu ? "flash" : "torch")), "--attn-impl");
-  const std::vector<int64_t> session_counts = flags.IntList("sessions", "1,8,64,256", 1);
-  c.prefill = flags.Int("prefill", 128, 0);
-  c.tokens = flags.Int("tokens", 64, 1);
-  c.warmup = flags.Int("warmup", 4, 0);
+  CLI::App app{"mqa-bench-engine: decode throughput and step latency of the in-process Engine with N sessions, "
+               "batched against unbatched (max_batch_sessions 1), in one run",
+               "mqa-bench-engine"};
+  mqa::command_line::InitApp(app);
   const mqa::core::BatchingOptions batching_defaults;
   const mqa::core::KvCacheOptions kv_defaults;
-  c.max_batch_sessions = flags.Int("max-batch-sessions", batching_defaults.max_batch_sessions, 1);
-  c.max_batch_tokens = flags.Int("max-batch-tokens", batching_defaults.max_batch_tokens, 1);
-  c.max_queue_delay_us = flags.Int("max-queue-delay-us", batching_defaults.max_queue_delay.count(), 0);
-  c.kv_block_size = flags.Int("kv-block-size", kv_defaults.block_size, 1);
-  c.seed = static_cast<uint64_t>(flags.Int("seed", 0, 0));
-  const std::string json_path = flags.Str("json", "");
+  BenchConfig c;
+  std::string dtype_flag;
+  std::string attn_impl_flag;
+  std::string sessions_text = "1,8,64,256";
+  std::string modes_text = "batched,unbatched";
+  std::string json_path;
+  c.prefill = 128;
+  c.tokens = 64;
+  c.warmup = 4;
+  c.max_batch_sessions = batching_defaults.max_batch_sessions;
+  c.max_batch_tokens = batching_defaults.max_batch_tokens;
+  c.max_queue_delay_us = batching_defaults.max_queue_delay.count();
+  c.kv_block_size = kv_defaults.block_size;
+  using mqa::command_line::AddInt;
+  app.add_option("--device", c.device, "cpu, cuda or cuda:N (default: cuda when a GPU is present, else cpu)");
+  app.add_option("--dtype", dtype_flag, "float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)");
+  CLI::Option* dim_flag = AddInt(app, "--dim", &c.dim, 1, "model dimension (default: 4096 on cuda, 512 on cpu)");
+  CLI::Option* heads_flag = AddInt(app, "--heads", &c.heads, 1, "query heads (default: 32 on cuda, 8 on cpu)");
+  CLI::Option* layers_flag =
+      AddInt(app, "--layers", &c.layers, 1, "layers of the model (default: 4 on cuda, 2 on cpu)");
+  mqa::command_line::AddIntList(app, "--sessions", &sessions_text, 1, "session counts, one run each")
+      ->capture_default_str();
+  AddInt(app, "--prefill", &c.prefill, 0, "prefill tokens per session")->capture_default_str();
+  AddInt(app, "--tokens", &c.tokens, 1, "timed decode tokens per session")->capture_default_str();
+  AddInt(app, "--warmup", &c.warmup, 0, "untimed decode tokens per session first")->capture_default_str();
+  app.add_option("--attn-impl", attn_impl_flag, "torch, flash or triton (default: flash on cuda, torch on cpu)");
+  AddInt(app, "--max-batch-sessions", &c.max_batch_sessions, 1, "batched mode's sessions per pass")
+      ->capture_default_str();
+  AddInt(app, "--max-batch-tokens", &c.max_batch_tokens, 1, "batched mode's tokens per pass")->capture_default_str();
+  AddInt(app, "--max-queue-delay-us", &c.max_queue_delay_us, 0, "batched mode's wait for a fuller pass")
+      ->capture_default_str();
+  AddInt(app, "--kv-block-size", &c.kv_block_size, 1, "tokens per KV-cache block", 1 << 30)->capture_default_str();
+  CLI::Validator modes_check(
+      [](const std::string& text) -> std::string {
+        std::stringstream ss(text);
+        int count = 0;
+        for (std::string m; std::getline(ss, m, ',');) {
+          if (m.empty()) continue;
+          if (m != "batched" && m != "unbatched") return "takes batched and/or unbatched, got '" + m + "'";
+          ++count;
+        }
+        return count > 0 ? std::string() : "needs at least one mode";
+      },
+      "", "Modes");
+  app.add_option("--modes", modes_text, "the modes to run, in order")->check(modes_check)->capture_default_str();
+  AddInt(app, "--seed", &c.seed, 0, "seed of the weights and inputs")->capture_default_str();
+  app.add_option("--json", json_path, "also write the results as JSON to FILE")->type_name("FILE");
+  if (std::optional<int> exit_code = mqa::command_line::Parse(app, argc, argv)) return *exit_code;
+
+  if (c.device.empty()) c.device = mqa::core::CudaAvailable() ? "cuda" : "cpu";
+  Check(mqa::core::ValidateDevice(c.device), "--device");
+  const bool on_gpu = c.device != "cpu";
+  c.dtype = Check(mqa::core::ParseDType(dtype_flag.empty() ? (on_gpu ? "bfloat16" : "float32") : dtype_flag),
+                  "--dtype");
+  if (dim_flag->count() == 0) c.dim = on_gpu ? 4096 : 512;
+  if (heads_flag->count() == 0) c.heads = on_gpu ? 32 : 8;
+  if (layers_flag->count() == 0) c.layers = on_gpu ? 4 : 2;
+  c.attn_impl = Check(
+      mqa::core::ParseAttnImpl(attn_impl_flag.empty() ? (on_gpu ? "flash" : "torch") : attn_impl_flag), "--attn-impl");
+  const std::vector<int64_t> session_counts = mqa::command_line::IntList(sessions_text);
   std::vector<std::string> modes;
   {
-    std::stringstream ss(flags.Str("modes", "batched,unbatched"));
-    std::string m;
-    while (std::getline(ss, m, ',')) {
-      if (m.empty()) continue;
-      if (m != "batched" && m != "unbatched") Flags::UsageError("--modes takes batched and/or unbatched, got " + m);
-      modes.push_back(m);
+    std::stringstream ss(modes_text);
+    for (std::string m; std::getline(ss, m, ',');) {
+      if (!m.empty()) modes.push_back(m);
     }
-    if (modes.empty()) Flags::UsageError("--modes needs at least one mode");
   }
-  if (c.dim % c.heads != 0) Flags::UsageError("--dim must be a multiple of --heads");
+  if (c.dim % c.heads != 0) UsageError("--dim must be a multiple of --heads");
   Check(mqa::core::ValidateOptions([&] {
           mqa::core::MqaOptions o;
           o.dim = c.dim;

@@ -5,15 +5,17 @@
 //
 // Usage: mqa-bench-layer [--device cpu|cuda] [--dtype float32|bfloat16] [--dim 4096] [--heads 32]
 //                        [--repeats N] [--json FILE] [--quick]
+//        mqa-bench-layer --help | --version
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <optional>
 #include <string>
 #include <vector>
 
-#include "bench_report.h"
+#include "command_line.h"
 #include "mqa/core/device.h"
 #include "mqa/core/mqa_layer.h"
 
@@ -44,20 +46,33 @@ void Check(const mqa::core::Status& s, const char* what) {
   }
 }
 
-using mqa::bench::Arg;
-using mqa::bench::Flag;
-
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::string device = Arg(argc, argv, "--device", mqa::core::CudaAvailable() ? "cuda" : "cpu");
+  CLI::App app{"mqa-bench-layer: the layer's forward per attn_impl, decode and prefill, against the memory floor",
+               "mqa-bench-layer"};
+  mqa::command_line::InitApp(app);
+  std::string device;
+  std::string dtype_name;
+  int64_t dim = 4096;
+  int64_t heads = 32;
+  int repeats = 0;
+  std::string json_path;
+  bool quick = false;
+  app.add_option("--device", device, "cpu, cuda or cuda:N (default: cuda when a GPU is present, else cpu)");
+  app.add_option("--dtype", dtype_name, "float32 or bfloat16 (default: bfloat16 on a GPU, float32 on the CPU)");
+  mqa::command_line::AddInt(app, "--dim", &dim, 1, "model dimension")->capture_default_str();
+  mqa::command_line::AddInt(app, "--heads", &heads, 1, "query heads; --dim must be a multiple")->capture_default_str();
+  CLI::Option* repeats_flag = mqa::command_line::AddInt(
+      app, "--repeats", &repeats, 1, "timed forwards per case (default: 200 on a GPU, 5 on the CPU)");
+  app.add_option("--json", json_path, "also write the results as JSON to FILE")->type_name("FILE");
+  app.add_flag("--quick", quick, "small shapes, for a smoke run");
+  if (std::optional<int> exit_code = mqa::command_line::Parse(app, argc, argv)) return *exit_code;
+  if (device.empty()) device = mqa::core::CudaAvailable() ? "cuda" : "cpu";
   const bool on_gpu = device != "cpu";
-  const DType dtype = Check(mqa::core::ParseDType(Arg(argc, argv, "--dtype", on_gpu ? "bfloat16" : "float32")), "dtype");
-  const int64_t dim = std::stoll(Arg(argc, argv, "--dim", "4096"));
-  const int64_t heads = std::stoll(Arg(argc, argv, "--heads", "32"));
-  const int repeats = std::stoi(Arg(argc, argv, "--repeats", on_gpu ? "200" : "5"));
-  const std::string json_path = Arg(argc, argv, "--json", "");
-  const bool quick = Flag(argc, argv, "--quick");
+  if (dtype_name.empty()) dtype_name = on_gpu ? "bfloat16" : "float32";
+  const DType dtype = Check(mqa::core::ParseDType(dtype_name), "dtype");
+  if (repeats_flag->count() == 0) repeats = on_gpu ? 200 : 5;
   const int64_t d = dim / heads;
   const size_t elem = mqa::core::DTypeSize(dtype);
 

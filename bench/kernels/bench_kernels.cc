@@ -11,6 +11,7 @@
 //
 // Usage: mqa-bench-kernels [--json FILE] [--heads 32] [--head-dim 128] [--iters N] [--quick]
 //        mqa-bench-kernels --profile-decode B,L[,SPLITS] | --profile-layer B,L
+//        mqa-bench-kernels --help | --version
 //   The profile modes run one case a few times and exit, for a profiler (ncu -k ...): the decode kernel eagerly
 //   (the split heuristic's count unless SPLITS is given), or the triton layer step replaying its CUDA graph.
 #include <ATen/ATen.h>
@@ -27,12 +28,14 @@
 #include <functional>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include "bench_report.h"
+#include "command_line.h"
 #include "copy_bandwidth.h"
 #include "mqa/core/block_pool.h"
 #include "mqa/core/device.h"
@@ -49,9 +52,7 @@ using mqa::core::MqaOptions;
 using mqa::core::MultiQueryAttention;
 using mqa::core::PagedSeq;
 
-using mqa::bench::Arg;
 using mqa::bench::JsonNumber;
-using mqa::bench::Flag;
 
 // Median over `repeats` of the mean time per call of `iters` back-to-back calls, in ms (CUDA events on the
 // current stream, after warm-up calls).
@@ -156,32 +157,46 @@ struct DecodeCase {
   }
 };
 
-// "a,b[,c]" -> {a, b[, c]}.
-std::vector<int64_t> Ints(const std::string& csv) {
-  std::vector<int64_t> v;
-  std::stringstream in(csv);
-  for (std::string item; std::getline(in, item, ',');) v.push_back(std::stoll(item));
-  return v;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
+  CLI::App app{"mqa-bench-kernels: the project's paged MQA kernels against LibTorch, on one CUDA device",
+               "mqa-bench-kernels"};
+  mqa::command_line::InitApp(app);
+  bool quick = false;
+  std::string json_path;
+  int64_t H = 32;
+  int64_t D = 128;
+  int iters = 0;
+  std::string profile_decode_text;
+  std::string profile_layer_text;
+  app.add_option("--json", json_path, "also write the results as JSON to FILE")->type_name("FILE");
+  mqa::command_line::AddInt(app, "--heads", &H, 1, "query heads")->capture_default_str();
+  mqa::command_line::AddInt(app, "--head-dim", &D, 1, "head dimension")->capture_default_str();
+  CLI::Option* iters_flag =
+      mqa::command_line::AddInt(app, "--iters", &iters, 1, "calls per timing (default: 20, 5 with --quick)");
+  app.add_flag("--quick", quick, "fewer cases and iterations, for a smoke run");
+  mqa::command_line::AddIntList(app, "--profile-decode", &profile_decode_text, 1,
+                                "run the decode kernel on B sessions x L tokens (SPLITS: its split count) a few times "
+                                "and exit, for a profiler")
+      ->type_name("B,L[,SPLITS]");
+  mqa::command_line::AddIntList(app, "--profile-layer", &profile_layer_text, 1,
+                                "run the triton layer step of B sessions x L tokens (a CUDA graph replay) and exit, "
+                                "for a profiler")
+      ->type_name("B,L");
+  if (std::optional<int> exit_code = mqa::command_line::Parse(app, argc, argv)) return *exit_code;
+  if (iters_flag->count() == 0) iters = quick ? 5 : 20;
+  const std::vector<int64_t> profile_decode = mqa::command_line::IntList(profile_decode_text);
+  const std::vector<int64_t> profile_layer = mqa::command_line::IntList(profile_layer_text);
+  const bool profiling = !profile_decode.empty() || !profile_layer.empty();
+  if ((!profile_decode.empty() && profile_decode.size() > 3) || profile_decode.size() == 1 ||
+      (!profile_layer.empty() && profile_layer.size() != 2)) {
+    std::fprintf(stderr, "mqa-bench-kernels: --profile-decode B,L[,SPLITS] and --profile-layer B,L\n");
+    return 2;
+  }
   if (!mqa::core::CudaAvailable()) {
     std::fprintf(stderr, "mqa-bench-kernels: needs a CUDA device\n");
     return 1;
-  }
-  const bool quick = Flag(argc, argv, "--quick");
-  const std::string json_path = Arg(argc, argv, "--json", "");
-  const int64_t H = std::stoll(Arg(argc, argv, "--heads", "32"));
-  const int64_t D = std::stoll(Arg(argc, argv, "--head-dim", "128"));
-  const int iters = std::stoi(Arg(argc, argv, "--iters", quick ? "5" : "20"));
-  const std::vector<int64_t> profile_decode = Ints(Arg(argc, argv, "--profile-decode", ""));
-  const std::vector<int64_t> profile_layer = Ints(Arg(argc, argv, "--profile-layer", ""));
-  const bool profiling = !profile_decode.empty() || !profile_layer.empty();
-  if ((!profile_decode.empty() && profile_decode.size() < 2) || (!profile_layer.empty() && profile_layer.size() != 2)) {
-    std::fprintf(stderr, "mqa-bench-kernels: --profile-decode B,L[,SPLITS] and --profile-layer B,L\n");
-    return 2;
   }
   c10::cuda::CUDAStreamGuard stream_guard(c10::cuda::getStreamFromPool());  // graphs need a side stream
   std::mt19937_64 rng(1234);

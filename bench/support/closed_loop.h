@@ -1,8 +1,8 @@
 // The closed loop of layer steps that mqa-bench-engine (the engine in process) and mqa-cli bench (the client
 // library over gRPC) both drive; they differ only in how one step is sent and how its answer comes back.
 // Header-only and templated on the tensor and status types, so it depends on neither core nor the client library.
-#ifndef MQA_CLIENT_TOOLS_CLOSED_LOOP_H_
-#define MQA_CLIENT_TOOLS_CLOSED_LOOP_H_
+#ifndef MQA_BENCH_SUPPORT_CLOSED_LOOP_H_
+#define MQA_BENCH_SUPPORT_CLOSED_LOOP_H_
 
 #include <algorithm>
 #include <chrono>
@@ -145,4 +145,4 @@ class ClosedLoop {
 
 }  // namespace mqa::bench
 
-#endif  // MQA_CLIENT_TOOLS_CLOSED_LOOP_H_
+#endif  // MQA_BENCH_SUPPORT_CLOSED_LOOP_H_

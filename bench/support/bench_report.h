@@ -1,7 +1,7 @@
 // Small, header-only helpers shared by the benchmarks that print and write their results: mqa-cli bench
 // (client side), mqa-bench-engine, mqa-bench-layer and mqa-bench-kernels (in process). Standard library only.
-#ifndef MQA_CLIENT_TOOLS_BENCH_REPORT_H_
-#define MQA_CLIENT_TOOLS_BENCH_REPORT_H_
+#ifndef MQA_BENCH_SUPPORT_BENCH_REPORT_H_
+#define MQA_BENCH_SUPPORT_BENCH_REPORT_H_
 
 #include <algorithm>
 #include <cmath>
@@ -45,22 +45,6 @@ inline std::string JsonNumber(double v) {
   return buf;
 }
 
-// The value after `name` on the command line ("--iters 20"), or def when absent.
-inline std::string Arg(int argc, char** argv, const std::string& name, const std::string& def) {
-  for (int i = 1; i + 1 < argc; ++i) {
-    if (argv[i] == name) return argv[i + 1];
-  }
-  return def;
-}
-
-// Whether the bare flag `name` ("--quick") is on the command line.
-inline bool Flag(int argc, char** argv, const std::string& name) {
-  for (int i = 1; i < argc; ++i) {
-    if (argv[i] == name) return true;
-  }
-  return false;
-}
-
 }  // namespace mqa::bench
 
-#endif  // MQA_CLIENT_TOOLS_BENCH_REPORT_H_
+#endif  // MQA_BENCH_SUPPORT_BENCH_REPORT_H_
