@@ -1,19 +1,26 @@
-// mqa-demo: the main job until the gRPC server exists (issue "gRPC service" replaces it with server + client).
-// Builds the embedded default model (a stack of MQA layers with weights drawn from a seed; CUDA when present),
-// or loads one from safetensors, then runs one session: a prefill, then decode steps through every layer with
-// each layer's KV cache, printing per-step latency and tokens/s, and finally checks that the streamed outputs
-// equal one full causal pass over the same tokens.
+// mqa-dev-stream-check: a developer tool, not the service and not built by default
+// (cmake --build <dir> --target mqa-dev-stream-check). The service's demo is mqa-server with
+// mqa-cli session-demo (scripts/demo.sh).
 //
-// Usage: mqa-demo [--tokens 64] [--prefill 8] [--layers 4] [--dim 512] [--heads 8] [--device cpu|cuda]
-//                 [--dtype float32|bfloat16] [--impl torch|flash] [--weights FILE] [--save FILE] [--seed 0]
+// In process, on core's public API: builds a stack of MQA layers with weights drawn from a seed (CUDA when
+// present), or loads one from safetensors, then runs one session: a prefill, then decode steps through every layer
+// with each layer's KV cache, printing per-step latency and tokens/s, and finally checks that the streamed outputs
+// equal one full causal pass over the same tokens (exit 1 when they do not).
+//
+// Usage: mqa-dev-stream-check [--tokens 64] [--prefill 8] [--layers 4] [--dim 512] [--heads 8]
+//          [--device cpu|cuda] [--dtype float32|bfloat16] [--impl torch|flash] [--weights FILE] [--save FILE]
+//          [--seed 0]
+//        mqa-dev-stream-check --help | --version
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "command_line.h"
 #include "mqa/core/device.h"
 #include "mqa/core/mqa_layer.h"
 
@@ -21,17 +28,10 @@ namespace {
 
 using mqa::core::Tensor;
 
-std::string Arg(int argc, char** argv, const std::string& name, const std::string& def) {
-  for (int i = 1; i + 1 < argc; ++i) {
-    if (argv[i] == name) return argv[i + 1];
-  }
-  return def;
-}
-
 template <typename T>
 T Check(mqa::core::StatusOr<T> s, const char* what) {
   if (!s.ok()) {
-    std::fprintf(stderr, "mqa-demo: %s: %s\n", what, s.status().ToString().c_str());
+    std::fprintf(stderr, "mqa-dev-stream-check: %s: %s\n", what, s.status().ToString().c_str());
     std::exit(1);
   }
   return std::move(s).value();
@@ -47,30 +47,48 @@ Tensor Rows(const std::vector<float>& all, int64_t from, int64_t n, int64_t dim,
 }  // namespace
 
 int main(int argc, char** argv) {
-  const int64_t tokens = std::stoll(Arg(argc, argv, "--tokens", "64"));
-  const int64_t prefill = std::stoll(Arg(argc, argv, "--prefill", "8"));
+  CLI::App app{"mqa-dev-stream-check: a developer tool, not the service (that is mqa-server with mqa-cli "
+               "session-demo, scripts/demo.sh). In process: one session streamed through a stack of MQA layers, "
+               "per-step latency, and a check that the streamed outputs equal one full causal pass (exit 1 if not).",
+               "mqa-dev-stream-check"};
+  mqa::command_line::InitApp(app);
+  int64_t tokens = 64;
+  int64_t prefill = 8;
+  int layers = 4;
   mqa::core::MqaOptions o;
-  o.dim = std::stoll(Arg(argc, argv, "--dim", "512"));
-  o.heads = std::stoll(Arg(argc, argv, "--heads", "8"));
-  o.device = Arg(argc, argv, "--device", mqa::core::CudaAvailable() ? "cuda" : "cpu");
-  o.dtype = Check(mqa::core::ParseDType(Arg(argc, argv, "--dtype", "float32")), "dtype");
-  o.attn_impl = Check(mqa::core::ParseAttnImpl(Arg(argc, argv, "--impl", "torch")), "impl");
-  o.seed = std::stoull(Arg(argc, argv, "--seed", "0"));
-  const int layers = std::stoi(Arg(argc, argv, "--layers", "4"));
-  const std::string weights = Arg(argc, argv, "--weights", "");
-  if (tokens < 1 || prefill < 1) {
-    std::fprintf(stderr, "mqa-demo: --tokens and --prefill must be >= 1\n");
-    return 2;
-  }
+  o.dim = 512;
+  o.heads = 8;
+  std::string device;
+  std::string dtype_name = "float32";
+  std::string impl_name = "torch";
+  std::string weights;
+  std::string save;
+  using mqa::command_line::AddInt;
+  AddInt(app, "--tokens", &tokens, 1, "decode tokens")->capture_default_str();
+  AddInt(app, "--prefill", &prefill, 1, "prefill tokens, one step")->capture_default_str();
+  AddInt(app, "--layers", &layers, 1, "layers of the seeded stack (a loaded one has the file's)")
+      ->capture_default_str();
+  AddInt(app, "--dim", &o.dim, 1, "model dimension")->capture_default_str();
+  AddInt(app, "--heads", &o.heads, 1, "query heads")->capture_default_str();
+  app.add_option("--device", device, "cpu, cuda or cuda:N (default: cuda when a GPU is present, else cpu)");
+  app.add_option("--dtype", dtype_name, "float32 or bfloat16")->capture_default_str();
+  app.add_option("--impl", impl_name, "attn_impl: torch, flash or triton")->capture_default_str();
+  AddInt(app, "--seed", &o.seed, 0, "seed of the weights and the input")->capture_default_str();
+  app.add_option("--weights", weights, "load the stack from this safetensors file instead")->type_name("FILE");
+  app.add_option("--save", save, "save the stack to this safetensors file")->type_name("FILE");
+  if (std::optional<int> exit_code = mqa::command_line::Parse(app, argc, argv)) return *exit_code;
+  o.device = device.empty() ? (mqa::core::CudaAvailable() ? "cuda" : "cpu") : device;
+  o.dtype = Check(mqa::core::ParseDType(dtype_name), "dtype");
+  o.attn_impl = Check(mqa::core::ParseAttnImpl(impl_name), "impl");
 
   auto stack = weights.empty() ? Check(mqa::core::MqaStack::Create(o, layers), "create model")
                                : Check(mqa::core::MqaStack::Load(weights, o), "load model");
-  const std::string save = Arg(argc, argv, "--save", "");
   if (!save.empty()) {
     auto st = stack->Save(save);
-    if (!st.ok()) std::fprintf(stderr, "mqa-demo: save: %s\n", st.ToString().c_str());
+    if (!st.ok()) std::fprintf(stderr, "mqa-dev-stream-check: save: %s\n", st.ToString().c_str());
   }
-  std::printf("mqa-demo: model %s: %d layers, dim %lld, heads %lld (head_dim %lld), %s, attn_impl %s, on %s (%s)\n",
+  std::printf("mqa-dev-stream-check: model %s: %d layers, dim %lld, heads %lld (head_dim %lld), %s, attn_impl %s, "
+              "on %s (%s)\n",
               weights.empty() ? "embedded default (seeded)" : weights.c_str(), stack->num_layers(),
               static_cast<long long>(o.dim), static_cast<long long>(o.heads), static_cast<long long>(o.head_dim()),
               std::string(mqa::core::DTypeName(o.dtype)).c_str(),
