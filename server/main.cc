@@ -12,6 +12,7 @@
 #include "server/config.h"
 #include "server/logging.h"
 #include "server/server.h"
+#include "server/settings.h"
 
 namespace {
 
@@ -41,6 +42,14 @@ int main(int argc, char** argv) {
   }
   if (config->show_help) {
     std::cout << mqa::server::ConfigHelp();
+    return 0;
+  }
+  if (config->show_help_markdown) {
+    std::cout << mqa::server::SettingsMarkdown();
+    return 0;
+  }
+  if (config->show_version) {
+    std::cout << mqa::server::VersionText();
     return 0;
   }
   if (auto st = mqa::server::SetUpLogging(config->log_level, config->log_format); !st.ok()) {

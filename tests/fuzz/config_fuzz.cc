@@ -1,5 +1,5 @@
-// Fuzzes the server configuration (server/config.{h,cc}): the YAML/JSON config file, the MQA_* environment
-// variables and the command-line flags, through LoadConfig, the function mqa-server's main calls.
+// Fuzzes the server configuration (server/config.h, server/settings.h): the YAML/JSON config file, the MQA_*
+// environment variables and the command-line flags, through LoadConfig, the function mqa-server's main calls.
 //
 // Input: up to three parts split at NUL bytes: the config file's text; then environment lines (NAME=value);
 // then command-line arguments, one per line. A seed without NUL is a plain config file. The file is written
@@ -128,7 +128,8 @@ void FuzzOne(const uint8_t* data, size_t size) {
     Require(!config.status().message().empty(), "refusal without a message");
     return;
   }
-  if (!config->show_help) CheckAccepted(*config);
+  // --help, --help-markdown and --version end the program before any model is built.
+  if (!config->show_help && !config->show_help_markdown && !config->show_version) CheckAccepted(*config);
 }
 
 }  // namespace
