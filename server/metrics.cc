@@ -24,116 +24,13 @@
 #include <utility>
 
 #include "server/logging.h"
+#include "server/metrics_engine.h"
+#include "server/metrics_text.h"
 
 namespace mqa::server {
 namespace {
 
 constexpr char kContentType[] = "text/plain; version=0.0.4; charset=utf-8";
-
-// Appends lines of the text exposition format. Values are integers or finite doubles, label values are fixed
-// words from this file or device names ("cpu", "cuda:N"), so nothing needs escaping.
-class Writer {
- public:
-  void Header(const char* name, const char* type, const char* help) {
-    out_ += "# HELP ";
-    out_ += name;
-    out_ += ' ';
-    out_ += help;
-    out_ += "\n# TYPE ";
-    out_ += name;
-    out_ += ' ';
-    out_ += type;
-    out_ += '\n';
-  }
-  void Sample(const std::string& name, const std::string& labels, uint64_t value) {
-    Line(name, labels, std::to_string(value));
-  }
-  void Sample(const std::string& name, const std::string& labels, int64_t value) {
-    Line(name, labels, std::to_string(value));
-  }
-  void SampleDouble(const std::string& name, const std::string& labels, double value) {
-    char buf[32];
-    std::snprintf(buf, sizeof(buf), "%.17g", value);  // round-trips: a scrape loses no precision
-    Line(name, labels, buf);
-  }
-  // Scalars for the common unlabelled case.
-  void Gauge(const char* name, const char* help, int64_t value) {
-    Header(name, "gauge", help);
-    Sample(name, "", value);
-  }
-  void Counter(const char* name, const char* help, uint64_t value) {
-    Header(name, "counter", help);
-    Sample(name, "", value);
-  }
-  std::string Take() { return std::move(out_); }
-
- private:
-  void Line(const std::string& name, const std::string& labels, const std::string& value) {
-    out_ += name;
-    if (!labels.empty()) {
-      out_ += '{';
-      out_ += labels;
-      out_ += '}';
-    }
-    out_ += ' ';
-    out_ += value;
-    out_ += '\n';
-  }
-
-  std::string out_;
-};
-
-std::string Le(double bound) {
-  char buf[32];
-  std::snprintf(buf, sizeof(buf), "le=\"%g\"", bound);
-  return buf;
-}
-
-void RenderBatchSizes(const core::EngineStats& st, Writer& w) {
-  // EngineStats counts passes per power-of-two range: [0] is size 1, [i] is size in (2^(i-1), 2^i]. The sum
-  // of [0..i] is therefore exactly the number of passes with size <= 2^i, which is Prometheus' cumulative le
-  // bucket. Sizes above the last bound shown only reach +Inf.
-  constexpr size_t kBuckets = 10;  // le = 1, 2, 4, ..., 512
-  const char* name = "mqa_batch_size";
-  w.Header(name, "histogram", "Steps (or prefill chunks) per batched pass, one observation per pass.");
-  uint64_t cumulative = 0;
-  for (size_t i = 0; i < kBuckets; ++i) {
-    if (i < st.batch_size_histogram.size()) cumulative += st.batch_size_histogram[i];
-    w.Sample("mqa_batch_size_bucket", Le(static_cast<double>(uint64_t{1} << i)), cumulative);
-  }
-  for (size_t i = kBuckets; i < st.batch_size_histogram.size(); ++i) cumulative += st.batch_size_histogram[i];
-  w.Sample("mqa_batch_size_bucket", "le=\"+Inf\"", cumulative);
-  w.Sample("mqa_batch_size_sum", "", st.batched_steps);
-  // The count is the +Inf bucket by definition; taking it from the same array keeps the two equal even when a
-  // pass completes between the engine's updates of `batches` and of the histogram.
-  w.Sample("mqa_batch_size_count", "", cumulative);
-}
-
-// The same numbers per device (label device="cpu" or "cuda:N"; each device's worker, pools and sessions). The
-// unlabelled gauges above are their sums, so dashboards that ignore devices keep working.
-void RenderDevices(const core::EngineStats& st, Writer& w) {
-  struct Gauge {
-    const char* name;
-    const char* help;
-    int64_t (*value)(const core::DeviceStats&);
-  };
-  static constexpr Gauge kGauges[] = {
-      {"mqa_device_queued_requests", "Steps and forwards waiting in one device's queue.",
-       [](const core::DeviceStats& d) { return static_cast<int64_t>(d.queue_depth); }},
-      {"mqa_device_running_requests", "Steps and forwards being computed now on one device.",
-       [](const core::DeviceStats& d) { return static_cast<int64_t>(d.running); }},
-      {"mqa_device_sessions", "Open sessions whose model replica lives on one device.",
-       [](const core::DeviceStats& d) { return static_cast<int64_t>(d.sessions_open); }},
-      {"mqa_device_kv_cache_blocks", "Allocatable KV-cache blocks on one device, all its models.",
-       [](const core::DeviceStats& d) { return d.kv_blocks_total; }},
-      {"mqa_device_kv_cache_blocks_used", "KV-cache blocks held by sessions on one device, all its models.",
-       [](const core::DeviceStats& d) { return d.kv_blocks_used; }},
-  };
-  for (const Gauge& g : kGauges) {
-    w.Header(g.name, "gauge", g.help);
-    for (const core::DeviceStats& d : st.devices) w.Sample(g.name, "device=\"" + d.device + "\"", g.value(d));
-  }
-}
 
 // "host:port" or "[v6]:port" (validated by LoadConfig) into the host getaddrinfo wants and the port.
 bool SplitHostPort(const std::string& listen, std::string* host, int* port) {
@@ -226,6 +123,7 @@ std::string ServiceMetrics::Render(const core::EngineStats& st, bool draining) c
 
   RenderBatchSizes(st, w);
   RenderDevices(st, w);
+  RenderExecution(st, w);
 
   w.Counter("mqa_kv_cache_exhausted_total", "Sessions or steps refused for want of free KV-cache blocks.",
             st.kv_exhausted);

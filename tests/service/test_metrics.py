@@ -209,3 +209,34 @@ def test_health_listen_serves_grpc_health(start_server, tmp_path):
         for service in ("", "mqa.v1.MqaService"):
             resp = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=30)
             assert resp.status == health_pb2.HealthCheckResponse.SERVING, service
+
+
+def test_what_computed_each_model_is_counted_by_path_and_reason(pb, start_server, stub_for):
+    """attn_impl triton on the CPU cannot use the fused kernels: every paged pass and every stateless Forward of
+    that model is served by the torch path and counted with its reason; a torch model counts none."""
+    models = [{"name": impl, "num_layers": 1, "dim": 64, "heads": 4, "seed": 5, "device": "cpu", "dtype": "float32",
+               "attn_impl": impl, "max_tokens_per_session": 64} for impl in ("torch", "triton")]
+    server = start_server({"models": models, "log_level": "warn"})
+    stub = stub_for(server)
+    rng = np.random.default_rng(4)
+    for impl in ("torch", "triton"):
+        sid = stub.CreateSession(pb.svc.CreateSessionRequest(model=impl), timeout=30).session.session_id
+        step(pb, stub, sid, 0, rng.standard_normal((1, 3, 64), dtype=np.float32), 0)   # one pass each, run alone
+        step(pb, stub, sid, 0, rng.standard_normal((1, 1, 64), dtype=np.float32), 3)
+        x = to_wire(pb, rng.standard_normal((1, 2, 64), dtype=np.float32))
+        stub.Forward(pb.svc.ForwardRequest(model=impl, layer=0, x=x), timeout=30)
+        stub.Forward(pb.svc.ForwardRequest(model=impl, layer=0, x=x, needs_weights=True), timeout=30)
+    s = parse(scrape(server.metrics_port)[1])
+    for impl in ("torch", "triton"):
+        assert value(s, "mqa_paged_passes_total", model=impl, device="cpu", attn_impl=impl) == 2
+        assert value(s, "mqa_cuda_graph_captures_total", model=impl, device="cpu", attn_impl=impl) == 0
+        assert value(s, "mqa_cuda_graph_replays_total", model=impl, device="cpu", attn_impl=impl) == 0
+    fallbacks = {labels: v for (name, labels), v in s.items() if name == "mqa_attention_fallbacks_total"}
+    assert fallbacks == {
+        (("attn_impl", "triton"), ("device", "cpu"), ("model", "triton"), ("path", "paged"),
+         ("reason", "unsupported_layer")): 2,
+        (("attn_impl", "triton"), ("device", "cpu"), ("model", "triton"), ("path", "forward"),
+         ("reason", "unsupported_layer")): 1,
+        (("attn_impl", "triton"), ("device", "cpu"), ("model", "triton"), ("path", "forward"),
+         ("reason", "needs_weights")): 1,
+    }
