@@ -78,8 +78,11 @@ StatusOr<SafetensorsFile> ParseSafetensors(const std::vector<uint8_t>& bytes) {
   constexpr char kWhat[] = "<memory>";
   st::Contents contents;
   const st::Error parsed = st::Parse(bytes.data(), bytes.size(), kWhat, &contents);
-  if (!parsed.ok()) return FromFormat(parsed);
-  return ToHostTensors(contents, kWhat);
+  // The format reports stored data (DATA_LOSS); bytes handed in by the caller are an argument.
+  if (!parsed.ok()) return Status(StatusCode::kInvalidArgument, parsed.message);
+  StatusOr<SafetensorsFile> file = ToHostTensors(contents, kWhat);
+  if (!file.ok()) return Status(StatusCode::kInvalidArgument, file.status().message());
+  return file;
 }
 
 StatusOr<std::vector<uint8_t>> SerializeSafetensors(const SafetensorsFile& file) {

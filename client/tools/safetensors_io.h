@@ -23,9 +23,10 @@ struct SafetensorsFile {
   std::map<std::string, std::string> metadata;     // "__metadata__"
 };
 
-// Parses a whole file's bytes. DATA_LOSS (with the reason) on any malformation: short file, header length past
-// the end, bad JSON, offsets out of range or overlapping, byte counts that do not match the shape, unsupported
-// dtypes (safetensors_format.h lists every check).
+// Parses a whole file's bytes. INVALID_ARGUMENT (with the reason) on any malformation: short file, header length
+// past the end, bad JSON, offsets out of range or overlapping, byte counts that do not match the shape, unsupported
+// dtypes (safetensors_format.h lists every check). The bytes are the caller's argument here; the same defects in a
+// file on disk are DATA_LOSS (ReadSafetensors).
 StatusOr<SafetensorsFile> ParseSafetensors(const std::vector<uint8_t>& bytes);
 // Tensors in name order, header padded with spaces to a multiple of 8 bytes. INVALID_ARGUMENT when a
 // tensor is malformed (HostTensor::Validate) or named "__metadata__".
