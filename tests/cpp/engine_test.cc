@@ -213,12 +213,19 @@ TEST(Engine, IdleSessionsExpireAndActiveOnesStay) {
 }
 
 TEST(Engine, CancelledAndExpiredStepsAreDroppedUncomputed) {
-  auto e = MakeEngine(SlowModel());
+  // The long step runs as one pass (no chunk boundary where a victim could join it), and it holds the device
+  // before the victims are queued: otherwise whether they wait is a race with the worker.
+  EngineOptions o;
+  o.models.push_back(SlowModel());
+  o.batching.max_prefill_chunk = 4096;
+  auto e = MakeEngine(std::move(o));
   SessionConfig c;
   c.model = "slow";
   SessionInfo busy = Create(*e, c);
   SessionInfo victim = Create(*e, c);
   auto long_done = OccupyWorker(*e, busy.id);
+  for (int i = 0; i < 3000 && e->stats().running == 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  ASSERT_EQ(e->stats().running, 1u);
 
   auto cancel = std::make_shared<CancelFlag>();
   auto cancelled_step = MakeStep(victim.id, 0, Randn(DType::kFloat32, {1, 1, 512}));

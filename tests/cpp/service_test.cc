@@ -401,6 +401,12 @@ std::thread LongStep(v1::MqaService::Stub* stub, const std::string& session, std
 }
 
 TEST_F(ServiceTest, DeadlineAndCancellationDropTheStepUncomputed) {
+  // The long step runs as one pass: between prefill chunks a queued step joins the next chunk's pass and runs,
+  // so with chunks whether the victims wait past their deadline would be a race with the chunk's time.
+  ServerConfig config = TestConfig();
+  config.engine.batching.max_prefill_chunk = 4096;
+  server_.reset();
+  StartServer(config);
   v1::Session busy = CreateSession("slow");
   v1::Session victim = CreateSession("slow");
   std::atomic<bool> long_ok{false};
