@@ -6,18 +6,6 @@
 namespace mqa::client {
 namespace {
 
-uint32_t FloatBits(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof bits);
-  return bits;
-}
-
-float BitsFloat(uint32_t bits) {
-  float value;
-  std::memcpy(&value, &bits, sizeof value);
-  return value;
-}
-
 // Shifts `value` right by `shift` bits (1..31), rounding to nearest with ties to even.
 uint32_t ShiftRoundNearestEven(uint32_t value, int shift) {
   const uint32_t quotient = value >> shift;

@@ -6,8 +6,22 @@
 #define MQA_CLIENT_SRC_FLOAT_BITS_H_
 
 #include <cstdint>
+#include <cstring>
 
 namespace mqa::client {
+
+// A float's IEEE-754 bit pattern and back (memcpy: the defined way to reinterpret).
+inline uint32_t FloatBits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return bits;
+}
+
+inline float BitsFloat(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
 
 // Narrowing rounds to nearest, ties to even; overflow gives +-inf; NaN stays NaN (quiet, sign kept); float16
 // subnormals are produced and read exactly.

@@ -13,18 +13,6 @@
 namespace mqa::client {
 namespace {
 
-uint32_t FloatBits(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof bits);
-  return bits;
-}
-
-float BitsFloat(uint32_t bits) {
-  float value;
-  std::memcpy(&value, &bits, sizeof value);
-  return value;
-}
-
 bool IsFloating(DataType dtype) {
   return dtype == DataType::kFloat32 || dtype == DataType::kBFloat16 || dtype == DataType::kFloat16;
 }
@@ -95,9 +83,9 @@ Status HostTensor::Validate() const {
   }
   const uint64_t expected = static_cast<uint64_t>(n) * DataTypeSize(dtype);
   if (data.size() != expected) {
-    return Status(StatusCode::kInvalidArgument,
-                  "tensor of shape " + ShapeString() + " and dtype " + DataTypeName(dtype) + " needs " +
-                      std::to_string(expected) + " bytes, got " + std::to_string(data.size()));
+    return Status(StatusCode::kInvalidArgument, "tensor of shape " + ShapeString() + " and dtype " +
+                                                    DataTypeName(dtype) + " needs " + std::to_string(expected) +
+                                                    " bytes, got " + std::to_string(data.size()));
   }
   return Status::Ok();
 }
@@ -110,9 +98,8 @@ StatusOr<HostTensor> HostTensor::FromFloats(std::vector<int64_t> shape, const st
   }
   const int64_t n = ElementCount(shape);
   if (n < 0 || static_cast<uint64_t>(n) != values.size()) {
-    return Status(StatusCode::kInvalidArgument, "shape " + ShapeToString(shape) + " needs " +
-                                                    std::to_string(n) + " values, got " +
-                                                    std::to_string(values.size()));
+    return Status(StatusCode::kInvalidArgument, "shape " + ShapeToString(shape) + " needs " + std::to_string(n) +
+                                                    " values, got " + std::to_string(values.size()));
   }
   HostTensor t;
   t.dtype = dtype;
@@ -137,9 +124,8 @@ StatusOr<HostTensor> HostTensor::FromFloats(std::vector<int64_t> shape, const st
 StatusOr<HostTensor> HostTensor::FromBools(std::vector<int64_t> shape, const std::vector<bool>& values) {
   const int64_t n = ElementCount(shape);
   if (n < 0 || static_cast<uint64_t>(n) != values.size()) {
-    return Status(StatusCode::kInvalidArgument, "shape " + ShapeToString(shape) + " needs " +
-                                                    std::to_string(n) + " values, got " +
-                                                    std::to_string(values.size()));
+    return Status(StatusCode::kInvalidArgument, "shape " + ShapeToString(shape) + " needs " + std::to_string(n) +
+                                                    " values, got " + std::to_string(values.size()));
   }
   HostTensor t;
   t.dtype = DataType::kBool;
@@ -158,8 +144,8 @@ StatusOr<std::vector<float>> HostTensor::ToFloats() const {
   for (size_t i = 0; i < n; ++i) {
     switch (dtype) {
       case DataType::kFloat32: {
-        const uint32_t bits = uint32_t{in[4 * i]} | uint32_t{in[4 * i + 1]} << 8 |
-                              uint32_t{in[4 * i + 2]} << 16 | uint32_t{in[4 * i + 3]} << 24;
+        const uint32_t bits = uint32_t{in[4 * i]} | uint32_t{in[4 * i + 1]} << 8 | uint32_t{in[4 * i + 2]} << 16 |
+                              uint32_t{in[4 * i + 3]} << 24;
         values[i] = BitsFloat(bits);
         break;
       }
@@ -170,11 +156,8 @@ StatusOr<std::vector<float>> HostTensor::ToFloats() const {
         break;
       }
       case DataType::kBool:
-      case DataType::kUInt8:
-        values[i] = static_cast<float>(in[i]);
-        break;
-      case DataType::kUnspecified:
-        break;  // Validate() rejected it
+      case DataType::kUInt8: values[i] = static_cast<float>(in[i]); break;
+      case DataType::kUnspecified: break;  // Validate() rejected it
     }
   }
   return values;

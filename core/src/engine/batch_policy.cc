@@ -1,6 +1,7 @@
 #include "engine/batch_policy.h"
 
 #include <algorithm>
+#include <optional>
 #include <set>
 #include <string>
 #include <utility>
@@ -23,8 +24,20 @@ Status DropReason(const QueuedWork& w, QueuedWork::TimePoint now) {
                                                      std::to_string(WaitedMillis(w, now)) +
                                                      " ms); nothing was computed");
   }
-  if (w.cancelled) return Status(StatusCode::kCancelled, "the request was cancelled before it ran; nothing was computed");
+  if (w.cancelled)
+    return Status(StatusCode::kCancelled, "the request was cancelled before it ran; nothing was computed");
   return Status();
+}
+
+// The decision to drop queue item `index`, if it leaves the queue unstarted.
+std::optional<Decision> Dropped(size_t index, const QueuedWork& w, QueuedWork::TimePoint now) {
+  Status why = DropReason(w, now);
+  if (why.ok()) return std::nullopt;
+  Decision d;
+  d.index = index;
+  d.verdict = Verdict::kDrop;
+  d.status = std::move(why);
+  return d;
 }
 
 int64_t NextChunk(const QueuedWork& w, const SchedulerLimits& limits) {
@@ -61,10 +74,11 @@ Decision Admit(size_t index, const QueuedWork& w, int64_t chunk, const PoolView&
     return d;
   }
   if (repeat) {
-    return refuse(FailedPreconditionError(
-        layer + " already applied this step at " + std::to_string(*w.position) + " (it now holds " +
-        std::to_string(pos) + " tokens), but its answer was not kept (the server's replay budget was full); nothing "
-        "was computed"));
+    return refuse(
+        FailedPreconditionError(layer + " already applied this step at " + std::to_string(*w.position) +
+                                " (it now holds " + std::to_string(pos) +
+                                " tokens), but its answer was not kept (the server's replay budget was full); nothing "
+                                "was computed"));
   }
   if (w.position && *w.position != pos) {
     return refuse(FailedPreconditionError(layer + " holds " + std::to_string(pos) +
@@ -72,9 +86,8 @@ Decision Admit(size_t index, const QueuedWork& w, int64_t chunk, const PoolView&
                                           "; nothing was computed"));
   }
   if (pos + w.tokens > w.max_tokens) {
-    return refuse(OutOfRangeError(layer + " holds " + std::to_string(pos) + " tokens; " +
-                                  std::to_string(w.tokens) + " more would pass the session's max_tokens of " +
-                                  std::to_string(w.max_tokens)));
+    return refuse(OutOfRangeError(layer + " holds " + std::to_string(pos) + " tokens; " + std::to_string(w.tokens) +
+                                  " more would pass the session's max_tokens of " + std::to_string(w.max_tokens)));
   }
   const int64_t need = std::max<int64_t>(0, BlockPool::BlocksFor(pos + w.tokens, pool.block_size) - w.blocks_held);
   if (need > free_blocks) {
@@ -103,13 +116,8 @@ PassPlan SchedulePass(const SchedulerInput& in) {
   size_t i = 0;
   for (; i < in.queue.size() && plan.pass.empty() && !plan.alone; ++i) {
     const QueuedWork& w = in.queue[i];
-    Status why = DropReason(w, in.now);
-    if (!why.ok()) {
-      Decision d;
-      d.index = i;
-      d.verdict = Verdict::kDrop;
-      d.status = std::move(why);
-      plan.settled.push_back(std::move(d));
+    if (std::optional<Decision> drop = Dropped(i, w, in.now)) {
+      plan.settled.push_back(std::move(*drop));
       continue;
     }
     if (!w.is_step) {
@@ -138,13 +146,8 @@ PassPlan SchedulePass(const SchedulerInput& in) {
     if (!w.is_step || w.replica != front.replica || w.layer != front.layer) continue;
     const std::pair<uintptr_t, int> key = {w.session, w.layer};
     if (blocked.count(key)) continue;
-    Status why = DropReason(w, in.now);
-    if (!why.ok()) {
-      Decision d;
-      d.index = i;
-      d.verdict = Verdict::kDrop;
-      d.status = std::move(why);
-      plan.settled.push_back(std::move(d));
+    if (std::optional<Decision> drop = Dropped(i, w, in.now)) {
+      plan.settled.push_back(std::move(*drop));
       continue;
     }
     const int64_t chunk = NextChunk(w, limits);
@@ -152,8 +155,8 @@ PassPlan SchedulePass(const SchedulerInput& in) {
       blocked.insert(key);
       continue;
     }
-    Decision d = Admit(i, w, chunk, in.pools[static_cast<size_t>(w.replica)],
-                       free_blocks[static_cast<size_t>(w.replica)]);
+    Decision d =
+        Admit(i, w, chunk, in.pools[static_cast<size_t>(w.replica)], free_blocks[static_cast<size_t>(w.replica)]);
     if (d.verdict != Verdict::kRun) {
       plan.settled.push_back(std::move(d));
       continue;
