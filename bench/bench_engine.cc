@@ -34,14 +34,14 @@
 #include <utility>
 #include <vector>
 
+#include "bench_report.h"
+#include "closed_loop.h"
+#include "command_line.h"
 #include "mqa/core/device.h"
 #include "mqa/core/engine.h"
 #include "mqa/core/mqa_layer.h"
 #include "mqa/core/status.h"
 #include "mqa/core/tensor.h"
-#include "bench_report.h"
-#include "closed_loop.h"
-#include "command_line.h"
 
 namespace {
 
@@ -112,8 +112,8 @@ using PhaseResult = ClosedLoop::Phase;
 
 // Runs one phase of the closed loop with the engine in process: each session's next step is submitted from the
 // engine's completion callback.
-PhaseResult RunPhase(Engine& engine, const std::vector<std::string>& ids, int layers,
-                     const std::vector<Tensor>& inputs, int64_t start_position, int64_t step_tokens, int64_t rounds) {
+PhaseResult RunPhase(Engine& engine, const std::vector<std::string>& ids, int layers, const std::vector<Tensor>& inputs,
+                     int64_t start_position, int64_t step_tokens, int64_t rounds) {
   ClosedLoop loop(ids.size(), layers, &inputs);
   return loop.Run(start_position, step_tokens, rounds, [&](size_t i, int64_t layer, int64_t position, Tensor x) {
     mqa::core::StepRequest request;
@@ -123,8 +123,7 @@ PhaseResult RunPhase(Engine& engine, const std::vector<std::string>& ids, int la
     request.x = std::move(x);
     engine.SubmitStep(std::move(request), [&loop, i](StatusOr<mqa::core::StepResult> r) {
       if (!r.ok()) return loop.Fail(r.status());
-      loop.Done(i, static_cast<double>(r->queue_us) / 1e3, static_cast<double>(r->compute_us) / 1e3,
-                std::move(r->out));
+      loop.Done(i, static_cast<double>(r->queue_us) / 1e3, static_cast<double>(r->compute_us) / 1e3, std::move(r->out));
     });
   });
 }
@@ -149,9 +148,7 @@ struct Row {
   }
   // Passes run during the decode phase and the steps in them (zeros when the engine does not count passes).
   uint64_t decode_batches() const { return decode_stats_after.batches - decode_stats_before.batches; }
-  uint64_t decode_batched_steps() const {
-    return decode_stats_after.batched_steps - decode_stats_before.batched_steps;
-  }
+  uint64_t decode_batched_steps() const { return decode_stats_after.batched_steps - decode_stats_before.batched_steps; }
 };
 
 // Block-rounded cache bytes for n sessions of max_tokens tokens, with one spare block per session and 1/16
@@ -199,8 +196,8 @@ Row RunOne(const BenchConfig& c, const std::string& mode, int64_t n) {
     sc.model = kModelName;
     sc.admission = mqa::core::Admission::kGuaranteed;
     sc.max_tokens = c.max_tokens();
-    ids.push_back(Check(engine->CreateSession(sc), "CreateSession " + std::to_string(i + 1) + " of " +
-                                                       std::to_string(n)).id);
+    ids.push_back(
+        Check(engine->CreateSession(sc), "CreateSession " + std::to_string(i + 1) + " of " + std::to_string(n)).id);
   }
   row.create_s = std::chrono::duration<double>(Clock::now() - created).count();
 
@@ -289,9 +286,10 @@ std::string RowJson(const BenchConfig& c, const Row& r) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"mqa-bench-engine: decode throughput and step latency of the in-process Engine with N sessions, "
-               "batched against unbatched (max_batch_sessions 1), in one run",
-               "mqa-bench-engine"};
+  CLI::App app{
+      "mqa-bench-engine: decode throughput and step latency of the in-process Engine with N sessions, "
+      "batched against unbatched (max_batch_sessions 1), in one run",
+      "mqa-bench-engine"};
   mqa::command_line::InitApp(app);
   const mqa::core::BatchingOptions batching_defaults;
   const mqa::core::KvCacheOptions kv_defaults;
@@ -347,13 +345,13 @@ int main(int argc, char** argv) {
   if (c.device.empty()) c.device = mqa::core::CudaAvailable() ? "cuda" : "cpu";
   Check(mqa::core::ValidateDevice(c.device), "--device");
   const bool on_gpu = c.device != "cpu";
-  c.dtype = Check(mqa::core::ParseDType(dtype_flag.empty() ? (on_gpu ? "bfloat16" : "float32") : dtype_flag),
-                  "--dtype");
+  c.dtype =
+      Check(mqa::core::ParseDType(dtype_flag.empty() ? (on_gpu ? "bfloat16" : "float32") : dtype_flag), "--dtype");
   if (dim_flag->count() == 0) c.dim = on_gpu ? 4096 : 512;
   if (heads_flag->count() == 0) c.heads = on_gpu ? 32 : 8;
   if (layers_flag->count() == 0) c.layers = on_gpu ? 4 : 2;
-  c.attn_impl = Check(
-      mqa::core::ParseAttnImpl(attn_impl_flag.empty() ? (on_gpu ? "flash" : "torch") : attn_impl_flag), "--attn-impl");
+  c.attn_impl = Check(mqa::core::ParseAttnImpl(attn_impl_flag.empty() ? (on_gpu ? "flash" : "torch") : attn_impl_flag),
+                      "--attn-impl");
   const std::vector<int64_t> session_counts = mqa::command_line::IntList(sessions_text);
   std::vector<std::string> modes;
   {
@@ -377,14 +375,16 @@ int main(int argc, char** argv) {
   const std::string card = mqa::core::DeviceName(c.device);
   const std::string dtype_name(mqa::core::DTypeName(c.dtype));
   const std::string impl_name(mqa::core::AttnImplName(c.attn_impl));
-  std::printf(
-      "mqa-bench-engine: %s (%s), %s, dim %" PRId64 ", heads %" PRId64 ", layers %d, attn_impl %s\n"
-      "  per session: prefill %" PRId64 ", warm-up %" PRId64 ", decode %" PRId64
-      " tokens (closed loop, one step in flight per session); KV %" PRId64 " bytes/token\n"
-      "  batched: max_batch_sessions %" PRId64 ", max_batch_tokens %" PRId64 ", max_queue_delay %" PRId64
-      " us; unbatched: max_batch_sessions 1\n",
-      c.device.c_str(), card.c_str(), dtype_name.c_str(), c.dim, c.heads, c.layers, impl_name.c_str(), c.prefill,
-      c.warmup, c.tokens, c.bytes_per_token(), c.max_batch_sessions, c.max_batch_tokens, c.max_queue_delay_us);
+  std::printf("mqa-bench-engine: %s (%s), %s, dim %" PRId64 ", heads %" PRId64
+              ", layers %d, attn_impl %s\n"
+              "  per session: prefill %" PRId64 ", warm-up %" PRId64 ", decode %" PRId64
+              " tokens (closed loop, one step in flight per session); KV %" PRId64
+              " bytes/token\n"
+              "  batched: max_batch_sessions %" PRId64 ", max_batch_tokens %" PRId64 ", max_queue_delay %" PRId64
+              " us; unbatched: max_batch_sessions 1\n",
+              c.device.c_str(), card.c_str(), dtype_name.c_str(), c.dim, c.heads, c.layers, impl_name.c_str(),
+              c.prefill, c.warmup, c.tokens, c.bytes_per_token(), c.max_batch_sessions, c.max_batch_tokens,
+              c.max_queue_delay_us);
   std::fflush(stdout);
 
   std::vector<Row> rows;
@@ -405,8 +405,8 @@ int main(int argc, char** argv) {
     }
   }
 
-  std::printf("\n%-9s %5s %12s %10s %10s %10s %11s %10s %8s\n", "mode", "N", "tokens/s", "p50_ms", "p99_ms",
-              "batch", "prefill_s", "prefill/s", "speedup");
+  std::printf("\n%-9s %5s %12s %10s %10s %10s %11s %10s %8s\n", "mode", "N", "tokens/s", "p50_ms", "p99_ms", "batch",
+              "prefill_s", "prefill/s", "speedup");
   for (const Row& r : rows) {
     const uint64_t batches = r.decode_batches();
     char batch[32] = "-";
@@ -420,9 +420,10 @@ int main(int argc, char** argv) {
                 r.tokens_per_s(c), Percentile(r.decode.latency_ms, 50), Percentile(r.decode.latency_ms, 99), batch,
                 r.prefill.seconds, r.prefill_tokens_per_s(c), speedup);
   }
-  std::printf("(tokens/s: decode tokens through all %d layers per wall second; p50/p99: one layer step, submit to "
-              "callback; batch: mean steps per pass, '-' when the engine does not count passes)\n",
-              c.layers);
+  std::printf(
+      "(tokens/s: decode tokens through all %d layers per wall second; p50/p99: one layer step, submit to "
+      "callback; batch: mean steps per pass, '-' when the engine does not count passes)\n",
+      c.layers);
 
   if (!json_path.empty()) {
     std::ofstream out(json_path);

@@ -78,19 +78,23 @@ int main(int argc, char** argv) {
 
   Check(mqa::core::ValidateDevice(device), "device");
   const std::string card = mqa::core::DeviceName(device);
-  const double copy_gbps = Check(mqa::core::MeasureCopyBandwidth(device, on_gpu ? (size_t{1} << 30) : (size_t{256} << 20),
-                                                                 on_gpu ? 20 : 5), "copy bandwidth");
+  const double copy_gbps =
+      Check(mqa::core::MeasureCopyBandwidth(device, on_gpu ? (size_t{1} << 30) : (size_t{256} << 20), on_gpu ? 20 : 5),
+            "copy bandwidth");
   std::printf("mqa-bench-layer: %s (%s), dtype %s, dim %lld, heads %lld, measured copy bandwidth %.1f GB/s\n",
               device.c_str(), card.c_str(), std::string(mqa::core::DTypeName(dtype)).c_str(),
               static_cast<long long>(dim), static_cast<long long>(heads), copy_gbps);
 
-  std::vector<Config> configs = {{"decode", 1, 1, 1024}, {"decode", 1, 1, 8192}, {"decode", 64, 1, 1024},
-                                 {"decode", 64, 1, 8192}, {"prefill", 1, 512, 0}};
+  std::vector<Config> configs = {{"decode", 1, 1, 1024},
+                                 {"decode", 1, 1, 8192},
+                                 {"decode", 64, 1, 1024},
+                                 {"decode", 64, 1, 8192},
+                                 {"prefill", 1, 512, 0}};
   if (quick) configs = {{"decode", 1, 1, 128}, {"decode", 4, 1, 256}, {"prefill", 1, 64, 0}};
 
   std::vector<std::string> rows;
-  std::printf("\n%-8s %5s %4s %6s %-6s %11s %11s %12s %10s %8s\n", "kind", "batch", "s", "cache", "impl",
-              "median_ms", "p90_ms", "tokens/s", "floor_ms", "x_floor");
+  std::printf("\n%-8s %5s %4s %6s %-6s %11s %11s %12s %10s %8s\n", "kind", "batch", "s", "cache", "impl", "median_ms",
+              "p90_ms", "tokens/s", "floor_ms", "x_floor");
   for (const Config& c : configs) {
     // Inputs are shared by the impls so that they compute the same thing.
     Tensor x = Check(Tensor::Randn(dtype, {c.batch, c.s, dim}, 11, device), "x");
@@ -100,9 +104,9 @@ int main(int argc, char** argv) {
       pv = Check(Tensor::Randn(dtype, {c.batch, 1, c.cache, d}, 13, device), "past v");
     }
     const double weight_bytes = static_cast<double>((dim + 2 * d) * dim + dim * dim + (dim + 2 * d) + dim) * elem;
-    const double kv_bytes = 2.0 * c.batch * c.cache * d * elem;              // past K/V read once
-    const double new_bytes = 2.0 * c.batch * c.s * d * elem;                 // new K/V written
-    const double act_bytes = 2.0 * c.batch * c.s * dim * elem;               // x in, out out
+    const double kv_bytes = 2.0 * c.batch * c.cache * d * elem;  // past K/V read once
+    const double new_bytes = 2.0 * c.batch * c.s * d * elem;     // new K/V written
+    const double act_bytes = 2.0 * c.batch * c.s * dim * elem;   // x in, out out
     const double floor_ms = (weight_bytes + kv_bytes + new_bytes + act_bytes) / (copy_gbps * 1e9) * 1e3;
     for (AttnImpl impl : {AttnImpl::kTorch, AttnImpl::kFlash, AttnImpl::kTriton}) {
       mqa::core::MqaOptions o;

@@ -5,8 +5,8 @@
 #   demo  what building and running mqa-server and mqa-cli needs (scripts/demo.sh, the Dockerfile): the build
 #         tools, the C++ libraries, and a .venv with LibTorch (scripts/requirements-demo.txt)
 #   test  (the default) demo's, plus what the tests and benchmarks need: GoogleTest and GoogleMock, Google
-#         Benchmark, nginx and Prometheus (the service tests), and the Python test tools
-#         (scripts/requirements.txt, scripts/requirements-nodeps.txt)
+#         Benchmark, nginx and Prometheus (the service tests), clang-format (CI's format check), and the Python
+#         test tools (scripts/requirements.txt, scripts/requirements-nodeps.txt)
 # No CUDA toolkit is needed for either (the build then leaves the project's CUDA code out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,7 @@ APT_DEMO=(
   libgrpc++-dev libgrpc-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev
   libspdlog-dev libfmt-dev nlohmann-json3-dev libyaml-cpp-dev libcli11-dev libcpp-httplib-dev
 )
-APT_TEST=(libgtest-dev libgmock-dev libbenchmark-dev prometheus nginx)
+APT_TEST=(libgtest-dev libgmock-dev libbenchmark-dev prometheus nginx clang-format)
 APT_PACKAGES=("${APT_DEMO[@]}")
 if [ "$profile" = test ]; then APT_PACKAGES+=("${APT_TEST[@]}"); fi
 

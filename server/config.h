@@ -39,29 +39,29 @@ namespace mqa::server {
 // The initialisers serve code that builds a ServerConfig itself (tests); LoadConfig starts from the table's
 // defaults (settings.cc), and a test holds the two equal.
 struct ServerConfig {
-  std::string listen = "0.0.0.0:50051";        // host:port; port 0 picks a free port (printed at start-up)
-  std::string port_file;                       // when set, the bound port is written there once serving
-  std::string metrics_listen = "0.0.0.0:9400";  // HTTP GET /metrics (Prometheus text); "" = no endpoint
-  std::string metrics_port_file;               // when set, the bound metrics port is written there
-  size_t metrics_max_connections = 64;         // /metrics connections at once; more are refused (503)
+  std::string listen = "0.0.0.0:50051";                     // host:port; port 0 picks a free port (printed at start-up)
+  std::string port_file;                                    // when set, the bound port is written there once serving
+  std::string metrics_listen = "0.0.0.0:9400";              // HTTP GET /metrics (Prometheus text); "" = no endpoint
+  std::string metrics_port_file;                            // when set, the bound metrics port is written there
+  size_t metrics_max_connections = 64;                      // /metrics connections at once; more are refused (503)
   std::chrono::milliseconds metrics_request_timeout{5000};  // one HTTP request, first byte to last answered
   std::chrono::milliseconds metrics_idle_timeout{5000};     // a kept-alive connection's wait for its next one
-  std::string health_listen;                   // extra plaintext gRPC address of the same server; "" = none
-  std::string health_port_file;                // when set, health_listen's bound port is written there
-  size_t max_message_bytes = 64u << 20;        // both directions
-  size_t stream_max_pending_steps = 1024;      // per StreamSteps stream: see ServiceOptions
+  std::string health_listen;               // extra plaintext gRPC address of the same server; "" = none
+  std::string health_port_file;            // when set, health_listen's bound port is written there
+  size_t max_message_bytes = 64u << 20;    // both directions
+  size_t stream_max_pending_steps = 1024;  // per StreamSteps stream: see ServiceOptions
   size_t stream_max_pending_bytes = 32u << 20;
   std::chrono::milliseconds drain_timeout{std::chrono::seconds(30)};  // SIGTERM: most time spent draining
-  std::string log_level = "info";              // trace, debug, info, warn, error, critical, off
-  std::string log_format = "text";             // "text" (key=value) or "json" (one object per line)
-  core::EngineOptions engine;                  // models, limits, TTLs, batching, KV cache
-  bool default_model = true;                   // engine.models came from the embedded default
-  std::string config_path;                     // the file it was read from ("" = none)
-  bool show_help = false;                      // --help was given: print ConfigHelp() and exit 0
-  bool show_help_markdown = false;             // --help-markdown: print SettingsMarkdown() and exit 0
-  bool show_version = false;                   // --version: print the version and exit 0
-  std::vector<std::string> notices;            // worth a line in the log at start-up (e.g. devices 'all' meant
-                                               // the CPU because no GPU is visible)
+  std::string log_level = "info";                                     // trace, debug, info, warn, error, critical, off
+  std::string log_format = "text";   // "text" (key=value) or "json" (one object per line)
+  core::EngineOptions engine;        // models, limits, TTLs, batching, KV cache
+  bool default_model = true;         // engine.models came from the embedded default
+  std::string config_path;           // the file it was read from ("" = none)
+  bool show_help = false;            // --help was given: print ConfigHelp() and exit 0
+  bool show_help_markdown = false;   // --help-markdown: print SettingsMarkdown() and exit 0
+  bool show_version = false;         // --version: print the version and exit 0
+  std::vector<std::string> notices;  // worth a line in the log at start-up (e.g. devices 'all' meant
+                                     // the CPU because no GPU is visible)
 };
 
 // The embedded default model: "mqa-default", 2 layers, dim 512, heads 8, seed 0, 4096 tokens per session; on

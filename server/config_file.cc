@@ -128,8 +128,10 @@ StatusOr<DeviceRequest> FileDevices(const YAML::Node& node, const std::string& o
     return request;
   }
   if (!node.IsSequence() || node.size() == 0) {
-    return InvalidArgumentError(origin + ": expected all or a non-empty list of devices ([cuda:0, cuda:1]; "
-                                "device: takes a single one), got " + Describe(node));
+    return InvalidArgumentError(origin +
+                                ": expected all or a non-empty list of devices ([cuda:0, cuda:1]; "
+                                "device: takes a single one), got " +
+                                Describe(node));
   }
   for (size_t i = 0; i < node.size(); ++i) {
     const YAML::Node d = node[i];
@@ -143,14 +145,13 @@ StatusOr<DeviceRequest> FileDevices(const YAML::Node& node, const std::string& o
 Status CheckModelName(const std::string& name, const std::string& origin) {
   // Requests naming a model are refused past kMaxModelNameBytes (request_checks.h), so a longer name could never
   // be reached.
-  const bool bad = name.empty() || name.size() > kMaxModelNameBytes ||
-                   std::any_of(name.begin(), name.end(), [](char c) {
-                     return std::isspace(static_cast<unsigned char>(c)) || std::iscntrl(static_cast<unsigned char>(c));
-                   });
+  const bool bad =
+      name.empty() || name.size() > kMaxModelNameBytes || std::any_of(name.begin(), name.end(), [](char c) {
+        return std::isspace(static_cast<unsigned char>(c)) || std::iscntrl(static_cast<unsigned char>(c));
+      });
   if (!bad) return Status::Ok();
-  return InvalidArgumentError(origin + ": expected a non-empty name of at most " +
-                              std::to_string(kMaxModelNameBytes) + " bytes without whitespace, got " +
-                              Quoted(name.substr(0, 160)));
+  return InvalidArgumentError(origin + ": expected a non-empty name of at most " + std::to_string(kMaxModelNameBytes) +
+                              " bytes without whitespace, got " + Quoted(name.substr(0, 160)));
 }
 
 StatusOr<std::string> WeightsPath(const YAML::Node& v, const std::string& origin, const fs::path& base_dir) {
@@ -171,9 +172,8 @@ StatusOr<std::string> WeightsPath(const YAML::Node& v, const std::string& origin
 }
 
 // One key of a model entry into `spec`.
-Status ApplyModelKey(const std::string& key, const YAML::Node& v, const std::string& origin,
-                     const std::string& file, const std::string& path, const fs::path& base_dir,
-                     std::string& device_key, ModelSpec& spec) {
+Status ApplyModelKey(const std::string& key, const YAML::Node& v, const std::string& origin, const std::string& file,
+                     const std::string& path, const fs::path& base_dir, std::string& device_key, ModelSpec& spec) {
   core::ModelConfig& m = spec.model;
   core::MqaOptions& o = m.options;
   if (key == "name") {
@@ -268,8 +268,8 @@ StatusOr<ModelSpec> ParseModel(const YAML::Node& node, size_t index, const std::
   return spec;
 }
 
-Status ParseModels(const YAML::Node& node, const std::string& origin, const std::string& file,
-                   const fs::path& base_dir, ParsedConfig& parsed) {
+Status ParseModels(const YAML::Node& node, const std::string& origin, const std::string& file, const fs::path& base_dir,
+                   ParsedConfig& parsed) {
   if (node.IsNull()) return Status::Ok();
   if (!node.IsSequence()) {
     return InvalidArgumentError(origin + ": expected a list of models, got " + Describe(node));
@@ -288,8 +288,7 @@ Status ParseModels(const YAML::Node& node, const std::string& origin, const std:
   return Status::Ok();
 }
 
-Status ApplyFileRoot(const YAML::Node& root, const std::string& file, const fs::path& base_dir,
-                     ParsedConfig& parsed) {
+Status ApplyFileRoot(const YAML::Node& root, const std::string& file, const fs::path& base_dir, ParsedConfig& parsed) {
   if (root.IsNull()) return Status::Ok();  // an empty file: all defaults
   if (!root.IsMap()) {
     return InvalidArgumentError(Where(file, root.Mark()) + "expected a map of settings at the top level, got " +
@@ -325,10 +324,24 @@ Status ApplyFileRoot(const YAML::Node& root, const std::string& file, const fs::
 }  // namespace
 
 const std::vector<std::string_view>& ModelKeys() {
-  static const std::vector<std::string_view> keys = {
-      "name",   "num_layers", "dim",    "heads",   "attn_impl", "clip_qkv", "qk_ln",
-      "softmax_scale", "attn_pdrop", "norm_type", "fc_type", "device", "devices", "dtype", "seed",
-      "weights", "max_tokens_per_session", "description"};
+  static const std::vector<std::string_view> keys = {"name",
+                                                     "num_layers",
+                                                     "dim",
+                                                     "heads",
+                                                     "attn_impl",
+                                                     "clip_qkv",
+                                                     "qk_ln",
+                                                     "softmax_scale",
+                                                     "attn_pdrop",
+                                                     "norm_type",
+                                                     "fc_type",
+                                                     "device",
+                                                     "devices",
+                                                     "dtype",
+                                                     "seed",
+                                                     "weights",
+                                                     "max_tokens_per_session",
+                                                     "description"};
   return keys;
 }
 

@@ -73,7 +73,8 @@ CommandLine SplitCommandLine(int argc, const char* const* argv) {
     }
     if (!cl.error.ok()) continue;
     if (arg.size() < 3 || arg.substr(0, 2) != "--") {
-      cl.error = InvalidArgumentError("unexpected argument " + Quoted(arg) + "; every setting is a --flag (see --help)");
+      cl.error =
+          InvalidArgumentError("unexpected argument " + Quoted(arg) + "; every setting is a --flag (see --help)");
       continue;
     }
     const size_t eq = arg.find('=');
@@ -90,8 +91,8 @@ CommandLine SplitCommandLine(int argc, const char* const* argv) {
     } else {
       const std::string flag(name);
       const std::string value(s->value_name);
-      cl.error = InvalidArgumentError(flag + ": expected a value (" + flag + " " + value + " or " + flag + "=" +
-                                      value + ")");
+      cl.error =
+          InvalidArgumentError(flag + ": expected a value (" + flag + " " + value + " or " + flag + "=" + value + ")");
     }
   }
   return cl;
@@ -134,8 +135,10 @@ StatusOr<DeviceRequest> ParseDeviceList(std::string_view value, const std::strin
     const size_t comma = value.find(',', start);
     const std::string_view item = value.substr(start, comma == std::string_view::npos ? comma : comma - start);
     if (item.empty()) {
-      return InvalidArgumentError(origin + ": expected all or a comma-separated list of devices (cpu, cuda, "
-                                  "cuda:N), got " + Quoted(value) + " (an empty entry)");
+      return InvalidArgumentError(origin +
+                                  ": expected all or a comma-separated list of devices (cpu, cuda, "
+                                  "cuda:N), got " +
+                                  Quoted(value) + " (an empty entry)");
     }
     MQA_RETURN_IF_ERROR(request.Add(item, origin));
     if (comma == std::string_view::npos) break;
@@ -144,8 +147,7 @@ StatusOr<DeviceRequest> ParseDeviceList(std::string_view value, const std::strin
   return request;
 }
 
-StatusOr<ParsedConfig> ParseConfig(int argc, const char* const* argv,
-                                   const std::map<std::string, std::string>& env) {
+StatusOr<ParsedConfig> ParseConfig(int argc, const char* const* argv, const std::map<std::string, std::string>& env) {
   // Flags are read first (the config path may come from them) but applied last, so they win.
   CommandLine cl = SplitCommandLine(argc, argv);
   ParsedConfig parsed;
@@ -161,8 +163,8 @@ StatusOr<ParsedConfig> ParseConfig(int argc, const char* const* argv,
   for (const Setting& s : SettingTable()) {
     if (!s.default_applied) continue;
     if (Status st = ApplySetting(s, parsed, s.default_value, std::string(s.flag)); !st.ok()) {
-      return core::InternalError("the default of " + std::string(s.name) + " is refused by its own check: " +
-                                 st.message());
+      return core::InternalError("the default of " + std::string(s.name) +
+                                 " is refused by its own check: " + st.message());
     }
   }
 

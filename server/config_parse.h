@@ -46,13 +46,13 @@ struct ModelSpec {
 
 // Everything the sources said, checked but not resolved against the machine.
 struct ParsedConfig {
-  ServerConfig config;                   // all but engine.models, default_model and notices (ResolveConfig's)
-  std::string default_device = "auto";   // --device / MQA_DEFAULT_DEVICE: the embedded default model's device
-  std::string device_origin;             // where default_device came from ("" = the built-in auto)
+  ServerConfig config;                  // all but engine.models, default_model and notices (ResolveConfig's)
+  std::string default_device = "auto";  // --device / MQA_DEFAULT_DEVICE: the embedded default model's device
+  std::string device_origin;            // where default_device came from ("" = the built-in auto)
   bool device_flag = false;
   std::optional<DeviceRequest> devices;  // --devices / MQA_DEVICES: every model's devices
   bool devices_flag = false;
-  std::vector<ModelSpec> file_models;    // empty: the embedded default model
+  std::vector<ModelSpec> file_models;  // empty: the embedded default model
 };
 
 // Step one of LoadConfig (same arguments, same errors, bar the devices'). With an action flag (--help,

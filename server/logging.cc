@@ -48,8 +48,8 @@ void AppendKey(Buffer& buf, std::string_view key) {
   if (key == "ts" || key == "level" || key == "event") buf.push_back('_');
   if (key.empty()) buf.push_back('_');
   for (char c : key) {
-    const bool keep = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
-                      c == '.' || c == '-';
+    const bool keep =
+        (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '.' || c == '-';
     buf.push_back(keep ? c : '_');
   }
 }

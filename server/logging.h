@@ -35,12 +35,12 @@ class LogValue {
  public:
   enum class Type { kString, kInt, kUint, kDouble, kBool };
 
-  LogValue(std::string_view s) : type_(Type::kString), str_(s) {}          // NOLINT(runtime/explicit)
-  LogValue(const std::string& s) : type_(Type::kString), str_(s) {}        // NOLINT(runtime/explicit)
-  LogValue(const char* s) : type_(Type::kString), str_(s ? s : "") {}      // NOLINT(runtime/explicit)
-  LogValue(bool b) : type_(Type::kBool), b_(b) {}                          // NOLINT(runtime/explicit)
-  LogValue(double d) : type_(Type::kDouble), d_(d) {}                      // NOLINT(runtime/explicit)
-  LogValue(float f) : type_(Type::kDouble), d_(f) {}                       // NOLINT(runtime/explicit)
+  LogValue(std::string_view s) : type_(Type::kString), str_(s) {}      // NOLINT(runtime/explicit)
+  LogValue(const std::string& s) : type_(Type::kString), str_(s) {}    // NOLINT(runtime/explicit)
+  LogValue(const char* s) : type_(Type::kString), str_(s ? s : "") {}  // NOLINT(runtime/explicit)
+  LogValue(bool b) : type_(Type::kBool), b_(b) {}                      // NOLINT(runtime/explicit)
+  LogValue(double d) : type_(Type::kDouble), d_(d) {}                  // NOLINT(runtime/explicit)
+  LogValue(float f) : type_(Type::kDouble), d_(f) {}                   // NOLINT(runtime/explicit)
   template <typename T, std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, bool>, int> = 0>
   LogValue(T v) {  // NOLINT(runtime/explicit)
     if constexpr (std::is_signed_v<T>) {

@@ -59,9 +59,8 @@ int main(int argc, char** argv) {
   for (const std::string& notice : config->notices) mqa::server::LogWarn("config_notice", {{"notice", notice}});
   auto server = mqa::server::Server::Start(*config);
   if (!server.ok()) {
-    mqa::server::LogError("start_failed",
-                          {{"code", std::string(mqa::core::StatusCodeName(server.status().code()))},
-                           {"reason", server.status().message()}});
+    mqa::server::LogError("start_failed", {{"code", std::string(mqa::core::StatusCodeName(server.status().code()))},
+                                           {"reason", server.status().message()}});
     return 1;
   }
   // The main port file last: whoever waits for it finds the other two already there.

@@ -77,15 +77,14 @@ std::string ServiceMetrics::Render(const core::EngineStats& st, bool draining) c
   w.Gauge("mqa_running_requests", "Steps and forwards being computed now, all devices.",
           static_cast<int64_t>(st.running));
   w.Header("mqa_kv_cache_usage_ratio", "gauge", "Fraction of the KV-cache blocks in use (0 to 1), all devices.");
-  w.SampleDouble("mqa_kv_cache_usage_ratio", "",
-                 st.kv_blocks_total > 0
-                     ? std::clamp(static_cast<double>(st.kv_blocks_used) / static_cast<double>(st.kv_blocks_total),
-                                  0.0, 1.0)
-                     : 0.0);
+  w.SampleDouble(
+      "mqa_kv_cache_usage_ratio", "",
+      st.kv_blocks_total > 0
+          ? std::clamp(static_cast<double>(st.kv_blocks_used) / static_cast<double>(st.kv_blocks_total), 0.0, 1.0)
+          : 0.0);
   w.Gauge("mqa_kv_cache_block_size_tokens", "Tokens per KV-cache block.", st.kv_block_size);
   w.Gauge("mqa_kv_cache_blocks", "Allocatable KV-cache blocks, all devices and models.", st.kv_blocks_total);
-  w.Gauge("mqa_kv_cache_blocks_used", "KV-cache blocks held by sessions, all devices and models.",
-          st.kv_blocks_used);
+  w.Gauge("mqa_kv_cache_blocks_used", "KV-cache blocks held by sessions, all devices and models.", st.kv_blocks_used);
 
   w.Header("mqa_sessions", "gauge",
            "Open sessions: active ones have steps queued or running, idle ones have nothing in flight.");
@@ -108,8 +107,7 @@ std::string ServiceMetrics::Render(const core::EngineStats& st, bool draining) c
 
   // Bucket counts are read one by one while steps complete; the count is taken as their sum so that a scrape
   // is always self-consistent (+Inf == _count), at the price of _sum perhaps being one step ahead.
-  w.Header("mqa_step_duration_seconds", "histogram",
-           "Server-side time of completed steps: queue wait plus compute.");
+  w.Header("mqa_step_duration_seconds", "histogram", "Server-side time of completed steps: queue wait plus compute.");
   uint64_t cumulative = 0;
   for (size_t i = 0; i < kStepDurationBuckets.size(); ++i) {
     cumulative += step_buckets_[i].load(std::memory_order_relaxed);
@@ -163,8 +161,7 @@ constexpr size_t kMaxRequestsPerConnection = 100;
 // bug could use it up; then they are left running, with all they use, rather than holding the exit.
 constexpr auto kStopWait = std::chrono::seconds(2);
 
-constexpr char kBusyAnswer[] =
-    "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+constexpr char kBusyAnswer[] = "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
 
 // Shared by the accept thread, the connection threads (each holds a reference, so that this outlives
 // MetricsHttpServer if Stop() stops waiting for them) and Stop().
@@ -251,8 +248,8 @@ class DeadlineStream : public httplib::Stream {
       const int64_t left_ms = std::chrono::ceil<std::chrono::milliseconds>(limit - now).count();
       pollfd fds[2] = {{sock_, events, 0}, {state_.wake_fd, POLLIN, 0}};
       // Once stopping, the wake-up fd stays readable: leave it out or this would spin.
-      const int r = poll(fds, stopping || state_.wake_fd < 0 ? 1 : 2,
-                         static_cast<int>(std::min<int64_t>(left_ms, INT_MAX)));
+      const int r =
+          poll(fds, stopping || state_.wake_fd < 0 ? 1 : 2, static_cast<int>(std::min<int64_t>(left_ms, INT_MAX)));
       if (r < 0 && errno != EINTR) return false;
       // Ready, or an error or hang-up that the following recv or send reports.
       if (r > 0 && fds[0].revents != 0) return true;
@@ -368,8 +365,7 @@ class MetricsHttpd : public httplib::Server {
 }  // namespace
 
 struct MetricsHttpServer::Impl {
-  explicit Impl(const MetricsHttpOptions& options)
-      : state(std::make_shared<HttpState>(options)), http(state) {}
+  explicit Impl(const MetricsHttpOptions& options) : state(std::make_shared<HttpState>(options)), http(state) {}
 
   std::shared_ptr<HttpState> state;
   MetricsHttpd http;
@@ -401,30 +397,30 @@ core::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(cons
     int yes = 1;
     setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
   });
-  http.Get("/metrics", [state = impl->state, render = std::move(render)](const httplib::Request&,
-                                                                         httplib::Response& res) {
-    // render reads the engine and the service, which the owner destroys once Stop() returns: Stop() waits for
-    // the renders in progress (they depend on no client) and none starts after it.
-    {
-      std::lock_guard<std::mutex> lock(state->mu);
-      if (state->stopping.load(std::memory_order_relaxed)) {
-        res.status = 503;
-        return;
-      }
-      ++state->rendering;
-    }
-    struct Done {
-      HttpState& s;
-      ~Done() {
-        {
-          std::lock_guard<std::mutex> lock(s.mu);
-          --s.rendering;
-        }
-        s.cv.notify_all();
-      }
-    } done{*state};
-    res.set_content(render(), kContentType);
-  });
+  http.Get("/metrics",
+           [state = impl->state, render = std::move(render)](const httplib::Request&, httplib::Response& res) {
+             // render reads the engine and the service, which the owner destroys once Stop() returns: Stop() waits for
+             // the renders in progress (they depend on no client) and none starts after it.
+             {
+               std::lock_guard<std::mutex> lock(state->mu);
+               if (state->stopping.load(std::memory_order_relaxed)) {
+                 res.status = 503;
+                 return;
+               }
+               ++state->rendering;
+             }
+             struct Done {
+               HttpState& s;
+               ~Done() {
+                 {
+                   std::lock_guard<std::mutex> lock(s.mu);
+                   --s.rendering;
+                 }
+                 s.cv.notify_all();
+               }
+             } done{*state};
+             res.set_content(render(), kContentType);
+           });
 
   if (port == 0) {
     port = http.bind_to_any_port(host);

@@ -29,8 +29,8 @@ inline constexpr char kServerVersion[] = "0.1.0";
 class ServiceMetrics {
  public:
   // Upper bounds (seconds) of mqa_step_duration_seconds' buckets, ascending; +Inf is implied.
-  static constexpr std::array<double, 14> kStepDurationBuckets = {
-      0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10};
+  static constexpr std::array<double, 14> kStepDurationBuckets = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                                                  0.1,    0.25,  0.5,    1,     2.5,  5,     10};
 
   // A failed unary RPC or streamed step. OK is ignored; codes outside the canonical 0..16 count as UNKNOWN.
   void RecordError(core::StatusCode code);
@@ -72,8 +72,8 @@ class MetricsHttpServer {
   // Binds listen ("host:port", IPv6 hosts in brackets; port 0 = any free port) and starts serving.
   // UNAVAILABLE when the address cannot be bound. render is called on the HTTP threads, once per scrape.
   static core::StatusOr<std::unique_ptr<MetricsHttpServer>> Start(const std::string& listen,
-                                                                   std::function<std::string()> render,
-                                                                   const MetricsHttpOptions& options = {});
+                                                                  std::function<std::string()> render,
+                                                                  const MetricsHttpOptions& options = {});
   ~MetricsHttpServer();  // Stop()s
   MetricsHttpServer(const MetricsHttpServer&) = delete;
   MetricsHttpServer& operator=(const MetricsHttpServer&) = delete;

@@ -49,8 +49,8 @@ core::StatusOr<core::Clock::time_point> StepDeadline(const google::protobuf::Dur
                                                      core::Clock::time_point stream_deadline) {
   const int64_t s = timeout.seconds();
   const int32_t ns = timeout.nanos();
-  const bool valid = s >= -kMaxDurationSeconds && s <= kMaxDurationSeconds && ns > -1000000000 &&
-                     ns < 1000000000 && !(s > 0 && ns < 0) && !(s < 0 && ns > 0);
+  const bool valid = s >= -kMaxDurationSeconds && s <= kMaxDurationSeconds && ns > -1000000000 && ns < 1000000000 &&
+                     !(s > 0 && ns < 0) && !(s < 0 && ns > 0);
   if (!valid) {
     return core::InvalidArgumentError("timeout: not a valid Duration (seconds " + std::to_string(s) + ", nanos " +
                                       std::to_string(ns) + ")");
@@ -61,8 +61,7 @@ core::StatusOr<core::Clock::time_point> StepDeadline(const google::protobuf::Dur
   // step timeout", which is what such a value means in practice.
   constexpr int64_t kCenturySeconds = int64_t{100} * 365 * 24 * 3600;
   if (s >= kCenturySeconds) return stream_deadline;
-  const core::Clock::time_point at =
-      core::Clock::now() + std::chrono::seconds(s) + std::chrono::nanoseconds(ns);
+  const core::Clock::time_point at = core::Clock::now() + std::chrono::seconds(s) + std::chrono::nanoseconds(ns);
   return std::min(at, stream_deadline);
 }
 

@@ -16,7 +16,6 @@
 
 namespace mqa::server {
 
-
 // INVALID_ARGUMENT unless id is a session id as CreateSession makes them: 32 lowercase hex digits. field names
 // the request field ("session_id").
 core::Status CheckSessionId(std::string_view id, std::string_view field = "session_id");

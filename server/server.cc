@@ -28,7 +28,8 @@ core::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   s->config_ = config;
   core::EngineOptions engine_options = config.engine;
   // A Forward whose weights alone exceed the message limit could never be answered: the engine refuses it up front.
-  engine_options.max_forward_weights_bytes = static_cast<int64_t>(std::min<size_t>(config.max_message_bytes, INT32_MAX));
+  engine_options.max_forward_weights_bytes =
+      static_cast<int64_t>(std::min<size_t>(config.max_message_bytes, INT32_MAX));
   MQA_ASSIGN_OR_RETURN(s->engine_, core::Engine::Create(std::move(engine_options)));
   s->metrics_ = std::make_unique<ServiceMetrics>();
   ServiceOptions service_options;
@@ -56,8 +57,7 @@ core::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   s->server_ = builder.BuildAndStart();
   // BuildAndStart gives no server when any of the addresses cannot be bound.
   if (!s->server_ || s->port_ == 0) {
-    const std::string where =
-        config.listen + (config.health_listen.empty() ? "" : " and " + config.health_listen);
+    const std::string where = config.listen + (config.health_listen.empty() ? "" : " and " + config.health_listen);
     return core::UnavailableError("cannot listen on " + where + " (address in use or not valid?)");
   }
   if (!config.metrics_listen.empty()) {
@@ -66,13 +66,11 @@ core::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
     http_options.max_connections = config.metrics_max_connections;
     http_options.request_timeout = config.metrics_request_timeout;
     http_options.idle_timeout = config.metrics_idle_timeout;
-    MQA_ASSIGN_OR_RETURN(s->metrics_server_, MetricsHttpServer::Start(
-                                                 config.metrics_listen,
-                                                 [raw] {
-                                                   return raw->metrics_->Render(raw->engine_->stats(),
-                                                                                raw->service_->draining());
-                                                 },
-                                                 http_options));
+    MQA_ASSIGN_OR_RETURN(
+        s->metrics_server_,
+        MetricsHttpServer::Start(
+            config.metrics_listen,
+            [raw] { return raw->metrics_->Render(raw->engine_->stats(), raw->service_->draining()); }, http_options));
     s->metrics_port_ = s->metrics_server_->port();
   }
   SetServing(s->server_.get(), true);
@@ -82,12 +80,15 @@ core::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
     for (const std::string& d : m.devices) on += (on.empty() ? "" : "+") + d;
     models += (models.empty() ? "" : ",") + m.name + "@" + on;
   }
-  LogInfo("server_started",
-           {{"listen", config.listen}, {"port", s->port_}, {"models", models},
-            {"health_listen", config.health_listen}, {"health_port", s->health_port_},
-            {"metrics_listen", config.metrics_listen}, {"metrics_port", s->metrics_port_},
-            {"max_sessions", config.engine.max_sessions},
-            {"max_message_bytes", config.max_message_bytes}});
+  LogInfo("server_started", {{"listen", config.listen},
+                             {"port", s->port_},
+                             {"models", models},
+                             {"health_listen", config.health_listen},
+                             {"health_port", s->health_port_},
+                             {"metrics_listen", config.metrics_listen},
+                             {"metrics_port", s->metrics_port_},
+                             {"max_sessions", config.engine.max_sessions},
+                             {"max_message_bytes", config.max_message_bytes}});
   return s;
 }
 
@@ -105,23 +106,18 @@ void Server::Drain(std::chrono::milliseconds budget) {
   const auto end = start + budget;
   SetServing(server_.get(), false);
   service_->StartDraining();
-  LogInfo("drain_started",
-           {{"budget_ms", budget.count()},
-            {"sessions", engine_->stats().sessions_open}});
+  LogInfo("drain_started", {{"budget_ms", budget.count()}, {"sessions", engine_->stats().sessions_open}});
   auto next_report = start + std::chrono::seconds(1);
   for (;;) {
     core::EngineStats st = engine_->stats();
     if (st.sessions_open == 0 && st.queue_depth == 0 && st.running == 0) break;
     auto now = core::Clock::now();
     if (now >= end) {
-      LogWarn("drain_budget_spent",
-               {{"sessions_left", st.sessions_open}, {"queued", st.queue_depth}});
+      LogWarn("drain_budget_spent", {{"sessions_left", st.sessions_open}, {"queued", st.queue_depth}});
       break;
     }
     if (now >= next_report) {
-      LogInfo("draining",
-               {{"sessions", st.sessions_open}, {"queued", st.queue_depth},
-                {"running", st.running}});
+      LogInfo("draining", {{"sessions", st.sessions_open}, {"queued", st.queue_depth}, {"running", st.running}});
       next_report = now + std::chrono::seconds(1);
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
@@ -135,8 +131,7 @@ void Server::Drain(std::chrono::milliseconds budget) {
   // last so that the whole drain is visible as mqa_draining 1.
   if (metrics_server_) metrics_server_->Stop();
   LogInfo("drain_done",
-           {{"elapsed_ms",
-             std::chrono::duration_cast<std::chrono::milliseconds>(core::Clock::now() - start).count()}});
+          {{"elapsed_ms", std::chrono::duration_cast<std::chrono::milliseconds>(core::Clock::now() - start).count()}});
 }
 
 void Server::Wait() { server_->Wait(); }

@@ -59,8 +59,7 @@ void CountStep(ServiceMetrics* metrics, const Status& status, const StatusOr<cor
 using internal::FillResult;
 using internal::ToStepRequest;
 
-MqaServiceImpl::MqaServiceImpl(core::Engine* engine, ServiceOptions options)
-    : engine_(engine), options_(options) {}
+MqaServiceImpl::MqaServiceImpl(core::Engine* engine, ServiceOptions options) : engine_(engine), options_(options) {}
 
 void MqaServiceImpl::StartDraining() {
   draining_.store(true);
@@ -149,8 +148,7 @@ grpc::ServerUnaryReactor* MqaServiceImpl::Forward(grpc::CallbackServerContext* c
 
 grpc::ServerUnaryReactor* MqaServiceImpl::CreateSession(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* raw,
                                                         grpc::ByteBuffer* raw_resp) {
-  auto* call = new UnaryCall<v1::CreateSessionRequest, v1::CreateSessionResponse>(ctx, raw, raw_resp,
-                                                                                   options_.metrics);
+  auto* call = new UnaryCall<v1::CreateSessionRequest, v1::CreateSessionResponse>(ctx, raw, raw_resp, options_.metrics);
   if (!call->ok()) return call;
   const v1::CreateSessionRequest* req = &call->request;
   auto fail = [call](Status st) {
@@ -158,8 +156,9 @@ grpc::ServerUnaryReactor* MqaServiceImpl::CreateSession(grpc::CallbackServerCont
     return call;
   };
   if (draining_.load()) {
-    return fail(core::UnavailableError("the server is draining and accepts no new sessions; "
-                                       "create the session on another replica"));
+    return fail(
+        core::UnavailableError("the server is draining and accepts no new sessions; "
+                               "create the session on another replica"));
   }
   if (Status st = CheckModelName(req->model()); !st.ok()) return fail(st);
   core::SessionConfig config;
@@ -193,9 +192,9 @@ grpc::ServerUnaryReactor* MqaServiceImpl::CreateSession(grpc::CallbackServerCont
   }
   auto session = engine_->CreateSession(config);
   if (!session.ok()) {
-    LogWarn("session_refused",
-            {{"model", config.model}, {"code", std::string(core::StatusCodeName(session.status().code()))},
-             {"reason", session.status().message()}});
+    LogWarn("session_refused", {{"model", config.model},
+                                {"code", std::string(core::StatusCodeName(session.status().code()))},
+                                {"reason", session.status().message()}});
     return fail(session.status());
   }
   ToWire(*session, call->response.mutable_session());
@@ -227,8 +226,7 @@ grpc::ServerUnaryReactor* MqaServiceImpl::GetSession(grpc::CallbackServerContext
 
 grpc::ServerUnaryReactor* MqaServiceImpl::CloseSession(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* raw,
                                                        grpc::ByteBuffer* raw_resp) {
-  auto* call = new UnaryCall<v1::CloseSessionRequest, v1::CloseSessionResponse>(ctx, raw, raw_resp,
-                                                                                 options_.metrics);
+  auto* call = new UnaryCall<v1::CloseSessionRequest, v1::CloseSessionResponse>(ctx, raw, raw_resp, options_.metrics);
   if (!call->ok()) return call;
   Status st = CheckSessionId(call->request.session_id());
   if (st.ok()) {

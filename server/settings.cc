@@ -21,8 +21,8 @@ constexpr IntegerRange kCount{1, INT64_MAX, ""};
 constexpr IntegerRange kMillis{1, kOneYearMs, "milliseconds"};
 
 Setting Text(std::string_view name, std::string_view flag, std::string_view env, std::string_view key,
-             std::string_view value_name, std::string_view default_value, bool default_applied,
-             std::string_view help, Setting::ApplyText apply) {
+             std::string_view value_name, std::string_view default_value, bool default_applied, std::string_view help,
+             Setting::ApplyText apply) {
   Setting s;
   s.name = name;
   s.flag = flag;
@@ -47,8 +47,8 @@ Setting Number(std::string_view name, std::string_view flag, std::string_view en
 
 // Integers always start from their default: the table, not a struct's initialiser, decides it.
 Setting Integer(std::string_view name, std::string_view flag, std::string_view env, std::string_view key,
-                std::string_view value_name, std::string_view default_value, IntegerRange range,
-                std::string_view help, Setting::ApplyInteger apply) {
+                std::string_view value_name, std::string_view default_value, IntegerRange range, std::string_view help,
+                Setting::ApplyInteger apply) {
   Setting s = Text(name, flag, env, key, value_name, default_value, true, help, nullptr);
   s.type = SettingType::kInteger;
   s.range = range;
@@ -67,8 +67,10 @@ bool FromFlag(const std::string& origin) { return origin.rfind("--", 0) == 0; }
 
 Status ListenAddress(std::string& out, std::string_view v, const std::string& origin) {
   if (!ValidListenAddress(v)) {
-    return InvalidArgumentError(origin + ": expected host:port (port 0..65535, IPv6 host in brackets) or "
-                                "unix:PATH, got " + Quoted(v));
+    return InvalidArgumentError(origin +
+                                ": expected host:port (port 0..65535, IPv6 host in brackets) or "
+                                "unix:PATH, got " +
+                                Quoted(v));
   }
   out = std::string(v);
   return Status::Ok();
@@ -95,13 +97,15 @@ std::vector<Setting> MakeTable() {
              p.config.port_file = std::string(v);
              return Status::Ok();
            }),
-      Text("metrics_listen", "--metrics-listen", "MQA_METRICS_LISTEN", "metrics_listen", "ADDR", "0.0.0.0:9400",
-           true, "host:port for the Prometheus /metrics endpoint (HTTP; port 0 = any free port); '' = no endpoint",
+      Text("metrics_listen", "--metrics-listen", "MQA_METRICS_LISTEN", "metrics_listen", "ADDR", "0.0.0.0:9400", true,
+           "host:port for the Prometheus /metrics endpoint (HTTP; port 0 = any free port); '' = no endpoint",
            [](ParsedConfig& p, std::string_view v, const std::string& origin) {
              // Plain HTTP over TCP only: the scraper speaks nothing else, so unix: is refused here.
              if (!v.empty() && (v.rfind("unix:", 0) == 0 || !ValidListenAddress(v))) {
-               return InvalidArgumentError(origin + ": expected host:port (port 0..65535, IPv6 host in brackets) "
-                                           "or '' to disable, got " + Quoted(v));
+               return InvalidArgumentError(origin +
+                                           ": expected host:port (port 0..65535, IPv6 host in brackets) "
+                                           "or '' to disable, got " +
+                                           Quoted(v));
              }
              p.config.metrics_listen = std::string(v);
              return Status::Ok();
@@ -117,8 +121,10 @@ std::vector<Setting> MakeTable() {
            "gRPC probes; '' = none",
            [](ParsedConfig& p, std::string_view v, const std::string& origin) {
              if (!v.empty() && !ValidListenAddress(v)) {
-               return InvalidArgumentError(origin + ": expected host:port (port 0..65535, IPv6 host in brackets), "
-                                           "unix:PATH or '' for none, got " + Quoted(v));
+               return InvalidArgumentError(origin +
+                                           ": expected host:port (port 0..65535, IPv6 host in brackets), "
+                                           "unix:PATH or '' for none, got " +
+                                           Quoted(v));
              }
              p.config.health_listen = std::string(v);
              return Status::Ok();
@@ -130,8 +136,8 @@ std::vector<Setting> MakeTable() {
              return Status::Ok();
            }),
       // gRPC takes the message limit as an int.
-      Integer("max_message_bytes", "--max-message-bytes", "MQA_MAX_MESSAGE_BYTES", "max_message_bytes", "N",
-              "67108864", {1, INT_MAX, "bytes"}, "largest gRPC message accepted or sent (64 MiB)",
+      Integer("max_message_bytes", "--max-message-bytes", "MQA_MAX_MESSAGE_BYTES", "max_message_bytes", "N", "67108864",
+              {1, INT_MAX, "bytes"}, "largest gRPC message accepted or sent (64 MiB)",
               [](ParsedConfig& p, int64_t v) { p.config.max_message_bytes = static_cast<size_t>(v); }),
       Integer("metrics_max_connections", "--metrics-max-connections", "MQA_METRICS_MAX_CONNECTIONS",
               "metrics_max_connections", "N", "64", kCount,
@@ -154,8 +160,10 @@ std::vector<Setting> MakeTable() {
            "trace, debug, info, warn, error, critical or off",
            [](ParsedConfig& p, std::string_view v, const std::string& origin) {
              if (std::find(std::begin(kLogLevels), std::end(kLogLevels), v) == std::end(kLogLevels)) {
-               return InvalidArgumentError(origin + ": expected one of trace, debug, info, warn, error, critical, "
-                                           "off; got " + Quoted(v));
+               return InvalidArgumentError(origin +
+                                           ": expected one of trace, debug, info, warn, error, critical, "
+                                           "off; got " +
+                                           Quoted(v));
              }
              p.config.log_level = std::string(v);
              return Status::Ok();
@@ -195,8 +203,8 @@ std::vector<Setting> MakeTable() {
               "work limit of one Forward: b * H * s * s_k attention scores (2^28); more is refused with "
               "RESOURCE_EXHAUSTED before any work. Its time grows with this figure, its memory linearly in s",
               [](ParsedConfig& p, int64_t v) { p.config.engine.max_forward_scores = v; }),
-      Integer("default_idle_ttl_ms", "--default-idle-ttl-ms", "MQA_DEFAULT_IDLE_TTL_MS", "default_idle_ttl_ms",
-              "MS", "300000", kMillis, "idle time after which a session is closed, unless it asks for another",
+      Integer("default_idle_ttl_ms", "--default-idle-ttl-ms", "MQA_DEFAULT_IDLE_TTL_MS", "default_idle_ttl_ms", "MS",
+              "300000", kMillis, "idle time after which a session is closed, unless it asks for another",
               [](ParsedConfig& p, int64_t v) { p.config.engine.default_idle_ttl = Ms(v); }),
       Integer("max_idle_ttl_ms", "--max-idle-ttl-ms", "MQA_MAX_IDLE_TTL_MS", "max_idle_ttl_ms", "MS", "3600000",
               kMillis, "longest idle TTL a session may ask for (>= default_idle_ttl_ms)",
@@ -204,18 +212,17 @@ std::vector<Setting> MakeTable() {
       Integer("reap_interval_ms", "--reap-interval-ms", "MQA_REAP_INTERVAL_MS", "reap_interval_ms", "MS", "200",
               kMillis, "how often idle sessions are looked for",
               [](ParsedConfig& p, int64_t v) { p.config.engine.reap_interval = Ms(v); }),
-      Integer("max_batch_tokens", "--max-batch-tokens", "MQA_MAX_BATCH_TOKENS", "max_batch_tokens", "N", "4096",
-              kCount, "new tokens per batched pass at most (decode tokens plus prefill chunk tokens)",
+      Integer("max_batch_tokens", "--max-batch-tokens", "MQA_MAX_BATCH_TOKENS", "max_batch_tokens", "N", "4096", kCount,
+              "new tokens per batched pass at most (decode tokens plus prefill chunk tokens)",
               [](ParsedConfig& p, int64_t v) { p.config.engine.batching.max_batch_tokens = v; }),
-      Integer("max_batch_sessions", "--max-batch-sessions", "MQA_MAX_BATCH_SESSIONS", "max_batch_sessions", "N",
-              "256", kCount, "steps per batched pass at most; 1 = unbatched (one step per pass)",
+      Integer("max_batch_sessions", "--max-batch-sessions", "MQA_MAX_BATCH_SESSIONS", "max_batch_sessions", "N", "256",
+              kCount, "steps per batched pass at most; 1 = unbatched (one step per pass)",
               [](ParsedConfig& p, int64_t v) { p.config.engine.batching.max_batch_sessions = v; }),
-      Integer("max_queue_delay_us", "--max-queue-delay-us", "MQA_MAX_QUEUE_DELAY_US", "max_queue_delay_us", "US",
-              "0", {0, kMaxQueueDelayUs, "microseconds"},
-              "how long a pass may wait for more steps to fill it (0 = run at once; at most one second)",
-              [](ParsedConfig& p, int64_t v) {
-                p.config.engine.batching.max_queue_delay = std::chrono::microseconds(v);
-              }),
+      Integer(
+          "max_queue_delay_us", "--max-queue-delay-us", "MQA_MAX_QUEUE_DELAY_US", "max_queue_delay_us", "US", "0",
+          {0, kMaxQueueDelayUs, "microseconds"},
+          "how long a pass may wait for more steps to fill it (0 = run at once; at most one second)",
+          [](ParsedConfig& p, int64_t v) { p.config.engine.batching.max_queue_delay = std::chrono::microseconds(v); }),
       Integer("max_prefill_chunk", "--max-prefill-chunk", "MQA_MAX_PREFILL_CHUNK", "max_prefill_chunk", "N", "512",
               kCount,
               "longer causal steps run in chunks of this many tokens, interleaved with other passes (non-causal "
@@ -302,20 +309,17 @@ const Setting* FindKey(std::string_view key) {
   return nullptr;
 }
 
-Status ApplySetting(const Setting& setting, ParsedConfig& parsed, std::string_view value,
-                    const std::string& origin) {
+Status ApplySetting(const Setting& setting, ParsedConfig& parsed, std::string_view value, const std::string& origin) {
   switch (setting.type) {
     case SettingType::kInteger: {
-      MQA_ASSIGN_OR_RETURN(int64_t v, ParseInteger(value, setting.range.min, setting.range.max, origin,
-                                                   setting.range.unit));
+      MQA_ASSIGN_OR_RETURN(int64_t v,
+                           ParseInteger(value, setting.range.min, setting.range.max, origin, setting.range.unit));
       setting.apply_integer(parsed, v);
       return Status::Ok();
     }
     case SettingType::kText:
-    case SettingType::kNumber:
-      return setting.apply_text(parsed, value, origin);
-    case SettingType::kAction:
-      break;
+    case SettingType::kNumber: return setting.apply_text(parsed, value, origin);
+    case SettingType::kAction: break;
   }
   return InvalidArgumentError(std::string(setting.flag) + " takes no value");
 }

@@ -37,11 +37,11 @@ struct Setting {
   using ApplyText = core::Status (*)(ParsedConfig& parsed, std::string_view value, const std::string& origin);
   using ApplyInteger = void (*)(ParsedConfig& parsed, int64_t value);
 
-  std::string_view name;        // "max_sessions": the key when the setting is in the file
-  std::string_view flag;        // "--max-sessions"
-  std::string_view alias;       // another spelling of the flag ("-h"); "" = none
-  std::string_view env;         // "MQA_MAX_SESSIONS"; "" = none
-  std::string_view key;         // config-file key; "" = flag and environment only
+  std::string_view name;   // "max_sessions": the key when the setting is in the file
+  std::string_view flag;   // "--max-sessions"
+  std::string_view alias;  // another spelling of the flag ("-h"); "" = none
+  std::string_view env;    // "MQA_MAX_SESSIONS"; "" = none
+  std::string_view key;    // config-file key; "" = flag and environment only
   SettingType type = SettingType::kText;
   std::string_view value_name;  // the value's placeholder in --help: "N", "ADDR"
   // The value when no source gives one, spelled as a source would. When default_applied, LoadConfig starts from
@@ -49,7 +49,7 @@ struct Setting {
   // devices, decided once the machine's devices are known).
   std::string_view default_value;
   bool default_applied = false;
-  IntegerRange range;           // kInteger only
+  IntegerRange range;  // kInteger only
   std::string_view help;
   ApplyText apply_text = nullptr;        // kText and kNumber: checks the value and stores it
   ApplyInteger apply_integer = nullptr;  // kInteger: stores a value already checked against range

@@ -61,13 +61,13 @@ std::string SettingsHelp() {
     w_key = std::max(w_key, r.key.size());
   }
   auto pad = [](const std::string& s, size_t w) { return s + std::string(w + 2 - s.size(), ' '); };
-  std::string out =
-      "Usage: mqa-server [--flag VALUE | --flag=VALUE]...   (mqa-server " + std::string(kVersion) + ")\n"
-      "\n"
-      "Serves Multi-Query Attention layers over gRPC, keeping each session's KV cache on the server.\n"
-      "Each setting comes from, lowest precedence first: its default, the config file (YAML or JSON),\n"
-      "the environment (empty values count as unset), the command line.\n"
-      "\n";
+  std::string out = "Usage: mqa-server [--flag VALUE | --flag=VALUE]...   (mqa-server " + std::string(kVersion) +
+                    ")\n"
+                    "\n"
+                    "Serves Multi-Query Attention layers over gRPC, keeping each session's KV cache on the server.\n"
+                    "Each setting comes from, lowest precedence first: its default, the config file (YAML or JSON),\n"
+                    "the environment (empty values count as unset), the command line.\n"
+                    "\n";
   for (const Row& r : rows) {
     out += "  " + pad(r.flag, w_flag) + pad(r.env, w_env) + pad(r.key, w_key) + r.def + "\n";
     if (!r.help.empty()) out += "      " + r.help + "\n";
@@ -94,8 +94,8 @@ std::string SettingsMarkdown() {
     if (!s.value_name.empty()) flag += " " + std::string(s.value_name);
     if (!s.alias.empty()) flag += "`, `" + std::string(s.alias);
     const std::string def = SettingDefaultText(s);
-    out += "| " + Code(s.key) + " | " + Code(flag) + " | " + Code(s.env) + " | " + Cell(SettingValueText(s)) +
-           " | " + (def == "-" || def.front() == '(' ? def : Code(def)) + " | " + Cell(s.help) + " |\n";
+    out += "| " + Code(s.key) + " | " + Code(flag) + " | " + Code(s.env) + " | " + Cell(SettingValueText(s)) + " | " +
+           (def == "-" || def.front() == '(' ? def : Code(def)) + " | " + Cell(s.help) + " |\n";
   }
   return out;
 }

@@ -60,9 +60,10 @@ class MqaServiceImpl::StepStreamReactor final : public grpc::ServerBidiReactor<g
       std::lock_guard<std::mutex> lock(mu_);
       reads_done_ = true;
       read_outstanding_ = false;
-      end_status_ = ToGrpc(core::InvalidArgumentError(
-          bad.message() + ": the stream ends here; the steps before it are answered, it and anything sent after "
-                          "it were not applied"));
+      end_status_ =
+          ToGrpc(core::InvalidArgumentError(
+              bad.message() + ": the stream ends here; the steps before it are answered, it and anything sent after "
+                              "it were not applied"));
       MaybeFinishLocked();
       return;
     }
@@ -80,8 +81,8 @@ class MqaServiceImpl::StepStreamReactor final : public grpc::ServerBidiReactor<g
     echo.set_layer(input.layer());
     echo.set_sequence(input.sequence());
     StatusOr<core::Clock::time_point> deadline = StepDeadline(input.timeout(), stream_deadline_);
-    StatusOr<core::StepRequest> step =
-        deadline.ok() ? internal::ToStepRequest(input, *deadline, cancel_) : StatusOr<core::StepRequest>(deadline.status());
+    StatusOr<core::StepRequest> step = deadline.ok() ? internal::ToStepRequest(input, *deadline, cancel_)
+                                                     : StatusOr<core::StepRequest>(deadline.status());
     parsed.Clear();  // converted: do not hold the bytes twice while the step waits
     if (!step.ok()) {
       Complete(echo, answer_bytes, step.status());
@@ -226,7 +227,7 @@ class MqaServiceImpl::StepStreamReactor final : public grpc::ServerBidiReactor<g
   size_t in_flight_ = 0;       // steps read and not yet answered
   size_t pending_bytes_ = 0;   // bytes of the answers of in-flight steps and of writes_
   uint64_t steps_ = 0;
-  grpc::Status end_status_;    // how the stream ends once everything is answered (OK, or a bad message)
+  grpc::Status end_status_;       // how the stream ends once everything is answered (OK, or a bad message)
   bool read_outstanding_ = true;  // a StartRead not yet answered by OnReadDone (the constructor starts one)
   bool writing_ = false;
   bool reads_done_ = false;

@@ -55,10 +55,10 @@ core::StatusOr<core::Tensor> FromWire(const v1::Tensor& wire, const std::string&
   }
   const uint64_t want = numel * core::DTypeSize(dtype);
   if (wire.data().size() != want) {
-    return InvalidArgumentError(name + ": " + std::string(core::DTypeName(dtype)) + " " +
-                                core::ShapeToString(shape) + " needs " + std::to_string(want) + " bytes (" +
-                                std::to_string(numel) + " elements x " + std::to_string(core::DTypeSize(dtype)) +
-                                "), got " + std::to_string(wire.data().size()));
+    return InvalidArgumentError(name + ": " + std::string(core::DTypeName(dtype)) + " " + core::ShapeToString(shape) +
+                                " needs " + std::to_string(want) + " bytes (" + std::to_string(numel) + " elements x " +
+                                std::to_string(core::DTypeSize(dtype)) + "), got " +
+                                std::to_string(wire.data().size()));
   }
   auto t = core::Tensor::FromBytes(dtype, shape, wire.data().data(), wire.data().size());
   if (!t.ok()) return core::Status(t.status().code(), name + ": " + t.status().message());
@@ -120,7 +120,7 @@ void ToWire(const core::SessionInfo& s, v1::Session* wire) {
   SetTimestamp(s.create_time, wire->mutable_create_time());
   wire->set_causal(s.causal);
   wire->set_position_bias(s.position_bias == core::PositionBias::kAlibi ? v1::POSITION_BIAS_ALIBI
-                                                                         : v1::POSITION_BIAS_NONE);
+                                                                        : v1::POSITION_BIAS_NONE);
   wire->set_admission(s.admission == core::Admission::kGuaranteed ? v1::ADMISSION_GUARANTEED
                                                                   : v1::ADMISSION_BEST_EFFORT);
   wire->set_cache_bytes(s.cache_bytes);

@@ -150,8 +150,10 @@ struct DecodeCase {
     p.out = out.data_ptr();
     p.out_stride = H * D;
     p.num_splits = mqa::core::cuda::PagedDecodeSplits(p.batch, static_cast<int>(L), p.heads, p.head_dim, sms);
-    ws = at::empty({static_cast<int64_t>(mqa::core::cuda::PagedDecodeWorkspaceBytes(
-                        p.batch, p.heads, p.head_dim, mqa::core::cuda::kMaxDecodeSplits) / 4) + 1},
+    ws = at::empty({static_cast<int64_t>(mqa::core::cuda::PagedDecodeWorkspaceBytes(p.batch, p.heads, p.head_dim,
+                                                                                    mqa::core::cuda::kMaxDecodeSplits) /
+                                         4) +
+                    1},
                    o.dtype(at::kFloat));
     p.workspace = ws.data_ptr<float>();
   }
@@ -203,8 +205,7 @@ int main(int argc, char** argv) {
   at::manual_seed(1234);
 
   const std::string card = mqa::core::DeviceName("cuda:0");
-  const double copy_gbps =
-      profiling ? 1.0 : mqa::core::MeasureCopyBandwidth("cuda:0", size_t{2} << 30, 20).value();
+  const double copy_gbps = profiling ? 1.0 : mqa::core::MeasureCopyBandwidth("cuda:0", size_t{2} << 30, 20).value();
   int sms = 0;
   mqa::core::cuda::SmCount(0, &sms);
   std::printf("mqa-bench-kernels: %s, %d SMs, measured copy bandwidth %.1f GB/s (read + write)\n", card.c_str(), sms,
@@ -244,9 +245,10 @@ int main(int argc, char** argv) {
     std::printf("\none-element fill kernel in a CUDA graph (launch floor per call): %.1f us\n", ms * 1e3);
     json.Row("\"part\":\"launch_floor\",\"impl\":\"fill 1 element\",\"us\":" + JsonNumber(ms * 1e3));
   }
-  std::printf("\n== decode attention, bf16, H=%lld query heads, one K/V head, head_dim %lld, block size 16"
-              " (GPU time: each timed inside a CUDA graph) ==\n",
-              static_cast<long long>(H), static_cast<long long>(D));
+  std::printf(
+      "\n== decode attention, bf16, H=%lld query heads, one K/V head, head_dim %lld, block size 16"
+      " (GPU time: each timed inside a CUDA graph) ==\n",
+      static_cast<long long>(H), static_cast<long long>(D));
   std::printf("%5s %6s %10s | %-28s %10s %9s %7s %9s\n", "B", "L", "KV MB", "implementation", "time us", "GB/s",
               "% copy", "vs ours");
   for (int64_t L : profiling ? std::vector<int64_t>{} : Ls) {
@@ -271,24 +273,35 @@ int main(int argc, char** argv) {
       const at::Tensor vc = cache.v.index_select(0, slots.reshape(-1)).view({B, 1, L, D});
       const at::Tensor q4 = q.view({B, H, 1, D});
       at::Tensor want = at::scaled_dot_product_attention(q4, kc, vc, {}, 0.0, false, scale, true);
-      const double err = ((out.view({B, H, 1, D}).to(at::kFloat) - want.to(at::kFloat)).norm() /
-                          want.to(at::kFloat).norm()).item<double>();
-      results.emplace_back("sdpa grouped (enable_gqa)", GraphTimeMs([&] {
-                             (void)at::scaled_dot_product_attention(q4, kc, vc, {}, 0.0, false, scale, true);
-                           }, iters));
-      results.emplace_back("sdpa heads folded into rows", GraphTimeMs([&] {
-                             (void)at::scaled_dot_product_attention(q.view({B, 1, H, D}), kc, vc, {}, 0.0, false, scale);
-                           }, iters));
-      results.emplace_back("unfused matmul-softmax-matmul", GraphTimeMs([&] {
-                             at::Tensor s = at::bmm(q.view({B, H, D}), kc.view({B, L, D}).transpose(1, 2)) * scale;
-                             (void)at::bmm(at::softmax(s, -1), vc.view({B, L, D}));
-                           }, iters));
-      results.emplace_back("torch paged path (gather+unfused)", GraphTimeMs([&] {
-                             const at::Tensor kg = cache.k.index_select(0, slots.reshape(-1)).view({B, L, D});
-                             const at::Tensor vg = cache.v.index_select(0, slots.reshape(-1)).view({B, L, D});
-                             at::Tensor s = at::bmm(q.view({B, H, D}), kg.transpose(1, 2)) * scale;
-                             (void)at::bmm(at::softmax(s, -1), vg);
-                           }, iters));
+      const double err =
+          ((out.view({B, H, 1, D}).to(at::kFloat) - want.to(at::kFloat)).norm() / want.to(at::kFloat).norm())
+              .item<double>();
+      results.emplace_back(
+          "sdpa grouped (enable_gqa)",
+          GraphTimeMs([&] { (void)at::scaled_dot_product_attention(q4, kc, vc, {}, 0.0, false, scale, true); }, iters));
+      results.emplace_back(
+          "sdpa heads folded into rows",
+          GraphTimeMs(
+              [&] {
+                (void)at::scaled_dot_product_attention(q.view({B, 1, H, D}), kc, vc, {}, 0.0, false, scale);
+              },
+              iters));
+      results.emplace_back("unfused matmul-softmax-matmul",
+                           GraphTimeMs(
+                               [&] {
+                                 at::Tensor s = at::bmm(q.view({B, H, D}), kc.view({B, L, D}).transpose(1, 2)) * scale;
+                                 (void)at::bmm(at::softmax(s, -1), vc.view({B, L, D}));
+                               },
+                               iters));
+      results.emplace_back("torch paged path (gather+unfused)",
+                           GraphTimeMs(
+                               [&] {
+                                 const at::Tensor kg = cache.k.index_select(0, slots.reshape(-1)).view({B, L, D});
+                                 const at::Tensor vg = cache.v.index_select(0, slots.reshape(-1)).view({B, L, D});
+                                 at::Tensor s = at::bmm(q.view({B, H, D}), kg.transpose(1, 2)) * scale;
+                                 (void)at::bmm(at::softmax(s, -1), vg);
+                               },
+                               iters));
       const double ours = results[0].second;
       for (const auto& [name, ms] : results) {
         const double gbps = read_bytes / (ms * 1e-3) / 1e9;
@@ -318,9 +331,10 @@ int main(int argc, char** argv) {
 
   // ---- 2. the whole layer step ----
   const int64_t dim = H * D;
-  std::printf("\n== layer step (QKV GEMM, KV append, attention, output GEMM), bf16, dim %lld, through PagedForward"
-              " with its host work (wall time per step, back to back) ==\n",
-              static_cast<long long>(dim));
+  std::printf(
+      "\n== layer step (QKV GEMM, KV append, attention, output GEMM), bf16, dim %lld, through PagedForward"
+      " with its host work (wall time per step, back to back) ==\n",
+      static_cast<long long>(dim));
   std::printf("%5s %6s %10s | %-24s %10s %9s %9s\n", "B", "L", "floor us", "implementation", "time us", "x floor",
               "vs graph");
   MqaOptions mo;
@@ -335,7 +349,8 @@ int main(int argc, char** argv) {
   auto eager = std::move(MultiQueryAttention::Create(mo)).value();
   mo.attn_impl = AttnImpl::kTorch;
   auto torch_layer = std::move(MultiQueryAttention::Create(mo)).value();
-  const double weight_bytes = (static_cast<double>(dim) * (dim + 2 * D) + dim + static_cast<double>(dim) * dim + dim) * 2;
+  const double weight_bytes =
+      (static_cast<double>(dim) * (dim + 2 * D) + dim + static_cast<double>(dim) * dim + dim) * 2;
   uint64_t graph_captures = 0, graph_replays = 0;  // of the graphed layer, all shapes
   for (int64_t L : Ls) {
     for (int64_t B : Bs) {
@@ -366,9 +381,7 @@ int main(int argc, char** argv) {
       // Each layer's paged execution over the same caches (a fresh one per shape: its graphs are its own).
       mqa::core::PagedLayer graphed_paged(*graphed, kc, vc), eager_paged(*eager, kc, vc),
           torch_paged(*torch_layer, kc, vc);
-      auto step = [&](mqa::core::PagedLayer& layer) {
-        return [&] { (void)layer.Forward(x, seqs, bs); };
-      };
+      auto step = [&](mqa::core::PagedLayer& layer) { return [&] { (void)layer.Forward(x, seqs, bs); }; };
       if (profiling) {  // a few graph replays for the profiler, nothing printed
         for (int i = 0; i < 5; ++i) step(graphed_paged)();
         at::cuda::getCurrentCUDAStream().synchronize();

@@ -116,8 +116,8 @@ class ClosedLoop {
 
   void Submit(size_t i) {
     SessionState& s = sessions_[i];
-    TensorT x = s.layer == 0 ? (*inputs_)[(i + static_cast<size_t>(s.round)) % inputs_->size()]
-                             : std::move(s.next_input);
+    TensorT x =
+        s.layer == 0 ? (*inputs_)[(i + static_cast<size_t>(s.round)) % inputs_->size()] : std::move(s.next_input);
     s.sent = Clock::now();
     send_(i, s.layer, start_position_ + s.round * step_tokens_, std::move(x));
   }

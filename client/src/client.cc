@@ -46,8 +46,7 @@ Status ValidateRoutingKey(const std::string& key, const std::string& what) {
   }
   for (const char c : key) {
     if (c <= ' ' || c > '~') {
-      return Status(StatusCode::kInvalidArgument,
-                    what + " may hold only printable ASCII characters other than space");
+      return Status(StatusCode::kInvalidArgument, what + " may hold only printable ASCII characters other than space");
     }
   }
   return Status();
@@ -246,8 +245,8 @@ StatusOr<SessionInfo> Session::Info(Timeout timeout) const {
   return internal::SessionInfoFromProto(response.session());
 }
 
-StatusOr<StepOutput> Session::Step(int32_t layer, const HostTensor& x, std::optional<int64_t> position,
-                                   Timeout timeout, uint64_t sequence) {
+StatusOr<StepOutput> Session::Step(int32_t layer, const HostTensor& x, std::optional<int64_t> position, Timeout timeout,
+                                   uint64_t sequence) {
   if (!state_ || state_->id.empty()) return Status(StatusCode::kFailedPrecondition, "the session is closed");
   v1::StepRequest request;
   Status valid = internal::StepInputToProto(state_->id, layer, x, position, std::nullopt, request.mutable_step());
@@ -259,8 +258,7 @@ StatusOr<StepOutput> Session::Step(int32_t layer, const HostTensor& x, std::opti
     return state_->impl->stub->Step(context, request, &response);
   };
   // Only a step that names its position can be sent again safely (the server recognises the repeat).
-  grpc::Status status =
-      position ? state_->impl->CallStep(timeout, attempt) : state_->impl->CallOnce(timeout, attempt);
+  grpc::Status status = position ? state_->impl->CallStep(timeout, attempt) : state_->impl->CallOnce(timeout, attempt);
   if (!status.ok()) return internal::FromGrpc(status);
   return internal::StepOutputFromProto(response.result());
 }

@@ -10,8 +10,8 @@
 #include <string>
 #include <thread>
 
-#include "mqa/client/client.h"
 #include "grpc/health/v1/health.grpc.pb.h"
+#include "mqa/client/client.h"
 #include "mqa/v1/mqa_service.grpc.pb.h"
 
 namespace mqa::client {

@@ -49,7 +49,7 @@ HostTensor TensorFromProto(const v1::Tensor& proto) {
   const int dtype = static_cast<int>(proto.dtype());
   // Unknown enum values from a newer server stay visible as kUnspecified rather than aliasing a real type.
   t.dtype = (dtype >= 0 && dtype <= static_cast<int>(DataType::kUInt8)) ? static_cast<DataType>(dtype)
-                                                                         : DataType::kUnspecified;
+                                                                        : DataType::kUnspecified;
   t.shape.assign(proto.shape().begin(), proto.shape().end());
   t.data.assign(proto.data().begin(), proto.data().end());
   return t;
@@ -75,7 +75,7 @@ LayerConfig LayerConfigFromProto(const v1::LayerConfig& proto) {
   c.fc_type = proto.fc_type();
   const int dtype = static_cast<int>(proto.dtype());
   c.dtype = (dtype >= 0 && dtype <= static_cast<int>(DataType::kUInt8)) ? static_cast<DataType>(dtype)
-                                                                         : DataType::kUnspecified;
+                                                                        : DataType::kUnspecified;
   c.device = proto.device();
   return c;
 }
@@ -160,7 +160,8 @@ ForwardOutput ForwardOutputFromProto(const v1::ForwardResponse& proto) {
   ForwardOutput o;
   o.out = TensorFromProto(proto.out());
   if (proto.has_weights()) o.weights = TensorFromProto(proto.weights());
-  if (proto.has_cache()) o.cache = KvCache{TensorFromProto(proto.cache().key()), TensorFromProto(proto.cache().value())};
+  if (proto.has_cache())
+    o.cache = KvCache{TensorFromProto(proto.cache().key()), TensorFromProto(proto.cache().value())};
   return o;
 }
 

@@ -31,8 +31,7 @@ struct DoneSignal {
 // from OnWriteDone. A hold keeps OnDone from firing while more writes may still be started from outside a
 // reaction; it is released once the request side is half-closed or the stream has failed. gRPC calls are
 // never made with mu_ held: a reaction may run inline and take mu_ itself.
-class StepStream::Reactor final
-    : public grpc::ClientBidiReactor<v1::StreamStepsRequest, v1::StreamStepsResponse> {
+class StepStream::Reactor final : public grpc::ClientBidiReactor<v1::StreamStepsRequest, v1::StreamStepsResponse> {
  public:
   Reactor(std::shared_ptr<Client::Impl> impl, std::optional<std::chrono::system_clock::time_point> deadline,
           std::string routing_key)
@@ -132,8 +131,7 @@ class StepStream::Reactor final
     StatusOr<StepOutput> outcome =
         response_.status().code() == 0
             ? StatusOr<StepOutput>(internal::StepOutputFromProto(result))
-            : StatusOr<StepOutput>(
-                  Status(StatusCodeFromInt(response_.status().code()), response_.status().message()));
+            : StatusOr<StepOutput>(Status(StatusCodeFromInt(response_.status().code()), response_.status().message()));
     StepCallback callback;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -161,9 +159,9 @@ class StepStream::Reactor final
       queue_.clear();
     }
     // The server ending the call normally with steps unanswered breaks the protocol; say so rather than OK.
-    const Status step_status =
-        stream_status.ok() ? Status(StatusCode::kInternal, "the stream ended before the step was answered")
-                           : stream_status;
+    const Status step_status = stream_status.ok()
+                                   ? Status(StatusCode::kInternal, "the stream ended before the step was answered")
+                                   : stream_status;
     for (auto& callback : orphans) {
       if (callback) callback(step_status);
     }
@@ -209,8 +207,8 @@ class StepStream::Reactor final
 
   mutable std::mutex mu_;
   std::deque<std::unique_ptr<v1::StreamStepsRequest>> queue_;  // accepted, not yet written
-  std::unique_ptr<v1::StreamStepsRequest> current_write_;     // the outstanding write
-  std::unordered_map<uint64_t, StepCallback> pending_;        // accepted, not yet answered
+  std::unique_ptr<v1::StreamStepsRequest> current_write_;      // the outstanding write
+  std::unordered_map<uint64_t, StepCallback> pending_;         // accepted, not yet answered
   uint64_t next_sequence_ = 1;
   bool write_in_flight_ = false;
   bool half_close_requested_ = false;
@@ -235,10 +233,8 @@ StatusOr<uint64_t> StepStream::Submit(StepRequest request, StepCallback done) {
 std::future<StatusOr<StepOutput>> StepStream::Submit(StepRequest request) {
   auto promise = std::make_shared<std::promise<StatusOr<StepOutput>>>();
   std::future<StatusOr<StepOutput>> future = promise->get_future();
-  StatusOr<uint64_t> submitted =
-      reactor_->Submit(std::move(request), [promise](StatusOr<StepOutput> result) {
-        promise->set_value(std::move(result));
-      });
+  StatusOr<uint64_t> submitted = reactor_->Submit(
+      std::move(request), [promise](StatusOr<StepOutput> result) { promise->set_value(std::move(result)); });
   if (!submitted.ok()) promise->set_value(submitted.status());
   return future;
 }
@@ -250,9 +246,8 @@ Status PrepareSessionStep(const Session& session, const std::string& stream_key,
   if (session.id().empty()) return Status(StatusCode::kInvalidArgument, "the session is closed or released");
   if (session.routing_key() != stream_key) {
     return Status(StatusCode::kInvalidArgument,
-                  "session " + session.id() + " has routing key " + session.routing_key() +
-                      " but the stream has " + stream_key +
-                      "; create the session with SessionOptions::routing_key = stream->routing_key()");
+                  "session " + session.id() + " has routing key " + session.routing_key() + " but the stream has " +
+                      stream_key + "; create the session with SessionOptions::routing_key = stream->routing_key()");
   }
   request->session_id = session.id();
   return Status();

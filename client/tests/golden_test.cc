@@ -37,8 +37,8 @@ void CheckAgainst(const HostTensor& f32, const HostTensor& expected, DataType dt
       continue;
     }
     if (a != b && ++mismatches <= 10) {
-      ADD_FAILURE() << DataTypeName(dtype) << " element " << i << " value " << values[i] << ": ours 0x" << std::hex
-                    << a << ", PyTorch 0x" << b;
+      ADD_FAILURE() << DataTypeName(dtype) << " element " << i << " value " << values[i] << ": ours 0x" << std::hex << a
+                    << ", PyTorch 0x" << b;
     }
   }
   EXPECT_EQ(mismatches, 0);

@@ -66,8 +66,8 @@ TEST(Safetensors, FileRoundTrip) {
 
 TEST(Safetensors, ReadsAHandWrittenFile) {
   // Two F32 elements (1.0, -2.0) named "x", with the data offset written out by hand.
-  auto parsed = ParseSafetensors(WithHeader(R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})",
-                                            {0, 0, 0x80, 0x3F, 0, 0, 0, 0xC0}));
+  auto parsed = ParseSafetensors(
+      WithHeader(R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", {0, 0, 0x80, 0x3F, 0, 0, 0, 0xC0}));
   ASSERT_TRUE(parsed.ok()) << parsed.status();
   EXPECT_EQ(*parsed->tensors.at("x").ToFloats(), (std::vector<float>{1.0f, -2.0f}));
 }
@@ -75,8 +75,8 @@ TEST(Safetensors, ReadsAHandWrittenFile) {
 TEST(Safetensors, RejectsMalformedFiles) {
   auto code = [](const std::vector<uint8_t>& bytes) { return ParseSafetensors(bytes).status().code(); };
   const auto kInvalid = StatusCode::kInvalidArgument;
-  EXPECT_EQ(code({1, 2, 3}), kInvalid);                                             // shorter than 8 bytes
-  EXPECT_EQ(code({0xFF, 0, 0, 0, 0, 0, 0, 0, '{', '}'}), kInvalid);                  // header past the end
+  EXPECT_EQ(code({1, 2, 3}), kInvalid);                              // shorter than 8 bytes
+  EXPECT_EQ(code({0xFF, 0, 0, 0, 0, 0, 0, 0, '{', '}'}), kInvalid);  // header past the end
   EXPECT_EQ(code(WithHeader("not json", {})), kInvalid);
   EXPECT_EQ(code(WithHeader("[]", {})), kInvalid);
   EXPECT_EQ(code(WithHeader(R"({"x":{"dtype":"F64","shape":[1],"data_offsets":[0,8]}})", std::vector<uint8_t>(8))),

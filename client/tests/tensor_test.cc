@@ -92,14 +92,14 @@ TEST(Float16, KnownBitPatterns) {
   // Subnormals: 2^-14 is the smallest normal, 2^-24 the smallest subnormal.
   EXPECT_EQ(FloatToFloat16Bits(std::ldexp(1.0f, -14)), 0x0400);
   EXPECT_EQ(FloatToFloat16Bits(std::ldexp(1.0f, -24)), 0x0001);
-  EXPECT_EQ(FloatToFloat16Bits(std::ldexp(1.0f, -25)), 0x0000);          // tie to even zero
-  EXPECT_EQ(FloatToFloat16Bits(std::ldexp(1.5f, -25)), 0x0001);          // above the tie
-  EXPECT_EQ(FloatToFloat16Bits(std::ldexp(3.0f, -25)), 0x0002);          // 1.5 * 2^-24 ties to even 2
-  EXPECT_EQ(FloatToFloat16Bits(std::ldexp(1023.0f, -24)), 0x03FF);       // largest subnormal
-  EXPECT_EQ(FloatToFloat16Bits(std::ldexp(1023.5f, -24)), 0x0400);       // rounds up into the normals
+  EXPECT_EQ(FloatToFloat16Bits(std::ldexp(1.0f, -25)), 0x0000);     // tie to even zero
+  EXPECT_EQ(FloatToFloat16Bits(std::ldexp(1.5f, -25)), 0x0001);     // above the tie
+  EXPECT_EQ(FloatToFloat16Bits(std::ldexp(3.0f, -25)), 0x0002);     // 1.5 * 2^-24 ties to even 2
+  EXPECT_EQ(FloatToFloat16Bits(std::ldexp(1023.0f, -24)), 0x03FF);  // largest subnormal
+  EXPECT_EQ(FloatToFloat16Bits(std::ldexp(1023.5f, -24)), 0x0400);  // rounds up into the normals
   EXPECT_EQ(FloatToFloat16Bits(-std::ldexp(1.0f, -24)), 0x8001);
   EXPECT_EQ(FloatToFloat16Bits(std::ldexp(1.0f, -30)), 0x0000);
-  EXPECT_EQ(FloatToFloat16Bits(FromBits(0x00000001)), 0x0000);           // float subnormal
+  EXPECT_EQ(FloatToFloat16Bits(FromBits(0x00000001)), 0x0000);  // float subnormal
 }
 
 TEST(Float16, NaNStaysNaN) {
@@ -116,7 +116,7 @@ uint16_t ReferenceHalf(float f) {
   const double a = std::fabs(v);
   if (a == 0.0) return sign;
   int e;
-  std::frexp(a, &e);                   // a = m * 2^e, m in [0.5, 1)
+  std::frexp(a, &e);                          // a = m * 2^e, m in [0.5, 1)
   const int exponent = std::max(e - 1, -14);  // binade [2^exponent, 2^(exponent+1)); subnormals share -14
   const double steps = std::nearbyint(std::ldexp(a, 10 - exponent));  // units of 2^(exponent-10)
   const double rounded = std::ldexp(steps, exponent - 10);
@@ -149,7 +149,8 @@ TEST(Float16, EveryPatternRoundTripsAndMatchesTheReferenceModel) {
   // Exact midpoints of every adjacent pair of finite positive halves.
   for (uint32_t b = 0; b < 0x7BFF; ++b) {
     const double mid = (static_cast<double>(Float16BitsToFloat(static_cast<uint16_t>(b))) +
-                        Float16BitsToFloat(static_cast<uint16_t>(b + 1))) / 2.0;
+                        Float16BitsToFloat(static_cast<uint16_t>(b + 1))) /
+                       2.0;
     const float f = static_cast<float>(mid);  // exact: a half midpoint needs at most 12 significant bits
     ASSERT_EQ(static_cast<double>(f), mid);
     ASSERT_EQ(FloatToFloat16Bits(f), (b & 1) ? b + 1 : b) << std::hex << b;

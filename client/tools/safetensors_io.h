@@ -19,8 +19,8 @@
 namespace mqa::client::tools {
 
 struct SafetensorsFile {
-  std::map<std::string, HostTensor> tensors;       // by name
-  std::map<std::string, std::string> metadata;     // "__metadata__"
+  std::map<std::string, HostTensor> tensors;    // by name
+  std::map<std::string, std::string> metadata;  // "__metadata__"
 };
 
 // Parses a whole file's bytes. INVALID_ARGUMENT (with the reason) on any malformation: short file, header length

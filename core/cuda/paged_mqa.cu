@@ -16,42 +16,57 @@ namespace wmma = nvcuda::wmma;
 
 constexpr int kThreads = 128;  // four warps
 constexpr int kWarps = kThreads / 32;
-constexpr int kTile = 64;      // keys per K/V tile
-constexpr int kStages = 3;     // K/V tiles in shared memory: two in flight while one is computed
+constexpr int kTile = 64;   // keys per K/V tile
+constexpr int kStages = 3;  // K/V tiles in shared memory: two in flight while one is computed
 constexpr float kLog2e = 1.4426950408889634f;
 
-template <typename T> __device__ __forceinline__ T FromFloat(float x);
-template <> __device__ __forceinline__ __nv_bfloat16 FromFloat(float x) { return __float2bfloat16(x); }
-template <> __device__ __forceinline__ __half FromFloat(float x) { return __float2half(x); }
+template <typename T>
+__device__ __forceinline__ T FromFloat(float x);
+template <>
+__device__ __forceinline__ __nv_bfloat16 FromFloat(float x) {
+  return __float2bfloat16(x);
+}
+template <>
+__device__ __forceinline__ __half FromFloat(float x) {
+  return __float2half(x);
+}
 
 // Two floats as the two 16-bit halves of one register, the lower column in the low half.
-template <typename T> __device__ __forceinline__ uint32_t Pack(float lo, float hi);
-template <> __device__ __forceinline__ uint32_t Pack<__nv_bfloat16>(float lo, float hi) {
+template <typename T>
+__device__ __forceinline__ uint32_t Pack(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t Pack<__nv_bfloat16>(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
 }
-template <> __device__ __forceinline__ uint32_t Pack<__half>(float lo, float hi) {
+template <>
+__device__ __forceinline__ uint32_t Pack<__half>(float lo, float hi) {
   __half2 v = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
 // d += a * b on tensor cores, one m16n8k16 tile: a 16x16 (row-major fragment), b 16x8 (column fragment), fp32
 // accumulators. Fragment layouts are the PTX ISA's for mma.m16n8k16.
-template <typename T> __device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-template <> __device__ __forceinline__ void Mma<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+template <typename T>
+__device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void Mma<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-template <> __device__ __forceinline__ void Mma<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+template <>
+__device__ __forceinline__ void Mma<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ unsigned SmemAddr(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ unsigned SmemAddr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
 
 // Four 8x8 16-bit matrices from shared memory; lanes 8i..8i+7 give the row addresses of matrix i.
 __device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* p) {
@@ -73,7 +88,9 @@ __device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, bool val
 }
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
-__device__ __forceinline__ void CpAsyncWait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
 
 __host__ __device__ constexpr size_t Align128(size_t x) { return (x + 127) / 128 * 128; }
 
@@ -97,8 +114,8 @@ struct Smem {
 // and written to out, otherwise the unnormalised output, the max (log2 units) and the sum go to the workspace.
 template <typename T, int D, int MT>
 __global__ void __launch_bounds__(kThreads, 2) PagedDecodeKernel(PagedDecodeParams p) {
-  constexpr int KG = kWarps / MT;   // key groups
-  constexpr int NK = kTile / KG;    // keys per warp per tile: 16, 32 or 64
+  constexpr int KG = kWarps / MT;  // key groups
+  constexpr int NK = kTile / KG;   // keys per warp per tile: 16, 32 or 64
   constexpr int kLd = Smem<T, D>::kLd;
   extern __shared__ __align__(128) unsigned char smem[];
   const Smem<T, D> L{16 * MT};
@@ -123,14 +140,14 @@ __global__ void __launch_bounds__(kThreads, 2) PagedDecodeKernel(PagedDecodePara
   constexpr int kRowsStep = kThreads / kChunks;
   constexpr int kRowsPer = kTile / kRowsStep;
   const int chunk_col = (tid % kChunks) * 8, r0 = tid / kChunks;
-  auto fetch_blocks = [&](int t, int32_t (&blk)[kRowsPer]) {
+  auto fetch_blocks = [&](int t, int32_t(&blk)[kRowsPer]) {
 #pragma unroll
     for (int j = 0; j < kRowsPer; ++j) {
       const int pos = t * kTile + r0 + j * kRowsStep;
       blk[j] = pos < len ? table[pos / p.block_size] : 0;
     }
   };
-  auto load_tile = [&](int t, int stage, const int32_t (&blk)[kRowsPer]) {
+  auto load_tile = [&](int t, int stage, const int32_t(&blk)[kRowsPer]) {
     T* ks = kv_s + (2 * stage) * kTileElems;
     T* vs = ks + kTileElems;
 #pragma unroll
@@ -218,7 +235,10 @@ __global__ void __launch_bounds__(kThreads, 2) PagedDecodeKernel(PagedDecodePara
         float v = s[j][e] * scale2 + (e < 2 ? slope0 : slope1) * static_cast<float>(pos - (len - 1));
         v = pos < len ? v : -INFINITY;
         s[j][e] = v;
-        if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
+        if (e < 2)
+          mx0 = fmaxf(mx0, v);
+        else
+          mx1 = fmaxf(mx1, v);
       }
     }
 #pragma unroll
@@ -512,8 +532,6 @@ int KvAppend(KvType dtype, int tokens, int head_dim, const void* k_src, int64_t 
   return cudaGetLastError();
 }
 
-int SmCount(int device, int* count) {
-  return cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
-}
+int SmCount(int device, int* count) { return cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device); }
 
 }  // namespace mqa::core::cuda

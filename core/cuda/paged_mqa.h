@@ -23,24 +23,24 @@ enum class KvType : int { kBFloat16 = 0, kFloat16 = 1 };
 // a second kernel (log-sum-exp), so that a few long sessions still fill the GPU.
 struct PagedDecodeParams {
   KvType dtype = KvType::kBFloat16;
-  int batch = 0;      // B
-  int heads = 0;      // H query heads, 1..64
-  int head_dim = 0;   // D: 64 or 128
-  const void* q = nullptr;      // [B, H * D], row b at q + b * q_stride elements
+  int batch = 0;            // B
+  int heads = 0;            // H query heads, 1..64
+  int head_dim = 0;         // D: 64 or 128
+  const void* q = nullptr;  // [B, H * D], row b at q + b * q_stride elements
   int64_t q_stride = 0;
-  const void* k_cache = nullptr;  // [num_slots, D]
-  const void* v_cache = nullptr;  // [num_slots, D]
+  const void* k_cache = nullptr;          // [num_slots, D]
+  const void* v_cache = nullptr;          // [num_slots, D]
   const int32_t* block_tables = nullptr;  // [B, block_table_stride] block ids (only the used prefix is read)
   int block_table_stride = 0;
-  const int32_t* seq_lens = nullptr;      // [B] keys to attend to, >= 1
-  int block_size = 16;                    // tokens per block, >= 1
-  float scale = 1.0f;                     // softmax scale applied to q.k
-  const float* alibi_slopes = nullptr;    // [H] or nullptr: adds slope_h * (j - (seq_len - 1)) to key j
-  const int32_t* alibi_on = nullptr;      // [B] 0 or 1, or nullptr (all sessions, when slopes are given)
-  void* out = nullptr;                    // [B, H * D], row b at out + b * out_stride elements
+  const int32_t* seq_lens = nullptr;    // [B] keys to attend to, >= 1
+  int block_size = 16;                  // tokens per block, >= 1
+  float scale = 1.0f;                   // softmax scale applied to q.k
+  const float* alibi_slopes = nullptr;  // [H] or nullptr: adds slope_h * (j - (seq_len - 1)) to key j
+  const int32_t* alibi_on = nullptr;    // [B] 0 or 1, or nullptr (all sessions, when slopes are given)
+  void* out = nullptr;                  // [B, H * D], row b at out + b * out_stride elements
   int64_t out_stride = 0;
-  int num_splits = 1;                     // >= 1; > 1 needs workspace
-  float* workspace = nullptr;             // PagedDecodeWorkspaceBytes(batch, heads, head_dim, num_splits)
+  int num_splits = 1;          // >= 1; > 1 needs workspace
+  float* workspace = nullptr;  // PagedDecodeWorkspaceBytes(batch, heads, head_dim, num_splits)
 };
 
 // True when PagedDecode serves this shape (head_dim 64 or 128, 1 to 64 heads).

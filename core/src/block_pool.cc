@@ -18,8 +18,7 @@ namespace {
 
 }  // namespace
 
-BlockPool::BlockPool(int32_t num_blocks, int32_t block_size)
-    : num_blocks_(num_blocks), block_size_(block_size) {
+BlockPool::BlockPool(int32_t num_blocks, int32_t block_size) : num_blocks_(num_blocks), block_size_(block_size) {
   if (num_blocks < 1) Die("num_blocks must be >= 1", num_blocks);
   if (block_size < 1) Die("block_size must be >= 1", block_size);
   allocated_.assign(static_cast<size_t>(num_blocks), false);
@@ -51,9 +50,9 @@ Status BlockPool::Allocate(int64_t n, std::vector<int32_t>* out) {
   std::lock_guard<std::mutex> lock(mu_);
   const auto free_count = static_cast<int64_t>(free_.size());
   if (n > free_count) {
-    return ResourceExhaustedError("KV cache full: " + std::to_string(n) + " blocks of " +
-                                  std::to_string(block_size_) + " tokens needed, " + std::to_string(free_count) +
-                                  " of " + std::to_string(capacity()) + " free");
+    return ResourceExhaustedError("KV cache full: " + std::to_string(n) + " blocks of " + std::to_string(block_size_) +
+                                  " tokens needed, " + std::to_string(free_count) + " of " +
+                                  std::to_string(capacity()) + " free");
   }
   // Reserve before touching the pool: if this throws, neither *out nor the free list has changed, which keeps
   // the all-or-nothing promise even under bad_alloc.
@@ -97,9 +96,7 @@ void BlockTable::Release() {
   if (!blocks_.empty()) pool_->Release(&blocks_);
 }
 
-int64_t BlockTable::capacity_tokens() const {
-  return static_cast<int64_t>(blocks_.size()) * pool_->block_size();
-}
+int64_t BlockTable::capacity_tokens() const { return static_cast<int64_t>(blocks_.size()) * pool_->block_size(); }
 
 int64_t BlockTable::Slot(int64_t position) const {
   const int32_t bs = pool_->block_size();

@@ -56,7 +56,8 @@ Status ValidateDevice(std::string_view device) {
   MQA_ASSIGN_OR_RETURN(at::Device dev, ParseDevice(device));
   if (dev.is_cuda()) {
     const int n = CudaDeviceCount();
-    if (n == 0) return UnavailableError("device '" + std::string(device) + "' requested but no CUDA device is available here");
+    if (n == 0)
+      return UnavailableError("device '" + std::string(device) + "' requested but no CUDA device is available here");
     if (dev.index() >= n) {
       return UnavailableError("device '" + std::string(device) + "' requested but only " + std::to_string(n) +
                               " CUDA device(s) exist (cuda:0..cuda:" + std::to_string(n - 1) + ")");

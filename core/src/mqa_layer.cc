@@ -12,9 +12,9 @@
 #include <limits>
 #include <map>
 #include <mutex>
-#include <tuple>
 #include <sstream>
 #include <stdexcept>
+#include <tuple>
 
 #include "layer/layer_math.h"
 #include "mqa/core/device.h"
@@ -148,8 +148,8 @@ struct MultiQueryAttention::Impl {
       ++fallbacks_by_reason[reason];
     }
     std::call_once(fallback_logged, [&] {
-      Log(LogLevel::kInfo, "attn_impl=" + std::string(AttnImplName(opt.attn_impl)) + ": " + why +
-                               " (counted in fallbacks_to_torch)");
+      Log(LogLevel::kInfo,
+          "attn_impl=" + std::string(AttnImplName(opt.attn_impl)) + ": " + why + " (counted in fallbacks_to_torch)");
     });
   }
 
@@ -179,13 +179,14 @@ at::Tensor MultiQueryAttention::Impl::AttendTorch(const at::Tensor& q, const at:
   auto tile = [&](int64_t row0, int64_t t) {
     // MQA: all heads share K/V, so the heads fold into the rows of one [H*t, d] x [d, s_k] product per batch
     // entry. Broadcasting K over H instead would make matmul materialise H copies of the cache.
-    at::Tensor attn = at::matmul(q.narrow(2, row0, t).reshape({b, 1, H * t, d}), kt).view({b, H, t, s_k}) * scale;  // step 6
+    at::Tensor attn =
+        at::matmul(q.narrow(2, row0, t).reshape({b, 1, H * t, d}), kt).view({b, H, t, s_k}) * scale;  // step 6
     if (bias.defined()) attn = attn + BiasRows(bias, row0, t);  // step 7 (may promote: bf16 + fp32 bias -> fp32)
     if (mask.defined()) attn = attn.masked_fill(mask.logical_not().view({b, 1, 1, s_k}), min_val);  // step 8
-    if (causal && s_q != 1) {                                                                        // step 9
+    if (causal && s_q != 1) {                                                                       // step 9
       attn = attn.masked_fill(FutureKeys(s_q, s_k, q.device(), row0, t), min_val);
     }
-    at::Tensor p = at::softmax(attn, -1);                                     // step 10
+    at::Tensor p = at::softmax(attn, -1);                                                    // step 10
     if (training && opt.attn_pdrop > 0) p = at::dropout(p, opt.attn_pdrop, /*train=*/true);  // step 11
     if (weights) *weights = p;
     // step 12, heads folded the same way: [b, 1, H*t, s_k] x [b, 1, s_k, d] -> [b, H, t, d]
@@ -268,7 +269,8 @@ StatusOr<ForwardResult> MultiQueryAttention::Impl::Forward(const ForwardArgs& a)
   const std::string_view dt = DTypeName(*FromScalarType(dtype));
 
   // ---- Validate every input before any work, so a bad request leaves nothing half-done. ----
-  if (!a.x.defined()) return InvalidArgumentError("x is missing; expected a tensor [b, s, " + std::to_string(dim) + "]");
+  if (!a.x.defined())
+    return InvalidArgumentError("x is missing; expected a tensor [b, s, " + std::to_string(dim) + "]");
   const at::Tensor x = Unwrap(a.x);
   if (x.dim() != 3 || x.size(2) != dim) {
     return InvalidArgumentError("x must be [b, s, dim] with dim = " + std::to_string(dim) + ", got " + ShapeOf(x));
@@ -297,9 +299,9 @@ StatusOr<ForwardResult> MultiQueryAttention::Impl::Forward(const ForwardArgs& a)
                       past_k.size(3) == s_past;
     const bool v_ok = past_v.dim() == 4 && past_v.size(0) == b && past_v.size(1) == 1 && past_v.size(3) == d;
     if (!k_ok || !v_ok) {
-      return InvalidArgumentError(
-          "past_key_value has the wrong layout: expected k " + want_k + " (keys transposed, one shared head) and v " +
-          want_v + " with the same s_past, got k " + ShapeOf(past_k) + " and v " + ShapeOf(past_v));
+      return InvalidArgumentError("past_key_value has the wrong layout: expected k " + want_k +
+                                  " (keys transposed, one shared head) and v " + want_v +
+                                  " with the same s_past, got k " + ShapeOf(past_k) + " and v " + ShapeOf(past_v));
     }
     if (past_k.scalar_type() != dtype || past_v.scalar_type() != dtype) {
       return InvalidArgumentError("past_key_value must have the layer dtype " + std::string(dt));
@@ -318,7 +320,8 @@ StatusOr<ForwardResult> MultiQueryAttention::Impl::Forward(const ForwardArgs& a)
                                   std::to_string(bias.dim()) + " " + ShapeOf(bias));
     }
     if (!at::isFloatingType(bias.scalar_type())) {
-      return InvalidArgumentError("bias must be a floating-point tensor, got " + std::string(c10::toString(bias.scalar_type())));
+      return InvalidArgumentError("bias must be a floating-point tensor, got " +
+                                  std::string(c10::toString(bias.scalar_type())));
     }
     const bool ok = (bias.size(0) == 1 || bias.size(0) == b) && (bias.size(1) == 1 || bias.size(1) == H) &&
                     (bias.size(2) == 1 || bias.size(2) >= s) && (bias.size(3) == 1 || bias.size(3) >= s_k);
@@ -354,8 +357,8 @@ StatusOr<ForwardResult> MultiQueryAttention::Impl::Forward(const ForwardArgs& a)
       // The fused kernels never materialise the probabilities; the torch path computes the same function.
       NoteFallback("needs_weights", "needs_weights requests are served by the torch path");
     } else if (opt.attn_impl == AttnImpl::kTriton && !fused_dtype) {
-      NoteFallback("unsupported_layer", "the fused kernels need a CUDA device and bfloat16 or float16; this layer (" + dev + ", " +
-                   std::string(dt) + ") computes with the torch path");
+      NoteFallback("unsupported_layer", "the fused kernels need a CUDA device and bfloat16 or float16; this layer (" +
+                                            dev + ", " + std::string(dt) + ") computes with the torch path");
     } else if (opt.attn_impl == AttnImpl::kTriton) {
       NoteFallback("stateless_forward", "stateless forwards (no paged cache) are served by LibTorch's fused attention");
       use_flash = true;
@@ -366,20 +369,20 @@ StatusOr<ForwardResult> MultiQueryAttention::Impl::Forward(const ForwardArgs& a)
 
   return CatchAll("MultiQueryAttention::Forward", [&]() -> StatusOr<ForwardResult> {
     forwards.fetch_add(1, std::memory_order_relaxed);
-    at::Tensor qkv = at::linear(x, P("Wqkv.weight"), P("Wqkv.bias"));           // step 1
+    at::Tensor qkv = at::linear(x, P("Wqkv.weight"), P("Wqkv.bias"));                          // step 1
     if (opt.clip_qkv && *opt.clip_qkv != 0.0) qkv = qkv.clamp(-*opt.clip_qkv, *opt.clip_qkv);  // step 2
-    at::Tensor q = qkv.narrow(2, 0, dim);                                        // step 3
+    at::Tensor q = qkv.narrow(2, 0, dim);                                                      // step 3
     at::Tensor k = qkv.narrow(2, dim, d);
     at::Tensor v = qkv.narrow(2, dim + d, d);
     if (opt.qk_ln) {
       q = Norm(q, "q_ln");
       k = Norm(k, "k_ln");
     }
-    at::Tensor qh = q.reshape({b, s, H, d}).transpose(1, 2);    // step 4: [b, H, s, d]
+    at::Tensor qh = q.reshape({b, s, H, d}).transpose(1, 2);        // step 4: [b, H, s, d]
     at::Tensor kt = k.reshape({b, s, 1, d}).permute({0, 2, 3, 1});  // [b, 1, d, s]
-    at::Tensor vh = v.reshape({b, s, 1, d}).transpose(1, 2);    // [b, 1, s, d]
+    at::Tensor vh = v.reshape({b, s, 1, d}).transpose(1, 2);        // [b, 1, s, d]
     ForwardResult result;
-    if (a.past_key_value) {                                     // step 5
+    if (a.past_key_value) {  // step 5
       if (past_k.defined()) {
         kt = at::cat({past_k, kt}, 3);
         vh = at::cat({past_v, vh}, 2);
@@ -499,9 +502,9 @@ Status MultiQueryAttention::LoadStateDict(const TensorMap& tensors, const std::s
   }
   if (!problems.empty()) {
     std::string msg = "state dict does not match the layer (dim=" + std::to_string(impl_->opt.dim) +
-                      ", heads=" + std::to_string(impl_->opt.heads) + ", qk_ln=" +
-                      (impl_->opt.qk_ln ? "true" : "false") + ", norm_type=" +
-                      std::string(NormTypeName(impl_->opt.norm_type)) + "): ";
+                      ", heads=" + std::to_string(impl_->opt.heads) +
+                      ", qk_ln=" + (impl_->opt.qk_ln ? "true" : "false") +
+                      ", norm_type=" + std::string(NormTypeName(impl_->opt.norm_type)) + "): ";
     for (size_t i = 0; i < problems.size(); ++i) msg += (i ? "; " : "") + problems[i];
     return InvalidArgumentError(msg);
   }

@@ -19,8 +19,7 @@ StatusOr<std::unique_ptr<MqaStack>> MqaStack::Create(const MqaOptions& options, 
   return stack;
 }
 
-StatusOr<std::unique_ptr<MqaStack>> MqaStack::Load(const std::string& path, const MqaOptions& options,
-                                                   int num_layers) {
+StatusOr<std::unique_ptr<MqaStack>> MqaStack::Load(const std::string& path, const MqaOptions& options, int num_layers) {
   MQA_ASSIGN_OR_RETURN(SafetensorsFile file, ReadSafetensors(path));
   // Every name must be "layers.<i>.attn.<param>"; the layers present must be 0..n-1.
   std::set<int> present;
@@ -43,8 +42,7 @@ StatusOr<std::unique_ptr<MqaStack>> MqaStack::Load(const std::string& path, cons
   if (present.empty()) return InvalidArgumentError(path + ": holds no layer parameters");
   const int in_file = *present.rbegin() + 1;
   if (static_cast<int>(present.size()) != in_file) {
-    return InvalidArgumentError(path + ": layers must be numbered 0.." + std::to_string(in_file - 1) +
-                                " without gaps");
+    return InvalidArgumentError(path + ": layers must be numbered 0.." + std::to_string(in_file - 1) + " without gaps");
   }
   if (num_layers != 0 && num_layers != in_file) {
     return InvalidArgumentError(path + ": holds " + std::to_string(in_file) + " layers, the model expects " +

@@ -55,8 +55,7 @@ StatusOr<SafetensorsFile> ToTensors(const st::Contents& contents, const std::str
 
 StatusOr<SafetensorsFile> ParseSafetensors(const std::string& bytes, const std::string& what) {
   st::Contents contents;
-  const st::Error parsed =
-      st::Parse(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), what, &contents);
+  const st::Error parsed = st::Parse(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), what, &contents);
   if (!parsed.ok()) return FromFormat(parsed);
   return ToTensors(contents, what);
 }

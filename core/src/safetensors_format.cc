@@ -115,9 +115,8 @@ Error EncodeHeader(const TensorBytesMap& tensors, const std::map<std::string, st
                      std::string(DtypeName(t.dtype)) + " needs " + std::to_string(numel * DtypeSize(t.dtype)) +
                      " bytes, got " + std::to_string(t.size));
     }
-    header[name] = {{"dtype", std::string(DtypeName(t.dtype))},
-                    {"shape", t.shape},
-                    {"data_offsets", {offset, offset + t.size}}};
+    header[name] = {
+        {"dtype", std::string(DtypeName(t.dtype))}, {"shape", t.shape}, {"data_offsets", {offset, offset + t.size}}};
     offset += t.size;
   }
   std::string text = header.dump();
@@ -166,8 +165,8 @@ Error Parse(const uint8_t* image, size_t size, const std::string& what, Contents
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | image[i];
   if (header_len > size - 8) {
-    return DataLoss(what, "header length " + std::to_string(header_len) + " exceeds the file (" +
-                              std::to_string(size) + " bytes)");
+    return DataLoss(
+        what, "header length " + std::to_string(header_len) + " exceeds the file (" + std::to_string(size) + " bytes)");
   }
   if (header_len > kMaxHeaderBytes) {
     return DataLoss(what, "header length " + std::to_string(header_len) + " exceeds the limit of " +

@@ -171,8 +171,7 @@ int64_t Product(const std::vector<int64_t>& shape) {
 
 }  // namespace
 
-StatusOr<Tensor> Tensor::FromBytes(DType dtype, const std::vector<int64_t>& shape, const void* data,
-                                   size_t nbytes) {
+StatusOr<Tensor> Tensor::FromBytes(DType dtype, const std::vector<int64_t>& shape, const void* data, size_t nbytes) {
   MQA_RETURN_IF_ERROR(CheckShape(shape));
   const size_t expected = static_cast<size_t>(Product(shape)) * DTypeSize(dtype);
   if (nbytes != expected) {
@@ -184,8 +183,9 @@ StatusOr<Tensor> Tensor::FromBytes(DType dtype, const std::vector<int64_t>& shap
     // A bool byte other than 0/1 is undefined behaviour for LibTorch, so bytes from the wire are checked first.
     const uint8_t* p = static_cast<const uint8_t*>(data);
     for (size_t i = 0; i < nbytes; ++i) {
-      if (p[i] > 1) return InvalidArgumentError("bool tensor byte " + std::to_string(i) + " is " +
-                                                std::to_string(p[i]) + "; expected 0 or 1");
+      if (p[i] > 1)
+        return InvalidArgumentError("bool tensor byte " + std::to_string(i) + " is " + std::to_string(p[i]) +
+                                    "; expected 0 or 1");
     }
   }
   return CatchAll("Tensor::FromBytes", [&]() -> StatusOr<Tensor> {
@@ -195,8 +195,7 @@ StatusOr<Tensor> Tensor::FromBytes(DType dtype, const std::vector<int64_t>& shap
   });
 }
 
-StatusOr<Tensor> Tensor::FromFloats(DType dtype, const std::vector<int64_t>& shape,
-                                    const std::vector<float>& values) {
+StatusOr<Tensor> Tensor::FromFloats(DType dtype, const std::vector<int64_t>& shape, const std::vector<float>& values) {
   if (!IsFloatingPoint(dtype)) return InvalidArgumentError("FromFloats needs a floating-point dtype");
   MQA_RETURN_IF_ERROR(CheckShape(shape));
   if (static_cast<int64_t>(values.size()) != Product(shape)) {
@@ -210,8 +209,7 @@ StatusOr<Tensor> Tensor::FromFloats(DType dtype, const std::vector<int64_t>& sha
   });
 }
 
-StatusOr<Tensor> Tensor::Randn(DType dtype, const std::vector<int64_t>& shape, uint64_t seed,
-                               std::string_view device) {
+StatusOr<Tensor> Tensor::Randn(DType dtype, const std::vector<int64_t>& shape, uint64_t seed, std::string_view device) {
   if (!IsFloatingPoint(dtype)) return InvalidArgumentError("Randn needs a floating-point dtype");
   MQA_RETURN_IF_ERROR(CheckShape(shape));
   MQA_ASSIGN_OR_RETURN(at::Device dev, ParseDevice(device));

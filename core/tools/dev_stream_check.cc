@@ -47,10 +47,11 @@ Tensor Rows(const std::vector<float>& all, int64_t from, int64_t n, int64_t dim,
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"mqa-dev-stream-check: a developer tool, not the service (that is mqa-server with mqa-cli "
-               "session-demo, scripts/demo.sh). In process: one session streamed through a stack of MQA layers, "
-               "per-step latency, and a check that the streamed outputs equal one full causal pass (exit 1 if not).",
-               "mqa-dev-stream-check"};
+  CLI::App app{
+      "mqa-dev-stream-check: a developer tool, not the service (that is mqa-server with mqa-cli "
+      "session-demo, scripts/demo.sh). In process: one session streamed through a stack of MQA layers, "
+      "per-step latency, and a check that the streamed outputs equal one full causal pass (exit 1 if not).",
+      "mqa-dev-stream-check"};
   mqa::command_line::InitApp(app);
   int64_t tokens = 64;
   int64_t prefill = 8;
@@ -87,17 +88,17 @@ int main(int argc, char** argv) {
     auto st = stack->Save(save);
     if (!st.ok()) std::fprintf(stderr, "mqa-dev-stream-check: save: %s\n", st.ToString().c_str());
   }
-  std::printf("mqa-dev-stream-check: model %s: %d layers, dim %lld, heads %lld (head_dim %lld), %s, attn_impl %s, "
-              "on %s (%s)\n",
-              weights.empty() ? "embedded default (seeded)" : weights.c_str(), stack->num_layers(),
-              static_cast<long long>(o.dim), static_cast<long long>(o.heads), static_cast<long long>(o.head_dim()),
-              std::string(mqa::core::DTypeName(o.dtype)).c_str(),
-              std::string(mqa::core::AttnImplName(o.attn_impl)).c_str(), o.device.c_str(),
-              mqa::core::DeviceName(o.device).c_str());
+  std::printf(
+      "mqa-dev-stream-check: model %s: %d layers, dim %lld, heads %lld (head_dim %lld), %s, attn_impl %s, "
+      "on %s (%s)\n",
+      weights.empty() ? "embedded default (seeded)" : weights.c_str(), stack->num_layers(),
+      static_cast<long long>(o.dim), static_cast<long long>(o.heads), static_cast<long long>(o.head_dim()),
+      std::string(mqa::core::DTypeName(o.dtype)).c_str(), std::string(mqa::core::AttnImplName(o.attn_impl)).c_str(),
+      o.device.c_str(), mqa::core::DeviceName(o.device).c_str());
 
   const int64_t total = prefill + tokens;
-  const std::vector<float> x = Check(Check(Tensor::Randn(mqa::core::DType::kFloat32, {1, total, o.dim}, o.seed + 99),
-                                           "input").ToFloats(), "input");
+  const std::vector<float> x = Check(
+      Check(Tensor::Randn(mqa::core::DType::kFloat32, {1, total, o.dim}, o.seed + 99), "input").ToFloats(), "input");
   std::vector<mqa::core::KvCache> caches(static_cast<size_t>(stack->num_layers()));
   std::vector<std::vector<float>> streamed;  // final-layer output per position
   auto run_chunk = [&](int64_t from, int64_t n) {
@@ -152,7 +153,8 @@ int main(int argc, char** argv) {
   double num = 0, den = 0;
   for (int64_t t = 0; t < total; ++t) {
     for (int64_t j = 0; j < o.dim; ++j) {
-      const double d = streamed[static_cast<size_t>(t)][static_cast<size_t>(j)] - full[static_cast<size_t>(t * o.dim + j)];
+      const double d =
+          streamed[static_cast<size_t>(t)][static_cast<size_t>(j)] - full[static_cast<size_t>(t * o.dim + j)];
       num += d * d;
       den += static_cast<double>(full[static_cast<size_t>(t * o.dim + j)]) * full[static_cast<size_t>(t * o.dim + j)];
     }

@@ -267,7 +267,7 @@ TEST(BlockTableTest, ReleasesOnDestructionAndOnRelease) {
     EXPECT_EQ(pool.used_blocks(), 0);
     EXPECT_TRUE(table.blocks().empty());
     EXPECT_EQ(table.capacity_tokens(), 0);
-    table.Release();  // idempotent: nothing left to give back
+    table.Release();                            // idempotent: nothing left to give back
     ASSERT_TRUE(table.EnsureCapacity(1).ok());  // usable again after Release
     EXPECT_EQ(pool.used_blocks(), 1);
   }  // destructor after an explicit Release must not release twice (that would abort)
@@ -454,8 +454,10 @@ TEST(BlockPoolRandomTest, SessionsComeAndGoWithoutLeaksOrSharing) {
   EXPECT_EQ(pool.used_blocks(), 0);
   EXPECT_EQ(pool.free_blocks(), pool.capacity());
   ExpectPartition(pool, {});
-  std::printf("[mqa-test] random sessions: %d created, %d refused, %d grown, %d growth refused, %d closed, "
-              "%d expired\n", created, rejected, grown, exhausted, closed, expired);
+  std::printf(
+      "[mqa-test] random sessions: %d created, %d refused, %d grown, %d growth refused, %d closed, "
+      "%d expired\n",
+      created, rejected, grown, exhausted, closed, expired);
   EXPECT_GE(created, 50);
   EXPECT_GT(rejected + exhausted, 0) << "the pool never filled up: the exhaustion paths went untested";
   EXPECT_GT(expired, 0);

@@ -2,11 +2,11 @@
 // because mqa_client carries its own copy of the generated schema, which must not meet the server's in one
 // program. Checks the library's contract: RAII sessions, unary and streamed steps agreeing with a stateless
 // Forward of the same layer, errors as Status, deadlines, and retry of idempotent calls.
+#include <netinet/in.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
-#include <netinet/in.h>
 #include <unistd.h>
 
 #include <gtest/gtest.h>
@@ -39,8 +39,8 @@ class ServerProcess {
       ADD_FAILURE() << "MQA_SERVER_BIN is not set (run through ctest)";
       return;
     }
-    dir_ = fs::temp_directory_path() / ("mqa-client-e2e-" + std::to_string(::getpid()) + "-" +
-                                        std::to_string(counter_++));
+    dir_ =
+        fs::temp_directory_path() / ("mqa-client-e2e-" + std::to_string(::getpid()) + "-" + std::to_string(counter_++));
     fs::create_directories(dir_);
     std::ofstream(dir_ / "config.json")
         << R"({"log_level": "warn", "models": [)"

@@ -28,7 +28,8 @@ struct Device {
 
 // CPU in fp32 always; on CUDA in bf16 the flash path and the triton kernels too.
 std::vector<Device> Devices() {
-  std::vector<Device> d = {{"cpu", DType::kFloat32, AttnImpl::kTorch, 1e-5}, {"cpu", DType::kFloat32, AttnImpl::kFlash, 1e-5}};
+  std::vector<Device> d = {{"cpu", DType::kFloat32, AttnImpl::kTorch, 1e-5},
+                           {"cpu", DType::kFloat32, AttnImpl::kFlash, 1e-5}};
   if (CudaAvailable()) {
     d.push_back({"cuda", DType::kBFloat16, AttnImpl::kFlash, 2e-2});
     d.push_back({"cuda", DType::kBFloat16, AttnImpl::kTriton, 2e-2});
@@ -225,7 +226,7 @@ TEST(Exactness, AStepFinishingAfterItsSessionClosedKeepsNoAnswer) {
   sb.position = 0;
   auto b_done = StepAsync(*e, sb);
   ASSERT_TRUE(a_done.get_future().get().ok());
-  ASSERT_TRUE(b_done.get().ok());  // computed before the close: its answer was delivered
+  ASSERT_TRUE(b_done.get().ok());              // computed before the close: its answer was delivered
   EXPECT_EQ(e->stats().replay_bytes, 64 * 4);  // a's only
   ASSERT_TRUE(e->CloseSession(a.id).ok());
   EXPECT_EQ(e->stats().replay_bytes, 0);

@@ -321,18 +321,16 @@ TEST(Engine, StatelessForwardReturnsTheCacheInTheCallersDtype) {
   EXPECT_EQ(r.cache->v.dtype(), DType::kFloat16);
 }
 
-
 // The running gauge drops a request before its reply goes out: a caller holding its reply (and a scrape after it)
 // never sees it still counted. Read from inside the callbacks, on the worker thread, after the pass.
 TEST(Engine, ARepliedRequestIsNoLongerCountedAsRunning) {
   auto e = MakeEngine();
   SessionInfo s = Create(*e);
   std::promise<size_t> step_running, forward_running, refused_running;
-  e->SubmitStep(MakeStep(s.id, 0, Randn(DType::kFloat32, {1, 5, 64})),
-                [&](StatusOr<StepResult> r) {
-                  EXPECT_TRUE(r.ok()) << r.status().message();
-                  step_running.set_value(e->stats().running);
-                });
+  e->SubmitStep(MakeStep(s.id, 0, Randn(DType::kFloat32, {1, 5, 64})), [&](StatusOr<StepResult> r) {
+    EXPECT_TRUE(r.ok()) << r.status().message();
+    step_running.set_value(e->stats().running);
+  });
   EXPECT_EQ(step_running.get_future().get(), 0u);
   StepRequest wrong = MakeStep(s.id, 0, Randn(DType::kFloat32, {1, 1, 64}));
   wrong.position = 0;  // the layer holds 5 tokens: refused in the pass, before computing
@@ -541,9 +539,9 @@ TEST(Batching, ExhaustionRefusesNewGuaranteedSessionsAndGrowingStepsOnly) {
   ASSERT_EQ(second.status().code(), StatusCode::kResourceExhausted);
   EXPECT_NE(second.status().message().find("guaranteed session of 200 tokens"), std::string::npos);
 
-  SessionInfo a = Create(*e), b = Create(*e);  // best effort: no blocks yet
+  SessionInfo a = Create(*e), b = Create(*e);                                              // best effort: no blocks yet
   ASSERT_TRUE(StepSync(*e, MakeStep(a.id, 0, Randn(DType::kFloat32, {1, 40, 64}))).ok());  // 10 blocks
-  auto b_before = StepSync(*e, MakeStep(b.id, 0, Randn(DType::kFloat32, {1, 8, 64})));        // 2 blocks
+  auto b_before = StepSync(*e, MakeStep(b.id, 0, Randn(DType::kFloat32, {1, 8, 64})));     // 2 blocks
   ASSERT_TRUE(b_before.ok());
   auto grow = StepSync(*e, MakeStep(b.id, 0, Randn(DType::kFloat32, {1, 12, 64})));  // needs 3 more: 2 free
   ASSERT_EQ(grow.status().code(), StatusCode::kResourceExhausted);
@@ -784,7 +782,7 @@ void CheckSessionsMatchTheLayer(const std::vector<std::string>& devices, size_t 
       }
     }
   }
-  EXPECT_GT(e->stats().batched_steps, e->stats().batches);  // sessions of a device shared passes
+  EXPECT_GT(e->stats().batched_steps, e->stats().batches);     // sessions of a device shared passes
   std::map<std::string, std::unique_ptr<MqaStack>> reference;  // same seed: the replicas' weights
   for (const std::string& d : std::vector<std::string>{"cpu", devices[0], devices[1]}) {
     if (reference.count(d)) continue;

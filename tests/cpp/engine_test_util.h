@@ -27,7 +27,9 @@ inline ModelConfig SmallModel(const std::string& name = "small", int layers = 2,
   return m;
 }
 
-inline std::unique_ptr<Engine> MakeEngine(EngineOptions o) { return Unwrap(Engine::Create(std::move(o)), "Engine::Create"); }
+inline std::unique_ptr<Engine> MakeEngine(EngineOptions o) {
+  return Unwrap(Engine::Create(std::move(o)), "Engine::Create");
+}
 
 inline std::unique_ptr<Engine> MakeEngine(ModelConfig model = SmallModel()) {
   EngineOptions o;

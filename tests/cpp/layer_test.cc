@@ -368,14 +368,18 @@ TEST(Impls, FlashEqualsTorchOnRandomRequests) {
       auto flash_layer = MakeLayer(o);
       ASSERT_TRUE(flash_layer->LoadStateDict(torch_layer->StateDict()).ok());
       const double tol = dt == DType::kFloat32 ? 1e-5 : 2e-2;
-      struct Shape { int64_t s, past; bool bias, mask, causal; };
-      for (const Shape& sh : {Shape{1, 9, false, false, true}, Shape{5, 0, false, false, true},
-                              Shape{3, 4, false, false, true}, Shape{4, 3, true, true, true},
-                              Shape{6, 0, false, false, false}, Shape{2, 5, true, false, false}}) {
+      struct Shape {
+        int64_t s, past;
+        bool bias, mask, causal;
+      };
+      for (const Shape& sh :
+           {Shape{1, 9, false, false, true}, Shape{5, 0, false, false, true}, Shape{3, 4, false, false, true},
+            Shape{4, 3, true, true, true}, Shape{6, 0, false, false, false}, Shape{2, 5, true, false, false}}) {
         SCOPED_TRACE(dev + " s=" + std::to_string(sh.s) + " past=" + std::to_string(sh.past));
         ForwardArgs a;
         a.x = Randn(dt, {3, sh.s, 128}, dev);
-        if (sh.past > 0) a.past_key_value = KvCache{Randn(dt, {3, 1, 16, sh.past}, dev), Randn(dt, {3, 1, sh.past, 16}, dev)};
+        if (sh.past > 0)
+          a.past_key_value = KvCache{Randn(dt, {3, 1, 16, sh.past}, dev), Randn(dt, {3, 1, sh.past, 16}, dev)};
         const int64_t s_k = sh.s + sh.past;
         if (sh.bias) a.bias = Randn(DType::kFloat32, {1, 8, sh.s, s_k}, dev);
         if (sh.mask) {
@@ -396,10 +400,12 @@ TEST(Impls, FlashEqualsTorchOnRandomRequests) {
 TEST(Impls, FlashFallsBackVisiblyForWeights) {
   std::vector<std::string> lines;
   std::mutex mu;
-  core::SetLogSink([&](core::LogLevel, std::string_view m) {
-    std::lock_guard<std::mutex> lock(mu);
-    lines.emplace_back(m);
-  }, core::LogLevel::kDebug);
+  core::SetLogSink(
+      [&](core::LogLevel, std::string_view m) {
+        std::lock_guard<std::mutex> lock(mu);
+        lines.emplace_back(m);
+      },
+      core::LogLevel::kDebug);
   MqaOptions o;
   o.dim = 64;
   o.heads = 4;
@@ -561,7 +567,8 @@ TEST(Tiling, TiledForwardEqualsTheUntiledOne) {
       SCOPED_TRACE(dev + " variant " + std::to_string(variant));
       ForwardArgs a;
       a.x = Randn(DType::kFloat32, {b, s, 64}, dev);
-      a.past_key_value = KvCache{Randn(DType::kFloat32, {b, 1, 16, past}, dev), Randn(DType::kFloat32, {b, 1, past, 16}, dev)};
+      a.past_key_value =
+          KvCache{Randn(DType::kFloat32, {b, 1, 16, past}, dev), Randn(DType::kFloat32, {b, 1, past, 16}, dev)};
       a.causal = variant != 1;
       if (variant == 1 || variant == 2) a.bias = Randn(DType::kFloat32, {1, 4, s, s_k}, dev);
       if (variant == 3) a.bias = Randn(DType::kFloat32, {b, 1, 1, s_k}, dev);

@@ -141,8 +141,8 @@ class ReferenceCase : public ::testing::Test {
       if (past == "empty") {
         args.past_key_value = core::KvCache{};
       } else if (past == "given") {
-        args.past_key_value = core::KvCache{On(file.tensors.at(p + "past_k"), v_.device),
-                                            On(file.tensors.at(p + "past_v"), v_.device)};
+        args.past_key_value =
+            core::KvCache{On(file.tensors.at(p + "past_k"), v_.device), On(file.tensors.at(p + "past_v"), v_.device)};
       } else if (past == "chain") {
         ASSERT_TRUE(previous.has_value()) << "chain call without a previous cache";
         args.past_key_value = previous;
@@ -219,7 +219,8 @@ class ReferenceCase : public ::testing::Test {
         req.session_id = ids[static_cast<size_t>(i)];
         req.x = Unwrap(Tensor::FromFloats(x.dtype(), {1, s, dim}, row), "FromFloats");
         std::promise<core::StatusOr<core::StepResult>> done;
-        engine->SubmitStep(std::move(req), [&done](core::StatusOr<core::StepResult> r) { done.set_value(std::move(r)); });
+        engine->SubmitStep(std::move(req),
+                           [&done](core::StatusOr<core::StepResult> r) { done.set_value(std::move(r)); });
         core::StatusOr<core::StepResult> r = done.get_future().get();
         ASSERT_TRUE(r.ok()) << r.status().ToString();
         const std::vector<float> out = Floats(r->out);
@@ -274,9 +275,11 @@ int main(int argc, char** argv) {
     for (const auto& v : variants) {
       if (v.session && !session_shaped) continue;
       const std::string suite = "Reference_" + case_name;
-      const std::string test = v.device + "_" + std::string(mqa::core::AttnImplName(v.impl)) + (v.session ? "_session" : "");
-      ::testing::RegisterTest(suite.c_str(), test.c_str(), nullptr, nullptr, __FILE__, __LINE__,
-                              [=]() -> mqa::testing::ReferenceCase* { return new mqa::testing::ReferenceCase(path, v); });
+      const std::string test =
+          v.device + "_" + std::string(mqa::core::AttnImplName(v.impl)) + (v.session ? "_session" : "");
+      ::testing::RegisterTest(
+          suite.c_str(), test.c_str(), nullptr, nullptr, __FILE__, __LINE__,
+          [=]() -> mqa::testing::ReferenceCase* { return new mqa::testing::ReferenceCase(path, v); });
     }
   }
   return RUN_ALL_TESTS();

@@ -30,7 +30,7 @@ TEST(ServerConfigTest, UnknownKeys) {
   const std::string top = dir.Write("top.yaml", "listen: 127.0.0.1:1\nmax_sesions: 3\n");
   ExpectError(Load({"--config", top}), StatusCode::kInvalidArgument,
               {top + ":2:1: max_sesions: unknown key; expected one of listen, metrics_listen, health_listen, "
-               "max_message_bytes",
+                     "max_message_bytes",
                "reap_interval_ms, max_batch_tokens", "kv_cpu_budget_bytes, models"});
   const std::string model = dir.Write("model.yaml", R"(models:
   - name: a
@@ -38,9 +38,9 @@ TEST(ServerConfigTest, UnknownKeys) {
   - name: b
     hedas: 4
 )");
-  ExpectError(Load({"--config", model}), StatusCode::kInvalidArgument,
-              {model + ":5:5: models[1].hedas: unknown key; expected one of name, num_layers, dim, heads",
-               "description"});
+  ExpectError(
+      Load({"--config", model}), StatusCode::kInvalidArgument,
+      {model + ":5:5: models[1].hedas: unknown key; expected one of name, num_layers, dim, heads", "description"});
 }
 
 TEST(ServerConfigTest, WrongTypes) {
@@ -72,7 +72,8 @@ TEST(ServerConfigTest, WrongTypes) {
       {"models:\n  - name: a b\n",
        {"models[0].name: expected a non-empty name of at most 128 bytes without whitespace, got 'a b'"}},
       // Requests cannot name a model longer than 128 bytes, so the configuration cannot host one.
-      {"models:\n  - name: " + std::string(129, 'n') + "\n", {"models[0].name: expected a non-empty name of at most 128"}},
+      {"models:\n  - name: " + std::string(129, 'n') + "\n",
+       {"models[0].name: expected a non-empty name of at most 128"}},
       {"models:\n  - dim: 64\n", {"models[0]: missing required key 'name'"}},
       {"models:\n  - name: a\n    dim: 64\n    dim: 32\n", {"models[0].dim: duplicate key"}},
       {"[1, 2]\n", {"expected a map of settings at the top level, got a list"}},
@@ -243,11 +244,11 @@ TEST(ServerConfigTest, MetricsAndHealthFromFileEnvAndFlags) {
   EXPECT_EQ(from_env->health_listen, "unix:/tmp/health.sock");
   EXPECT_EQ(from_env->health_port_file, "/tmp/env-health-port");
 
-  for (const std::vector<std::string>& args : std::vector<std::vector<std::string>>{
-           {"--metrics-listen", "localhost:1", "--metrics-port-file", "/tmp/m", "--health-listen", "0.0.0.0:2",
-            "--health-port-file", "/tmp/h"},
-           {"--metrics-listen=localhost:1", "--metrics-port-file=/tmp/m", "--health-listen=0.0.0.0:2",
-            "--health-port-file=/tmp/h"}}) {
+  for (const std::vector<std::string>& args :
+       std::vector<std::vector<std::string>>{{"--metrics-listen", "localhost:1", "--metrics-port-file", "/tmp/m",
+                                              "--health-listen", "0.0.0.0:2", "--health-port-file", "/tmp/h"},
+                                             {"--metrics-listen=localhost:1", "--metrics-port-file=/tmp/m",
+                                              "--health-listen=0.0.0.0:2", "--health-port-file=/tmp/h"}}) {
     auto c = Load(args, env);
     ASSERT_TRUE(c.ok()) << c.status().ToString();
     EXPECT_EQ(c->metrics_listen, "localhost:1");  // flag > env > file
@@ -287,8 +288,8 @@ TEST(ServerConfigTest, BadMetricsAndHealthAddresses) {
   ExpectError(Load({"--config", dir.Write("b.yaml", "health_listen: [1]\n")}), StatusCode::kInvalidArgument,
               {"b.yaml:1:1: health_listen", "expected a string"});
   // The port files are flags and environment variables only, like --port-file.
-  ExpectError(Load({"--config", dir.Write("c.yaml", "metrics_port_file: /tmp/x\n")}),
-              StatusCode::kInvalidArgument, {"metrics_port_file: unknown key"});
+  ExpectError(Load({"--config", dir.Write("c.yaml", "metrics_port_file: /tmp/x\n")}), StatusCode::kInvalidArgument,
+              {"metrics_port_file: unknown key"});
 }
 
 }  // namespace

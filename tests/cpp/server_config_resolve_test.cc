@@ -187,8 +187,9 @@ TEST(ConfigResolveTest, ParsingAsksTheMachineNothing) {
 // Errors that do not depend on the device are the parser's, in file order, before any device is looked at.
 TEST(ConfigResolveTest, DeviceIndependentErrorsComeFromTheParser) {
   TempDir dir;
-  const std::string path = dir.Write("odd.yaml", "models:\n  - name: odd\n    dim: 100\n    heads: 3\n"
-                                                 "    device: cuda:7\n");
+  const std::string path = dir.Write("odd.yaml",
+                                     "models:\n  - name: odd\n    dim: 100\n    heads: 3\n"
+                                     "    device: cuda:7\n");
   ExpectError(Parse({"--config", path}), StatusCode::kInvalidArgument,
               {path + ":2:5: models[0] (odd): dim (100) must be divisible by heads (3)"});
   const std::string gpu = dir.Write("gpu.yaml", "models:\n  - name: g\n    device: cuda:7\n");

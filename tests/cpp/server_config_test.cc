@@ -225,15 +225,15 @@ TEST(ServerConfigTest, ShippedExampleLoads) {
 TEST(ServerConfigTest, EnvOverridesFileAndFlagsOverrideEnv) {
   TempDir dir;
   const std::string path = dir.Write("c.yaml", "listen: 127.0.0.1:1\nmax_sessions: 1\nmax_queue: 1\nlog_level: warn\n");
-  const Env env = {{"MQA_CONFIG", path},          {"MQA_LISTEN", "127.0.0.1:2"}, {"MQA_MAX_SESSIONS", "2"},
-                   {"MQA_LOG_LEVEL", ""},         {"MQA_PORT_FILE", "/tmp/env-port"},
-                   {"MQA_DRAIN_TIMEOUT_MS", "5"}, {"MQA_UNRELATED", "ignored"}};
+  const Env env = {{"MQA_CONFIG", path},        {"MQA_LISTEN", "127.0.0.1:2"},      {"MQA_MAX_SESSIONS", "2"},
+                   {"MQA_LOG_LEVEL", ""},       {"MQA_PORT_FILE", "/tmp/env-port"}, {"MQA_DRAIN_TIMEOUT_MS", "5"},
+                   {"MQA_UNRELATED", "ignored"}};
   auto c = Load({"--listen", "127.0.0.1:3"}, env);
   ASSERT_TRUE(c.ok()) << c.status().ToString();
-  EXPECT_EQ(c->listen, "127.0.0.1:3");                         // flag > env > file
-  EXPECT_EQ(c->engine.max_sessions, 2u);                        // env > file
-  EXPECT_EQ(c->engine.max_queue, 1u);                           // file only
-  EXPECT_EQ(c->log_level, "warn");                              // an empty env value is unset
+  EXPECT_EQ(c->listen, "127.0.0.1:3");    // flag > env > file
+  EXPECT_EQ(c->engine.max_sessions, 2u);  // env > file
+  EXPECT_EQ(c->engine.max_queue, 1u);     // file only
+  EXPECT_EQ(c->log_level, "warn");        // an empty env value is unset
   EXPECT_EQ(c->port_file, "/tmp/env-port");
   EXPECT_EQ(c->drain_timeout, std::chrono::milliseconds(5));
 }
@@ -260,18 +260,20 @@ kv_cpu_budget_bytes: 2048
   EXPECT_DOUBLE_EQ(file->engine.kv_cache.gpu_memory_fraction, 0.5);
   EXPECT_EQ(file->engine.kv_cache.cpu_budget_bytes, 2048);
 
-  const Env env = {{"MQA_MAX_BATCH_SESSIONS", "1"}, {"MQA_KV_BLOCK_SIZE", "64"},
-                   {"MQA_MAX_QUEUE_DELAY_US", "0"}, {"MQA_KV_GPU_MEMORY_FRACTION", "1"},
+  const Env env = {{"MQA_MAX_BATCH_SESSIONS", "1"},
+                   {"MQA_KV_BLOCK_SIZE", "64"},
+                   {"MQA_MAX_QUEUE_DELAY_US", "0"},
+                   {"MQA_KV_GPU_MEMORY_FRACTION", "1"},
                    {"MQA_KV_CACHE_BYTES", ""}};
   auto c = Load({"--config", path, "--kv-block-size=8", "--kv-cache-bytes", "0"}, env);
   ASSERT_TRUE(c.ok()) << c.status().ToString();
-  EXPECT_EQ(c->engine.batching.max_batch_sessions, 1);                           // env > file
+  EXPECT_EQ(c->engine.batching.max_batch_sessions, 1);                          // env > file
   EXPECT_EQ(c->engine.batching.max_queue_delay, std::chrono::microseconds(0));  // env > file
   EXPECT_DOUBLE_EQ(c->engine.kv_cache.gpu_memory_fraction, 1.0);                // env > file
-  EXPECT_EQ(c->engine.kv_cache.block_size, 8);                                   // flag > env > file
-  EXPECT_EQ(c->engine.kv_cache.budget_bytes, 0);                                 // flag > file; empty env unset
-  EXPECT_EQ(c->engine.batching.max_batch_tokens, 1000);                          // file only
-  EXPECT_EQ(c->engine.kv_cache.cpu_budget_bytes, 2048);                          // file only
+  EXPECT_EQ(c->engine.kv_cache.block_size, 8);                                  // flag > env > file
+  EXPECT_EQ(c->engine.kv_cache.budget_bytes, 0);                                // flag > file; empty env unset
+  EXPECT_EQ(c->engine.batching.max_batch_tokens, 1000);                         // file only
+  EXPECT_EQ(c->engine.kv_cache.cpu_budget_bytes, 2048);                         // file only
 
   const std::string json = dir.Write("c.json", R"({"max_prefill_chunk": 64, "kv_gpu_memory_fraction": 0.25})");
   auto j = Load({"--config", json});
@@ -293,9 +295,9 @@ TEST(ServerConfigTest, MetricsHttpLimitsFromFileEnvAndFlags) {
   const Env env = {{"MQA_METRICS_REQUEST_TIMEOUT_MS", "400"}, {"MQA_METRICS_IDLE_TIMEOUT_MS", "600"}};
   auto c = Load({"--config", path, "--metrics-idle-timeout-ms=900"}, env);
   ASSERT_TRUE(c.ok()) << c.status().ToString();
-  EXPECT_EQ(c->metrics_max_connections, 3u);                                // file only
-  EXPECT_EQ(c->metrics_request_timeout, std::chrono::milliseconds(400));   // env > file
-  EXPECT_EQ(c->metrics_idle_timeout, std::chrono::milliseconds(900));      // flag > env > file
+  EXPECT_EQ(c->metrics_max_connections, 3u);                              // file only
+  EXPECT_EQ(c->metrics_request_timeout, std::chrono::milliseconds(400));  // env > file
+  EXPECT_EQ(c->metrics_idle_timeout, std::chrono::milliseconds(900));     // flag > env > file
 
   // A zero limit would refuse every scrape, a zero timeout every request.
   ExpectError(Load({"--metrics-max-connections=0"}), StatusCode::kInvalidArgument,
@@ -307,13 +309,46 @@ TEST(ServerConfigTest, MetricsHttpLimitsFromFileEnvAndFlags) {
 }
 
 TEST(ServerConfigTest, EveryFlagInBothForms) {
-  const std::vector<std::string> separate = {
-      "--listen", "localhost:7", "--port-file", "/tmp/p", "--max-message-bytes", "1000", "--drain-timeout-ms", "0",
-      "--log-level", "error", "--log-format", "json", "--max-sessions", "3", "--max-queue", "4",
-      "--default-idle-ttl-ms", "10", "--max-idle-ttl-ms", "20", "--reap-interval-ms", "5", "--device", "cpu",
-      "--max-batch-tokens", "100", "--max-batch-sessions", "6", "--max-queue-delay-us", "7",
-      "--max-prefill-chunk", "9", "--kv-block-size", "1024", "--kv-cache-bytes", "4096",
-      "--kv-gpu-memory-fraction", "0.75", "--kv-cpu-budget-bytes", "1"};
+  const std::vector<std::string> separate = {"--listen",
+                                             "localhost:7",
+                                             "--port-file",
+                                             "/tmp/p",
+                                             "--max-message-bytes",
+                                             "1000",
+                                             "--drain-timeout-ms",
+                                             "0",
+                                             "--log-level",
+                                             "error",
+                                             "--log-format",
+                                             "json",
+                                             "--max-sessions",
+                                             "3",
+                                             "--max-queue",
+                                             "4",
+                                             "--default-idle-ttl-ms",
+                                             "10",
+                                             "--max-idle-ttl-ms",
+                                             "20",
+                                             "--reap-interval-ms",
+                                             "5",
+                                             "--device",
+                                             "cpu",
+                                             "--max-batch-tokens",
+                                             "100",
+                                             "--max-batch-sessions",
+                                             "6",
+                                             "--max-queue-delay-us",
+                                             "7",
+                                             "--max-prefill-chunk",
+                                             "9",
+                                             "--kv-block-size",
+                                             "1024",
+                                             "--kv-cache-bytes",
+                                             "4096",
+                                             "--kv-gpu-memory-fraction",
+                                             "0.75",
+                                             "--kv-cpu-budget-bytes",
+                                             "1"};
   std::vector<std::string> joined;
   for (size_t i = 0; i < separate.size(); i += 2) joined.push_back(separate[i] + "=" + separate[i + 1]);
   for (const auto& args : {separate, joined}) {
@@ -369,11 +404,14 @@ TEST(ServerConfigTest, WeightsPathsResolveAgainstTheConfigDirectory) {
   dir.Write("weights/w.safetensors", "placeholder");
   dir.Write("abs.safetensors", "placeholder");
   const std::string abs = (dir.path() / "abs.safetensors").string();
-  const std::string path = dir.Write("conf/config.yaml", "models:\n"
-                                                         "  - name: rel\n    device: cpu\n"
-                                                         "    weights: ../weights/w.safetensors\n"
-                                                         "  - name: abs\n    device: cpu\n    weights: " + abs + "\n"
-                                                         "  - name: none\n    device: cpu\n    weights: null\n");
+  const std::string path = dir.Write("conf/config.yaml",
+                                     "models:\n"
+                                     "  - name: rel\n    device: cpu\n"
+                                     "    weights: ../weights/w.safetensors\n"
+                                     "  - name: abs\n    device: cpu\n    weights: " +
+                                         abs +
+                                         "\n"
+                                         "  - name: none\n    device: cpu\n    weights: null\n");
   // From another working directory, so a cwd-relative resolution would fail.
   const fs::path old_cwd = fs::current_path();
   fs::current_path(fs::temp_directory_path());
@@ -386,11 +424,12 @@ TEST(ServerConfigTest, WeightsPathsResolveAgainstTheConfigDirectory) {
   EXPECT_EQ(c->engine.models[1].weights_path, abs);
   EXPECT_EQ(c->engine.models[2].weights_path, "");
 
-  const std::string missing = dir.Write("conf/missing.yaml", "models:\n  - name: m\n    device: cpu\n"
-                                                             "    weights: nope.safetensors\n");
-  ExpectError(Load({"--config", missing}), StatusCode::kNotFound,
-              {"models[0].weights: weights file '" + (dir.path() / "conf" / "nope.safetensors").string() +
-               "' not found"});
+  const std::string missing = dir.Write("conf/missing.yaml",
+                                        "models:\n  - name: m\n    device: cpu\n"
+                                        "    weights: nope.safetensors\n");
+  ExpectError(
+      Load({"--config", missing}), StatusCode::kNotFound,
+      {"models[0].weights: weights file '" + (dir.path() / "conf" / "nope.safetensors").string() + "' not found"});
 }
 
 }  // namespace

@@ -1,9 +1,9 @@
 // Structured logging of the server (server/logging.h).
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
 #include <spdlog/sinks/ostream_sink.h>
 #include <spdlog/spdlog.h>
+#include <nlohmann/json.hpp>
 
 #include <cstdint>
 #include <memory>
@@ -45,9 +45,16 @@ class LoggingTest : public ::testing::Test {
 
 TEST_F(LoggingTest, TextFormatOneLinePerEventWithQuoting) {
   SetUpSink("info", "text");
-  LogInfo("session_created", {{"session", "abc123"}, {"tokens", 4096}, {"ratio", 0.5}, {"ok", true},
-                              {"note", "two words"}, {"tricky", "say \"hi\"\\ and\nbye\x01"}, {"empty", ""},
-                              {"eq", "a=b"}, {"u", size_t{7}}, {"neg", -3}});
+  LogInfo("session_created", {{"session", "abc123"},
+                              {"tokens", 4096},
+                              {"ratio", 0.5},
+                              {"ok", true},
+                              {"note", "two words"},
+                              {"tricky", "say \"hi\"\\ and\nbye\x01"},
+                              {"empty", ""},
+                              {"eq", "a=b"},
+                              {"u", size_t{7}},
+                              {"neg", -3}});
   LogDebug("hidden", {{"x", 1}});
   LogWarn("second");
   const auto lines = Lines();
@@ -76,8 +83,16 @@ TEST_F(LoggingTest, KeysAreSanitisedAndReservedKeysRenamed) {
 
 TEST_F(LoggingTest, JsonFormatParses) {
   SetUpSink("debug", "json");
-  LogInfo("step", {{"session", "s\"1\\\n"}, {"n", 3}, {"big", uint64_t{18446744073709551615u}}, {"x", 1.25},
-                   {"ok", false}, {"bad_utf8", "a\xff" "b"}, {"utf8", "h\xc3\xa9"}, {"inf", 1.0 / 0.0},
+  LogInfo("step", {{"session", "s\"1\\\n"},
+                   {"n", 3},
+                   {"big", uint64_t{18446744073709551615u}},
+                   {"x", 1.25},
+                   {"ok", false},
+                   {"bad_utf8",
+                    "a\xff"
+                    "b"},
+                   {"utf8", "h\xc3\xa9"},
+                   {"inf", 1.0 / 0.0},
                    {"event", "shadow"}});
   LogDebug("debugged");
   spdlog::info("plain {}", "message");
@@ -91,7 +106,9 @@ TEST_F(LoggingTest, JsonFormatParses) {
   EXPECT_EQ(j.at("big").get<uint64_t>(), 18446744073709551615u);
   EXPECT_DOUBLE_EQ(j.at("x").get<double>(), 1.25);
   EXPECT_EQ(j.at("ok"), false);
-  EXPECT_EQ(j.at("bad_utf8"), "a\xef\xbf\xbd" "b");
+  EXPECT_EQ(j.at("bad_utf8"),
+            "a\xef\xbf\xbd"
+            "b");
   EXPECT_EQ(j.at("utf8"), "h\xc3\xa9");
   EXPECT_EQ(j.at("inf"), "inf");
   EXPECT_EQ(j.at("_event"), "shadow");

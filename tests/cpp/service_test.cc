@@ -100,9 +100,7 @@ class ServiceTest : public ::testing::Test {
     return resp.session();
   }
 
-  static std::vector<float> OutOf(const v1::Tensor& t) {
-    return Floats(Unwrap(FromWire(t, "out"), "FromWire"));
-  }
+  static std::vector<float> OutOf(const v1::Tensor& t) { return Floats(Unwrap(FromWire(t, "out"), "FromWire")); }
 
   std::unique_ptr<Server> server_;
   std::shared_ptr<grpc::Channel> channel_;

@@ -49,25 +49,75 @@ TEST(ServerConfigTest, Help) {
     EXPECT_TRUE(c->show_help);
   }
   const std::string help = ConfigHelp();
-  for (const char* s : {"--listen ADDR", "MQA_LISTEN", "--port-file PATH", "MQA_PORT_FILE", "--config PATH",
-                        "--metrics-listen ADDR", "MQA_METRICS_LISTEN", "metrics_listen", "0.0.0.0:9400",
-                        "--metrics-port-file PATH", "MQA_METRICS_PORT_FILE", "--health-listen ADDR",
-                        "MQA_HEALTH_LISTEN", "health_listen", "--health-port-file PATH", "MQA_HEALTH_PORT_FILE",
-                        "MQA_CONFIG", "--max-message-bytes", "max_message_bytes", "67108864", "--drain-timeout-ms",
-                        "MQA_DRAIN_TIMEOUT_MS", "--log-level", "MQA_LOG_LEVEL", "--log-format", "MQA_LOG_FORMAT",
-                        "--max-sessions", "MQA_MAX_SESSIONS", "--max-queue", "MQA_MAX_QUEUE",
-                        "--default-idle-ttl-ms", "MQA_DEFAULT_IDLE_TTL_MS", "--max-idle-ttl-ms",
-                        "MQA_MAX_IDLE_TTL_MS", "--reap-interval-ms", "MQA_REAP_INTERVAL_MS", "--device DEVICE",
-                        "MQA_DEFAULT_DEVICE", "--help, -h", "mqa-default", "models",
-                        "--max-batch-tokens N", "MQA_MAX_BATCH_TOKENS", "max_batch_tokens",
-                        "--max-batch-sessions N", "MQA_MAX_BATCH_SESSIONS", "max_batch_sessions",
-                        "--max-queue-delay-us US", "MQA_MAX_QUEUE_DELAY_US", "max_queue_delay_us",
-                        "--max-prefill-chunk N", "MQA_MAX_PREFILL_CHUNK", "max_prefill_chunk",
-                        "--kv-block-size N", "MQA_KV_BLOCK_SIZE", "kv_block_size", "--kv-cache-bytes N",
-                        "MQA_KV_CACHE_BYTES", "kv_cache_bytes", "--kv-gpu-memory-fraction F",
-                        "MQA_KV_GPU_MEMORY_FRACTION", "kv_gpu_memory_fraction", "--kv-cpu-budget-bytes N",
-                        "MQA_KV_CPU_BUDGET_BYTES", "kv_cpu_budget_bytes", "1073741824", "--devices LIST",
-                        "MQA_DEVICES", "--devices all"}) {
+  for (const char* s : {"--listen ADDR",
+                        "MQA_LISTEN",
+                        "--port-file PATH",
+                        "MQA_PORT_FILE",
+                        "--config PATH",
+                        "--metrics-listen ADDR",
+                        "MQA_METRICS_LISTEN",
+                        "metrics_listen",
+                        "0.0.0.0:9400",
+                        "--metrics-port-file PATH",
+                        "MQA_METRICS_PORT_FILE",
+                        "--health-listen ADDR",
+                        "MQA_HEALTH_LISTEN",
+                        "health_listen",
+                        "--health-port-file PATH",
+                        "MQA_HEALTH_PORT_FILE",
+                        "MQA_CONFIG",
+                        "--max-message-bytes",
+                        "max_message_bytes",
+                        "67108864",
+                        "--drain-timeout-ms",
+                        "MQA_DRAIN_TIMEOUT_MS",
+                        "--log-level",
+                        "MQA_LOG_LEVEL",
+                        "--log-format",
+                        "MQA_LOG_FORMAT",
+                        "--max-sessions",
+                        "MQA_MAX_SESSIONS",
+                        "--max-queue",
+                        "MQA_MAX_QUEUE",
+                        "--default-idle-ttl-ms",
+                        "MQA_DEFAULT_IDLE_TTL_MS",
+                        "--max-idle-ttl-ms",
+                        "MQA_MAX_IDLE_TTL_MS",
+                        "--reap-interval-ms",
+                        "MQA_REAP_INTERVAL_MS",
+                        "--device DEVICE",
+                        "MQA_DEFAULT_DEVICE",
+                        "--help, -h",
+                        "mqa-default",
+                        "models",
+                        "--max-batch-tokens N",
+                        "MQA_MAX_BATCH_TOKENS",
+                        "max_batch_tokens",
+                        "--max-batch-sessions N",
+                        "MQA_MAX_BATCH_SESSIONS",
+                        "max_batch_sessions",
+                        "--max-queue-delay-us US",
+                        "MQA_MAX_QUEUE_DELAY_US",
+                        "max_queue_delay_us",
+                        "--max-prefill-chunk N",
+                        "MQA_MAX_PREFILL_CHUNK",
+                        "max_prefill_chunk",
+                        "--kv-block-size N",
+                        "MQA_KV_BLOCK_SIZE",
+                        "kv_block_size",
+                        "--kv-cache-bytes N",
+                        "MQA_KV_CACHE_BYTES",
+                        "kv_cache_bytes",
+                        "--kv-gpu-memory-fraction F",
+                        "MQA_KV_GPU_MEMORY_FRACTION",
+                        "kv_gpu_memory_fraction",
+                        "--kv-cpu-budget-bytes N",
+                        "MQA_KV_CPU_BUDGET_BYTES",
+                        "kv_cpu_budget_bytes",
+                        "1073741824",
+                        "--devices LIST",
+                        "MQA_DEVICES",
+                        "--devices all"}) {
     EXPECT_THAT(help, HasSubstr(s));
   }
 }
@@ -129,7 +179,7 @@ std::string Upper(std::string_view name) {
 // a new row cannot get a flag that says one thing and a variable that says another.
 TEST(SettingsTest, FlagVariableAndKeyAreSpellingsOfTheName) {
   const std::set<std::string> flag_and_env_only = {"config",           "port_file", "metrics_port_file",
-                                                    "health_port_file", "device",    "devices"};
+                                                   "health_port_file", "device",    "devices"};
   std::set<std::string> names, flags, envs, keys, without_key;
   for (const Setting& s : SettingTable()) {
     SCOPED_TRACE(std::string(s.name));
@@ -215,8 +265,9 @@ TEST(SettingsTest, TableDefaultsAreServerConfigDefaults) {
 // came from and what was expected: never an exception, never a half-read number.
 TEST(SettingsTest, MalformedIntegersAreRefusedFromEverySource) {
   TempDir dir;
-  const std::vector<std::string> bad = {"abc", "1e99", "99999999999999999999", "-99999999999999999999", "12abc",
-                                        "0x10", "+5", "1.5", "--", "9223372036854775808"};
+  const std::vector<std::string> bad = {
+      "abc", "1e99", "99999999999999999999", "-99999999999999999999", "12abc", "0x10", "+5",
+      "1.5", "--",   "9223372036854775808"};
   for (const Setting& s : SettingTable()) {
     if (s.type != SettingType::kInteger) continue;
     const std::string expected = ": expected an integer ";

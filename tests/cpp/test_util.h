@@ -21,7 +21,8 @@ namespace mqa::testing {
 inline uint64_t RunSeed() {
   static const uint64_t seed = [] {
     const char* env = std::getenv("MQA_TEST_SEED");
-    uint64_t s = env ? std::strtoull(env, nullptr, 10) : (static_cast<uint64_t>(std::random_device{}()) << 20) ^ std::random_device{}();
+    uint64_t s = env ? std::strtoull(env, nullptr, 10)
+                     : (static_cast<uint64_t>(std::random_device{}()) << 20) ^ std::random_device{}();
     std::printf("[mqa-test] seed=%llu (replay with MQA_TEST_SEED=%llu)\n", static_cast<unsigned long long>(s),
                 static_cast<unsigned long long>(s));
     return s;

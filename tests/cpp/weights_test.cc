@@ -111,8 +111,8 @@ TEST(Safetensors, ShapesWhoseElementCountOverflowsAreDataLoss) {
     EXPECT_NE(f.status().message().find("big.safetensors: tensor 'x'"), std::string::npos) << f.status().message();
   }
   // Zero elements with large sizes after the zero stay readable: no product of the non-zero sizes overflows.
-  auto empty = core::ParseSafetensors(SafetensorsImage(
-      R"({"x":{"dtype":"F32","shape":[0,1099511627776,1024],"data_offsets":[0,0]}})"));
+  auto empty = core::ParseSafetensors(
+      SafetensorsImage(R"({"x":{"dtype":"F32","shape":[0,1099511627776,1024],"data_offsets":[0,0]}})"));
   ASSERT_TRUE(empty.ok()) << empty.status().message();
   EXPECT_EQ(empty->tensors.at("x").numel(), 0);
 }
@@ -122,11 +122,11 @@ TEST(Safetensors, ShapesWhoseElementCountOverflowsAreDataLoss) {
 // a float by the JSON parser) or 1e30 converted with undefined behaviour, 2.5 was truncated and -1 wrapped around.
 // The format has integers >= 0 only.
 TEST(Safetensors, ShapesAndOffsetsMustBeIntegers) {
-  for (const std::string bad : {R"("shape":[31844674407370955161],"data_offsets":[0,0])",
-                                R"("shape":[1e30],"data_offsets":[0,0])", R"("shape":[2.5],"data_offsets":[0,8])",
-                                R"("shape":[-1],"data_offsets":[0,0])", R"("shape":"2","data_offsets":[0,8])",
-                                R"("shape":[2],"data_offsets":[0,8.0])", R"("shape":[2],"data_offsets":[-8,0])",
-                                R"("shape":[2],"data_offsets":[0,1e300])"}) {
+  for (const std::string bad :
+       {R"("shape":[31844674407370955161],"data_offsets":[0,0])", R"("shape":[1e30],"data_offsets":[0,0])",
+        R"("shape":[2.5],"data_offsets":[0,8])", R"("shape":[-1],"data_offsets":[0,0])",
+        R"("shape":"2","data_offsets":[0,8])", R"("shape":[2],"data_offsets":[0,8.0])",
+        R"("shape":[2],"data_offsets":[-8,0])", R"("shape":[2],"data_offsets":[0,1e300])"}) {
     const std::string header = R"({"x":{"dtype":"F32",)" + bad + "}}";
     auto f = core::ParseSafetensors(SafetensorsImage(header) + std::string(8, '\0'), "f.safetensors");
     ASSERT_FALSE(f.ok()) << bad;
@@ -175,7 +175,8 @@ TEST(StateDict, MismatchedNamesShapesAndDtypesAreRejectedClearly) {
   core::TensorMap shaped = sd;
   shaped["Wqkv.weight"] = Randn(DType::kFloat32, {192, 64});  // a multi-head (3*dim) layout, not MQA's dim + 2d
   st = layer->LoadStateDict(shaped);
-  EXPECT_NE(st.message().find("'Wqkv.weight' has shape [192, 64], expected [96, 64]"), std::string::npos) << st.message();
+  EXPECT_NE(st.message().find("'Wqkv.weight' has shape [192, 64], expected [96, 64]"), std::string::npos)
+      << st.message();
 
   core::TensorMap typed = sd;
   typed["out_proj.weight"] = Unwrap(sd.at("out_proj.weight").ToDType(DType::kBFloat16));
@@ -222,7 +223,8 @@ TEST(Stack, FilesThatDoNotFitTheModelAreRejected) {
   auto wrong_dim = core::MqaStack::Load(dir.File("m.safetensors"), wider);
   EXPECT_EQ(wrong_dim.status().code(), StatusCode::kInvalidArgument);
   EXPECT_NE(wrong_dim.status().message().find("layers.0.attn.Wqkv.weight' has shape [96, 64], expected [192, 128]"),
-            std::string::npos) << wrong_dim.status().message();
+            std::string::npos)
+      << wrong_dim.status().message();
 
   auto f = Unwrap(core::ReadSafetensors(dir.File("m.safetensors")));
   core::TensorMap gap;
@@ -233,7 +235,10 @@ TEST(Stack, FilesThatDoNotFitTheModelAreRejected) {
   core::TensorMap stray = f.tensors;
   stray["lm_head.weight"] = Randn(DType::kFloat32, {2, 2});
   ASSERT_TRUE(core::WriteSafetensors(dir.File("stray.safetensors"), stray).ok());
-  EXPECT_NE(core::MqaStack::Load(dir.File("stray.safetensors"), o).status().message().find("unexpected tensor 'lm_head.weight'"),
+  EXPECT_NE(core::MqaStack::Load(dir.File("stray.safetensors"), o)
+                .status()
+                .message()
+                .find("unexpected tensor 'lm_head.weight'"),
             std::string::npos);
 }
 

@@ -46,8 +46,7 @@ void Require(bool ok, const std::string& what) {
 // file resolve against it.
 const std::filesystem::path& ScratchDir() {
   static const std::filesystem::path dir = [] {
-    std::filesystem::path d =
-        std::filesystem::temp_directory_path() / ("mqa-config-fuzz-" + std::to_string(getpid()));
+    std::filesystem::path d = std::filesystem::temp_directory_path() / ("mqa-config-fuzz-" + std::to_string(getpid()));
     std::filesystem::create_directories(d);
     // An existing weights file, so that the "weights" key is accepted as well as refused.
     std::ofstream(d / "w.safetensors") << "x";
@@ -105,8 +104,8 @@ void FuzzOne(const uint8_t* data, size_t size) {
   env.erase("MQA_CONFIG");
   const std::string file = (ScratchDir() / "config.yaml").string();
   if (!file_text.empty()) {
-    std::ofstream(file, std::ios::binary | std::ios::trunc).write(file_text.data(),
-                                                                   static_cast<std::streamsize>(file_text.size()));
+    std::ofstream(file, std::ios::binary | std::ios::trunc)
+        .write(file_text.data(), static_cast<std::streamsize>(file_text.size()));
     env["MQA_CONFIG"] = file;
   }
 
@@ -122,8 +121,7 @@ void FuzzOne(const uint8_t* data, size_t size) {
   core::StatusOr<ServerConfig> config = LoadConfig(static_cast<int>(args.size()), argv.data(), env);
   if (!config.ok()) {
     const StatusCode code = config.status().code();
-    Require(code == StatusCode::kInvalidArgument || code == StatusCode::kNotFound ||
-                code == StatusCode::kUnavailable,
+    Require(code == StatusCode::kInvalidArgument || code == StatusCode::kNotFound || code == StatusCode::kUnavailable,
             "unexpected code " + std::to_string(static_cast<int>(code)) + ": " + config.status().message());
     Require(!config.status().message().empty(), "refusal without a message");
     return;

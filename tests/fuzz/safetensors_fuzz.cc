@@ -17,9 +17,9 @@
 #include <string>
 
 #include "mqa/core/safetensors.h"
-#include "mqa/core/testing/safetensors.h"
 #include "mqa/core/status.h"
 #include "mqa/core/tensor.h"
+#include "mqa/core/testing/safetensors.h"
 
 namespace mqa::core {
 namespace {
@@ -35,8 +35,7 @@ void Require(bool ok, const std::string& what) {
 // A scratch file for the round trip, one per process (libFuzzer's -fork and -jobs run several processes).
 const std::string& ScratchFile() {
   static const std::string path =
-      (std::filesystem::temp_directory_path() / ("mqa-safetensors-fuzz-" + std::to_string(getpid()) + ".st"))
-          .string();
+      (std::filesystem::temp_directory_path() / ("mqa-safetensors-fuzz-" + std::to_string(getpid()) + ".st")).string();
   return path;
 }
 
@@ -44,9 +43,9 @@ void FuzzOne(const uint8_t* data, size_t size) {
   const std::string bytes(reinterpret_cast<const char*>(data), size);
   StatusOr<SafetensorsFile> file = ParseSafetensors(bytes, kWhat);
   if (!file.ok()) {
-    Require(file.status().code() == StatusCode::kDataLoss,
-            "expected DATA_LOSS, got code " + std::to_string(static_cast<int>(file.status().code())) + ": " +
-                file.status().message());
+    Require(file.status().code() == StatusCode::kDataLoss, "expected DATA_LOSS, got code " +
+                                                               std::to_string(static_cast<int>(file.status().code())) +
+                                                               ": " + file.status().message());
     Require(file.status().message().rfind(std::string(kWhat) + ": ", 0) == 0,
             "message does not name the file: " + file.status().message());
     return;

@@ -43,11 +43,11 @@ void Require(bool ok, const std::string& what) {
 }
 
 void RequireClientError(const core::Status& status, const std::string& name) {
-  Require(status.code() == StatusCode::kInvalidArgument,
-          name + ": expected INVALID_ARGUMENT, got code " + std::to_string(static_cast<int>(status.code())) +
-              ": " + status.message());
-  Require(status.message().rfind(name + ": ", 0) == 0, "message does not name the field '" + name +
-                                                            "': " + status.message());
+  Require(status.code() == StatusCode::kInvalidArgument, name + ": expected INVALID_ARGUMENT, got code " +
+                                                             std::to_string(static_cast<int>(status.code())) + ": " +
+                                                             status.message());
+  Require(status.message().rfind(name + ": ", 0) == 0,
+          "message does not name the field '" + name + "': " + status.message());
 }
 
 // FromWire plus the checks above; nullopt when the wire tensor was (correctly) refused.
@@ -132,9 +132,8 @@ void FuzzForward(const v1::ForwardRequest& req) {
   const std::vector<int64_t> x_shape = args.x.shape();
   std::promise<core::StatusOr<core::ForwardResult>> done;
   std::future<core::StatusOr<core::ForwardResult>> result = done.get_future();
-  TheEngine().SubmitForward(std::move(fr), [&done](core::StatusOr<core::ForwardResult> r) {
-    done.set_value(std::move(r));
-  });
+  TheEngine().SubmitForward(std::move(fr),
+                            [&done](core::StatusOr<core::ForwardResult> r) { done.set_value(std::move(r)); });
   const core::StatusOr<core::ForwardResult> r = result.get();
   if (!r.ok()) {
     // RESOURCE_EXHAUSTED: the engine's per-request work limit (max_forward_scores), a client error too.

@@ -41,9 +41,9 @@ struct DecodeCase {
   at::ScalarType dtype;
   int heads, head_dim, block_size;
   std::vector<int> lens;
-  int splits;          // 0: the heuristic
-  bool alibi;          // on every other session
-  float scale;         // 0: 1 / sqrt(head_dim)
+  int splits;   // 0: the heuristic
+  bool alibi;   // on every other session
+  float scale;  // 0: 1 / sqrt(head_dim)
 };
 
 // Runs PagedDecode on a pool whose blocks are handed out in a random order (non-contiguous, shuffled tables);
@@ -416,7 +416,12 @@ TEST(PagedForwardTriton, FallsBackVisiblyWhereTheKernelsCannotServe) {
 // Exceptions become statuses in CatchAll (tensor_impl.h): running out of memory is RESOURCE_EXHAUSTED, whichever
 // allocator reports it and however; everything else stays INTERNAL. Runs everywhere (no GPU needed).
 TEST(CatchAll, OutOfMemoryIsResourceExhaustedAndSaysWhatFailed) {
-  auto run = [](auto thrower) { return CatchAll("Probe", [&]() -> Status { thrower(); return Status(); }); };
+  auto run = [](auto thrower) {
+    return CatchAll("Probe", [&]() -> Status {
+      thrower();
+      return Status();
+    });
+  };
   const Status cuda = run([] {
     throw c10::OutOfMemoryError({__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
                                 "CUDA out of memory. Tried to allocate 20.00 GiB.\nbacktrace line");

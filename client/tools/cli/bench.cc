@@ -120,9 +120,9 @@ StatusOr<BenchRow> RunBenchPoint(Client& client, const ModelInfo& model, int64_t
   }
   const std::chrono::milliseconds step_timeout = client.options().default_timeout;
   auto phase_error = [&](const BenchPhase& p, const char* phase) {
-    return Status(p.first_error->code(), std::string(phase) + " with " + std::to_string(n) + " sessions: " +
-                                             std::to_string(p.failed) + " step(s) failed, first: " +
-                                             p.first_error->message());
+    return Status(p.first_error->code(), std::string(phase) + " with " + std::to_string(n) +
+                                             " sessions: " + std::to_string(p.failed) +
+                                             " step(s) failed, first: " + p.first_error->message());
   };
   if (prefill > 0) {
     row.prefill = RunPhase(ids, streams, layers, prefill_inputs, step_timeout, 0, prefill, 1);
@@ -142,9 +142,9 @@ StatusOr<BenchRow> RunBenchPoint(Client& client, const ModelInfo& model, int64_t
     if (!info.ok()) return info.status();
     for (size_t layer = 0; layer < info->layer_positions.size(); ++layer) {
       if (info->layer_positions[layer] != prefill + warmup + tokens) {
-        return Status(StatusCode::kInternal, "session " + session.id() + " layer " + std::to_string(layer) +
-                                                 " holds " + std::to_string(info->layer_positions[layer]) +
-                                                 " tokens, expected " + std::to_string(prefill + warmup + tokens));
+        return Status(StatusCode::kInternal, "session " + session.id() + " layer " + std::to_string(layer) + " holds " +
+                                                 std::to_string(info->layer_positions[layer]) + " tokens, expected " +
+                                                 std::to_string(prefill + warmup + tokens));
       }
     }
     StatusOr<SessionInfo> closed = session.Close();
@@ -172,7 +172,8 @@ int RunBench(Client& client, const BenchFlags& flags, const std::string& model_f
   const LayerConfig& layer0 = model->layers.front();
   // By default the inputs are in the model's own dtype, so the server converts nothing.
   const DataType dtype = dtype_flag.value_or(layer0.dtype);
-  std::printf("mqa-cli bench: %s, model %s: %d layers, dim %" PRId64 ", heads %" PRId64 ", %s on %s, attn_impl %s\n"
+  std::printf("mqa-cli bench: %s, model %s: %d layers, dim %" PRId64 ", heads %" PRId64
+              ", %s on %s, attn_impl %s\n"
               "  per session: prefill %" PRId64 ", warm-up %" PRId64 ", decode %" PRId64
               " tokens (closed loop, one step in flight per session); inputs %s; up to %" PRId64 " streams\n",
               client.options().target.c_str(), model->name.c_str(), model->num_layers, layer0.dim, layer0.heads,
@@ -201,20 +202,21 @@ int RunBench(Client& client, const BenchFlags& flags, const std::string& model_f
   for (const BenchRow& r : rows) {
     std::printf("%5" PRId64 " %7" PRId64 " %12.1f %10.3f %10.3f %12.3f %14.3f %11.3f %10.0f\n", r.sessions, r.streams,
                 tokens_per_s(r), Percentile(r.decode.latency_ms, 50), Percentile(r.decode.latency_ms, 99),
-                Percentile(r.decode.server_queue_ms, 50), Percentile(r.decode.server_compute_ms, 50),
-                r.prefill.seconds, prefill_tokens_per_s(r));
+                Percentile(r.decode.server_queue_ms, 50), Percentile(r.decode.server_compute_ms, 50), r.prefill.seconds,
+                prefill_tokens_per_s(r));
   }
-  std::printf("(tokens/s: decode tokens through all %d layers per wall second; p50/p99: one layer step, submit to "
-              "answer; srv_*: the server's queue and compute time per step, p50)\n",
-              model->num_layers);
+  std::printf(
+      "(tokens/s: decode tokens through all %d layers per wall second; p50/p99: one layer step, submit to "
+      "answer; srv_*: the server's queue and compute time per step, p50)\n",
+      model->num_layers);
 
   if (!json_path.empty()) {
     std::ostringstream os;
     os << "{\"bench\":\"service\",\"target\":" << JsonString(client.options().target)
        << ",\"model\":" << JsonString(model->name) << ",\"layers\":" << model->num_layers << ",\"dim\":" << layer0.dim
        << ",\"heads\":" << layer0.heads << ",\"head_dim\":" << layer0.head_dim
-       << ",\"dtype\":" << JsonString(DataTypeName(layer0.dtype)) << ",\"input_dtype\":"
-       << JsonString(DataTypeName(dtype)) << ",\"device\":" << JsonString(layer0.device)
+       << ",\"dtype\":" << JsonString(DataTypeName(layer0.dtype))
+       << ",\"input_dtype\":" << JsonString(DataTypeName(dtype)) << ",\"device\":" << JsonString(layer0.device)
        << ",\"attn_impl\":" << JsonString(layer0.attn_impl) << ",\"prefill\":" << prefill << ",\"warmup\":" << warmup
        << ",\"tokens\":" << tokens << ",\"streams\":" << num_streams << ",\"seed\":" << seed << ",\"rows\":[";
     for (size_t i = 0; i < rows.size(); ++i) {
@@ -248,13 +250,14 @@ int RunBench(Client& client, const BenchFlags& flags, const std::string& model_f
 
 Command AddBench(CLI::App& app) {
   auto flags = std::make_shared<BenchFlags>();
-  CLI::App* sub = app.add_subcommand("bench", "decode tokens/s and step latency of N closed-loop sessions on S streams");
-  sub->footer("Each session is a closed loop (one step in flight per session) through every layer; the sessions are "
-              "multiplexed on the streams. Common flags may come before or after COMMAND.");
+  CLI::App* sub =
+      app.add_subcommand("bench", "decode tokens/s and step latency of N closed-loop sessions on S streams");
+  sub->footer(
+      "Each session is a closed loop (one step in flight per session) through every layer; the sessions are "
+      "multiplexed on the streams. Common flags may come before or after COMMAND.");
   mqa::command_line::AddIntList(*sub, "--sessions", &flags->sessions, 1, "session counts, one run each")
       ->capture_default_str();
-  mqa::command_line::AddInt(*sub, "--prefill", &flags->prefill, 0, "prefill tokens per session")
-      ->capture_default_str();
+  mqa::command_line::AddInt(*sub, "--prefill", &flags->prefill, 0, "prefill tokens per session")->capture_default_str();
   mqa::command_line::AddInt(*sub, "--tokens", &flags->tokens, 1, "timed decode tokens per session")
       ->capture_default_str();
   mqa::command_line::AddInt(*sub, "--warmup", &flags->warmup, 0, "untimed decode tokens per session first")
@@ -264,9 +267,8 @@ Command AddBench(CLI::App& app) {
   mqa::command_line::AddInt(*sub, "--seed", &flags->seed, 0, "seed of the random inputs")->capture_default_str();
   AddDtypeFlag(*sub, &flags->dtype, "dtype of the inputs (default: the model's)");
   sub->add_option("--json", flags->json_path, "also write the results as JSON to FILE")->type_name("FILE");
-  return Command{sub, [flags](Client& client, const CommonFlags& common) {
-                   return RunBench(client, *flags, common.model);
-                 }};
+  return Command{sub,
+                 [flags](Client& client, const CommonFlags& common) { return RunBench(client, *flags, common.model); }};
 }
 
 }  // namespace mqa::client::cli

@@ -44,8 +44,8 @@ void PrintTensorSummary(const char* name, const HostTensor& t) {
     sum += v;
     abs_sum += std::fabs(v);
   }
-  std::printf("%s: %s %s sum %.6g sum|.| %.6g first:", name, DataTypeName(t.dtype).c_str(),
-              t.ShapeString().c_str(), sum, abs_sum);
+  std::printf("%s: %s %s sum %.6g sum|.| %.6g first:", name, DataTypeName(t.dtype).c_str(), t.ShapeString().c_str(),
+              sum, abs_sum);
   for (size_t i = 0; i < std::min<size_t>(8, values->size()); ++i) std::printf(" %.6g", (*values)[i]);
   std::printf("\n");
 }
@@ -54,8 +54,8 @@ int RunForward(Client& client, const ForwardFlags& flags, const std::string& mod
   StatusOr<ModelInfo> model = PickModel(client, model_flag);
   if (!model.ok()) return Fail(model.status());
   if (flags.layer >= static_cast<int64_t>(model->layers.size())) {
-    return Fail(Status(StatusCode::kInvalidArgument, "model " + model->name + " has " +
-                                                         std::to_string(model->layers.size()) + " layers"));
+    return Fail(Status(StatusCode::kInvalidArgument,
+                       "model " + model->name + " has " + std::to_string(model->layers.size()) + " layers"));
   }
   ForwardInput input;
   input.model = model->name;
@@ -117,9 +117,8 @@ Command AddForward(CLI::App& app) {
       ->type_name("FILE.safetensors");
   sub->add_flag("--no-causal", flags->no_causal, "no causal mask");
   sub->add_flag("--weights", flags->weights, "also return the attention weights");
-  return Command{sub, [flags](Client& client, const CommonFlags& common) {
-                   return RunForward(client, *flags, common.model);
-                 }};
+  return Command{
+      sub, [flags](Client& client, const CommonFlags& common) { return RunForward(client, *flags, common.model); }};
 }
 
 }  // namespace mqa::client::cli

@@ -35,8 +35,7 @@ int Main(int argc, char** argv) {
   app.add_option("--target", target, "HOST:PORT or a gRPC target URI (default: $MQA_TARGET, else 127.0.0.1:50051)")
       ->type_name("HOST:PORT");
   command_line::AddInt(app, "--timeout-ms", &timeout_ms, 1, "per-call deadline in ms")->capture_default_str();
-  app.add_option("--model", common.model, "model name (default: the first model the server lists)")
-      ->type_name("NAME");
+  app.add_option("--model", common.model, "model name (default: the first model the server lists)")->type_name("NAME");
   // The common flags are accepted after the command too ("mqa-cli health --target HOST:PORT").
   app.fallthrough();
   app.require_subcommand(1);

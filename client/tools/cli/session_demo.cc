@@ -54,8 +54,7 @@ class Progress {
       constexpr int kWidth = 30;
       const int filled = static_cast<int>(fraction * kWidth);
       std::fprintf(stderr, "\r[%s%s] %3d%% %" PRId64 "/%" PRId64 " steps %.1fs", std::string(filled, '#').c_str(),
-                   std::string(kWidth - filled, ' ').c_str(), static_cast<int>(fraction * 100), done, total_,
-                   seconds);
+                   std::string(kWidth - filled, ' ').c_str(), static_cast<int>(fraction * 100), done, total_, seconds);
       if (force) std::fprintf(stderr, "\n");
     } else {
       std::fprintf(stderr, "progress: %" PRId64 "/%" PRId64 " steps (%d%%) after %.1fs\n", done, total_,
@@ -141,8 +140,7 @@ int RunSessionDemo(Client& client, const DemoFlags& flags, const std::string& mo
     request.layer = static_cast<int32_t>(layer);
     request.position = position;
     request.timeout = client.options().default_timeout;
-    StatusOr<HostTensor> x =
-        RandomTensor({1, length, model->layers[static_cast<size_t>(layer)].dim}, dtype, rng);
+    StatusOr<HostTensor> x = RandomTensor({1, length, model->layers[static_cast<size_t>(layer)].dim}, dtype, rng);
     Status failure;
     if (x.ok()) {
       request.x = std::move(*x);
@@ -155,8 +153,7 @@ int RunSessionDemo(Client& client, const DemoFlags& flags, const std::string& mo
             ++state.completed;
             if (out.ok()) {
               (is_prefill ? state.prefill_ms : state.decode_ms).push_back(ms);
-              state.server_compute_ms.push_back(
-                  std::chrono::duration<double, std::milli>(out->compute_time).count());
+              state.server_compute_ms.push_back(std::chrono::duration<double, std::milli>(out->compute_time).count());
               state.server_queue_ms.push_back(std::chrono::duration<double, std::milli>(out->queue_time).count());
             } else if (!state.first_error) {
               state.first_error = out.status();
@@ -223,10 +220,9 @@ int RunSessionDemo(Client& client, const DemoFlags& flags, const std::string& mo
     if (!info.ok()) return Fail(info.status());
     for (size_t layer = 0; layer < info->layer_positions.size(); ++layer) {
       if (info->layer_positions[layer] != prefill + tokens) {
-        return Fail(Status(StatusCode::kInternal,
-                           "session " + session.id() + " layer " + std::to_string(layer) + " holds " +
-                               std::to_string(info->layer_positions[layer]) + " tokens, expected " +
-                               std::to_string(prefill + tokens)));
+        return Fail(Status(StatusCode::kInternal, "session " + session.id() + " layer " + std::to_string(layer) +
+                                                      " holds " + std::to_string(info->layer_positions[layer]) +
+                                                      " tokens, expected " + std::to_string(prefill + tokens)));
       }
     }
   }
@@ -254,8 +250,8 @@ int RunSessionDemo(Client& client, const DemoFlags& flags, const std::string& mo
 
 Command AddSessionDemo(CLI::App& app) {
   auto flags = std::make_shared<DemoFlags>();
-  CLI::App* sub = app.add_subcommand(
-      "session-demo", "stream N tokens through every layer of K sessions on one multiplexed stream");
+  CLI::App* sub =
+      app.add_subcommand("session-demo", "stream N tokens through every layer of K sessions on one multiplexed stream");
   mqa::command_line::AddInt(*sub, "--tokens", &flags->tokens, 0, "decode tokens per session")->capture_default_str();
   mqa::command_line::AddInt(*sub, "--prefill", &flags->prefill, 0, "prefill tokens per session, one step per layer")
       ->capture_default_str();
@@ -265,9 +261,8 @@ Command AddSessionDemo(CLI::App& app) {
                             "steps in flight at most (default: 2 x layers x sessions)");
   mqa::command_line::AddInt(*sub, "--seed", &flags->seed, 0, "seed of the random inputs")->capture_default_str();
   AddDtypeFlag(*sub, &flags->dtype, "dtype of the inputs")->capture_default_str();
-  return Command{sub, [flags](Client& client, const CommonFlags& common) {
-                   return RunSessionDemo(client, *flags, common.model);
-                 }};
+  return Command{
+      sub, [flags](Client& client, const CommonFlags& common) { return RunSessionDemo(client, *flags, common.model); }};
 }
 
 }  // namespace mqa::client::cli

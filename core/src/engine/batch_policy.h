@@ -23,20 +23,20 @@ namespace mqa::core {
 struct QueuedWork {
   using TimePoint = std::chrono::steady_clock::time_point;
 
-  bool is_step = true;       // false: any other request (a stateless Forward): it runs alone, in queue order
+  bool is_step = true;  // false: any other request (a stateless Forward): it runs alone, in queue order
   TimePoint enqueued{};
   TimePoint deadline = TimePoint::max();
-  bool cancelled = false;    // its CancelFlag was set (for a deadline or otherwise)
-  bool expired = false;      // ... because the caller's deadline passed (CancelFlag::Expire)
+  bool cancelled = false;  // its CancelFlag was set (for a deadline or otherwise)
+  bool expired = false;    // ... because the caller's deadline passed (CancelFlag::Expire)
 
   // Steps only. Steps of one (replica, layer) share passes; `session` identifies the session (any unique key).
-  int replica = 0;           // index into SchedulerInput::pools
+  int replica = 0;  // index into SchedulerInput::pools
   int layer = 0;
   uintptr_t session = 0;
   std::string_view session_id;
-  bool causal = true;        // a causal step may run in chunks; a non-causal one runs whole
-  int64_t tokens = 0;        // the step's new tokens (s)
-  int64_t done = 0;          // tokens computed in earlier passes; > 0: admitted, the rest of a chunked prefill
+  bool causal = true;  // a causal step may run in chunks; a non-causal one runs whole
+  int64_t tokens = 0;  // the step's new tokens (s)
+  int64_t done = 0;    // tokens computed in earlier passes; > 0: admitted, the rest of a chunked prefill
 
   // Admission (a step's first chunk): the session's state for this layer when the snapshot was taken.
   std::optional<int64_t> position;  // the position the step names, if it names one
@@ -45,7 +45,7 @@ struct QueuedWork {
   int64_t blocks_held = 0;          // KV blocks the session's table holds (shared by its layers)
   bool closed = false;              // the session was closed
   // The layer's last applied step, to recognise a retry of it (StepRequest's exactly-once contract).
-  int64_t last_position = -1;       // where it started; -1: none
+  int64_t last_position = -1;  // where it started; -1: none
   int64_t last_tokens = 0;
   bool same_input_as_last = false;  // x's dtype and digest equal the last step's
   bool last_answer_kept = false;    // its answer is still held within the replay budget
@@ -54,47 +54,47 @@ struct QueuedWork {
 // One replica's KV pool.
 struct PoolView {
   int64_t free_blocks = 0;
-  int64_t capacity = 0;      // allocatable blocks
+  int64_t capacity = 0;  // allocatable blocks
   int32_t block_size = 16;
 };
 
 struct SchedulerLimits {
-  int64_t max_batch_sessions = 256;   // steps per pass (values < 1 count as 1)
-  int64_t max_batch_tokens = 4096;    // tokens per pass; the pass's first step is taken whatever its size
-  int64_t max_prefill_chunk = 512;    // a causal step's tokens per pass (values < 1 count as 1)
+  int64_t max_batch_sessions = 256;  // steps per pass (values < 1 count as 1)
+  int64_t max_batch_tokens = 4096;   // tokens per pass; the pass's first step is taken whatever its size
+  int64_t max_prefill_chunk = 512;   // a causal step's tokens per pass (values < 1 count as 1)
 };
 
 struct SchedulerInput {
-  std::vector<QueuedWork> queue;      // queue order
-  std::vector<PoolView> pools;        // by QueuedWork::replica
+  std::vector<QueuedWork> queue;  // queue order
+  std::vector<PoolView> pools;    // by QueuedWork::replica
   SchedulerLimits limits;
   QueuedWork::TimePoint now{};
 };
 
 enum class Verdict {
-  kRun,      // in the pass: `chunk` tokens of it
-  kDrop,     // cancelled or past its deadline before it started: status says which; nothing computed
-  kRefuse,   // admission refused: status says why; the session is unchanged
-  kReplay,   // a retry of the layer's last applied step: answered from the kept answer, not recomputed
-  kEmpty,    // an admitted step of no tokens: an empty answer, nothing appended
+  kRun,     // in the pass: `chunk` tokens of it
+  kDrop,    // cancelled or past its deadline before it started: status says which; nothing computed
+  kRefuse,  // admission refused: status says why; the session is unchanged
+  kReplay,  // a retry of the layer's last applied step: answered from the kept answer, not recomputed
+  kEmpty,   // an admitted step of no tokens: an empty answer, nothing appended
 };
 
 struct Decision {
-  size_t index = 0;          // into SchedulerInput::queue
+  size_t index = 0;  // into SchedulerInput::queue
   Verdict verdict = Verdict::kRun;
-  Status status;             // kDrop, kRefuse
-  int64_t chunk = 0;         // kRun: tokens of this pass
-  int64_t start = 0;         // kRun (first chunk), kEmpty: the layer's position the step starts at
-  int64_t new_blocks = 0;    // kRun (first chunk): blocks the pass must add to the session's table
-  bool kv_exhausted = false; // kRefuse for want of free KV blocks (counted apart)
+  Status status;              // kDrop, kRefuse
+  int64_t chunk = 0;          // kRun: tokens of this pass
+  int64_t start = 0;          // kRun (first chunk), kEmpty: the layer's position the step starts at
+  int64_t new_blocks = 0;     // kRun (first chunk): blocks the pass must add to the session's table
+  bool kv_exhausted = false;  // kRefuse for want of free KV blocks (counted apart)
 };
 
 struct PassPlan {
   // Steps of one (replica, layer), queue order; the first is the pass's front. Each (session, layer) at most
   // once, and never ahead of an earlier queued step of the same (session, layer).
   std::vector<Decision> pass;
-  std::optional<size_t> alone;       // or: one non-step item, run alone
-  std::vector<Decision> settled;     // leave the queue without running, in queue order
+  std::optional<size_t> alone;    // or: one non-step item, run alone
+  std::vector<Decision> settled;  // leave the queue without running, in queue order
 };
 
 // The next pass. The front is the first item that is neither dropped nor refused; steps of its (replica,

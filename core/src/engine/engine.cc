@@ -96,8 +96,9 @@ StatusOr<std::unique_ptr<Model>> BuildModel(const ModelConfig& mc) {
                                                     ? MqaStack::Create(od, mc.num_layers)
                                                     : MqaStack::Load(mc.weights_path, od, std::max(mc.num_layers, 0));
     if (!stack.ok()) {
-      return Status(stack.status().code(), where + (devices.size() > 1 ? "replica on " + device + ": " : std::string()) +
-                                               stack.status().message());
+      return Status(
+          stack.status().code(),
+          where + (devices.size() > 1 ? "replica on " + device + ": " : std::string()) + stack.status().message());
     }
     auto replica = std::make_unique<Replica>();
     replica->model = model.get();
@@ -121,8 +122,9 @@ StatusOr<std::unique_ptr<Model>> BuildModel(const ModelConfig& mc) {
   if (has_cpu && devices.size() > 1) {
     // It works (each session stays on its replica, and the results agree within the dtype's rounding), but
     // placement looks at free KV blocks only, so some sessions land on the CPU and run far slower.
-    Log(LogLevel::kWarning, "model " + mc.name + " has replicas on the CPU and on GPUs: sessions placed on the "
-                            "CPU replica run much slower than the others");
+    Log(LogLevel::kWarning, "model " + mc.name +
+                                " has replicas on the CPU and on GPUs: sessions placed on the "
+                                "CPU replica run much slower than the others");
   }
   return model;
 }

@@ -65,8 +65,8 @@ void Engine::SubmitForward(ForwardRequest request, ForwardCallback done) {
   const Model& model = *mit->second;
   if (Status layer = CheckLayer(model.info, request.layer); !layer.ok()) return done(layer);
   if (!request.args.x.defined() || !IsFloatingPoint(request.args.x.dtype())) {
-    return done(InvalidArgumentError("x: expected a floating tensor [b, s, " +
-                                     std::to_string(model.info.options.dim) + "]"));
+    return done(
+        InvalidArgumentError("x: expected a floating tensor [b, s, " + std::to_string(model.info.options.dim) + "]"));
   }
   if (Status work = CheckForwardWork(impl_->options, model.info, request.args); !work.ok()) return done(work);
   auto shared_done = std::make_shared<ForwardCallback>(std::move(done));
@@ -90,9 +90,10 @@ void Engine::SubmitForward(ForwardRequest request, ForwardCallback done) {
       r = candidate.get();
     }
   }
-  impl->Enqueue(r->device, deadline, std::move(cancel),
-                [impl, r, req, finish](Clock::time_point /*enqueued*/) { impl->RunForward(*r, *req, finish); },
-                finish, in_flight);
+  impl->Enqueue(
+      r->device, deadline, std::move(cancel),
+      [impl, r, req, finish](Clock::time_point /*enqueued*/) { impl->RunForward(*r, *req, finish); }, finish,
+      in_flight);
 }
 
 void Engine::Impl::RunForward(const Replica& replica, const ForwardRequest& req, const ForwardCallback& done) {

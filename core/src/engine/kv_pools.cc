@@ -37,7 +37,8 @@ StatusOr<int64_t> DeviceKvBudget(const KvCacheOptions& kv, const std::string& de
 
 Status SizeKvPools(const EngineOptions& options, std::map<std::string, std::unique_ptr<Model>>& models) {
   const KvCacheOptions& kv = options.kv_cache;
-  if (kv.block_size < 1) return InvalidArgumentError("kv_cache.block_size must be >= 1, got " + std::to_string(kv.block_size));
+  if (kv.block_size < 1)
+    return InvalidArgumentError("kv_cache.block_size must be >= 1, got " + std::to_string(kv.block_size));
   if (kv.gpu_memory_fraction <= 0 || kv.gpu_memory_fraction > 1) {
     return InvalidArgumentError("kv_cache.gpu_memory_fraction must be in (0, 1], got " +
                                 std::to_string(kv.gpu_memory_fraction));
@@ -55,8 +56,8 @@ Status SizeKvPools(const EngineOptions& options, std::map<std::string, std::uniq
       const int64_t share = budgets[r->device] / per_device[r->device];
       const MqaOptions& o = m->info.options;
       const int64_t d = o.head_dim();
-      r->block_bytes = static_cast<int64_t>(m->info.num_layers) * 2 * kv.block_size * d *
-                       static_cast<int64_t>(DTypeSize(o.dtype));
+      r->block_bytes =
+          static_cast<int64_t>(m->info.num_layers) * 2 * kv.block_size * d * static_cast<int64_t>(DTypeSize(o.dtype));
       const int64_t blocks = std::min<int64_t>(share / r->block_bytes, std::numeric_limits<int32_t>::max());
       const int64_t need = BlockPool::BlocksFor(m->info.max_tokens_per_session, kv.block_size);
       if (blocks - 1 < need) {

@@ -22,15 +22,15 @@ struct Model;
 // on this device's worker, against this pool.
 struct Replica {
   const Model* model = nullptr;
-  int index = 0;                     // in the engine's list of all replicas (the scheduler's pool index)
+  int index = 0;  // in the engine's list of all replicas (the scheduler's pool index)
   std::string device;
   std::unique_ptr<MqaStack> stack;
   // The paged KV cache: one block pool shared by the layers, and per layer its paged execution, which owns that
   // layer's k and v [num_blocks * block_size, d] and its CUDA graphs.
   std::unique_ptr<BlockPool> pool;
   std::vector<std::unique_ptr<PagedLayer>> paged;
-  int64_t block_bytes = 0;           // all layers' k and v for one block
-  std::atomic<size_t> sessions{0};   // open sessions placed here (placement's tie-break)
+  int64_t block_bytes = 0;          // all layers' k and v for one block
+  std::atomic<size_t> sessions{0};  // open sessions placed here (placement's tie-break)
 };
 
 struct Model {

@@ -24,11 +24,11 @@ struct Replica;
 // The last applied step of one (session, layer) and its answer, kept so that a retry of it gets the same answer
 // instead of being applied twice (StepRequest's contract).
 struct LastStep {
-  int64_t position = -1;           // where it started; -1: none
+  int64_t position = -1;  // where it started; -1: none
   int64_t tokens = 0;
-  DType dtype = DType::kFloat32;   // x's
+  DType dtype = DType::kFloat32;  // x's
   uint64_t x_hash = 0;
-  std::optional<Tensor> out;       // its answer, when it fitted the replay budget
+  std::optional<Tensor> out;  // its answer, when it fitted the replay budget
 };
 
 struct Session {
@@ -37,7 +37,7 @@ struct Session {
   Replica* replica = nullptr;  // where it lives: set at creation, never changes
   int64_t max_tokens = 0;
   std::chrono::milliseconds idle_ttl{0};
-  bool causal = true;          // fixed at creation: the worker reads it without the lock
+  bool causal = true;  // fixed at creation: the worker reads it without the lock
   PositionBias position_bias = PositionBias::kNone;
   std::chrono::system_clock::time_point create_time;
 

@@ -24,13 +24,13 @@ struct StepJob {
   std::shared_ptr<Session> session;
   const Replica* replica = nullptr;  // the session's; batching groups steps by (replica, layer)
   StepRequest request;
-  at::Tensor x;                    // the layer's dtype, [s, dim]; set when the step is admitted
-  int64_t start = -1;              // the layer's position before the step; -1 until admitted
-  int64_t done = 0;                // tokens already computed
-  std::vector<at::Tensor> outs;    // their outputs
+  at::Tensor x;                  // the layer's dtype, [s, dim]; set when the step is admitted
+  int64_t start = -1;            // the layer's position before the step; -1 until admitted
+  int64_t done = 0;              // tokens already computed
+  std::vector<at::Tensor> outs;  // their outputs
   Clock::time_point started;
-  StepCallback finish;             // the step's one completion (the item's fail routes failures here too)
-  uint64_t x_hash = 0;             // InputHash(request.x): recognises a retry of this step (StepRequest)
+  StepCallback finish;  // the step's one completion (the item's fail routes failures here too)
+  uint64_t x_hash = 0;  // InputHash(request.x): recognises a retry of this step (StepRequest)
   int64_t tokens() const { return request.x.size(1); }
   int64_t remaining() const { return tokens() - done; }
 };

@@ -71,7 +71,7 @@ class Worker {
   std::condition_variable cv_;
   std::deque<WorkItem> queue_;
   std::atomic<size_t> running_{0};  // taken items whose reply has not gone out
-  bool busy_ = false;  // work taken from the queue and not yet completed (callbacks included)
+  bool busy_ = false;               // work taken from the queue and not yet completed (callbacks included)
   bool stopping_ = false;
   std::thread thread_;
 };

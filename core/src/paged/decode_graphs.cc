@@ -31,7 +31,7 @@ struct GraphIo {
   at::Tensor slopes;                 // [H] float32
   at::Tensor workspace;              // float32, for `splits` > 1
   int splits = 1;
-  at::cuda::CUDAEvent staged;        // recorded after the copy out of the pinned buffer
+  at::cuda::CUDAEvent staged;  // recorded after the copy out of the pinned buffer
 };
 
 GraphIo& GraphIoFor(const LayerParams& p, at::Device dev, int64_t bucket, int64_t nb, int32_t block_size) {
@@ -54,9 +54,9 @@ GraphIo& GraphIoFor(const LayerParams& p, at::Device dev, int64_t bucket, int64_
     fresh->slots = fresh->staging.narrow(0, 0, slot_bytes).view(at::kLong);
     fresh->meta = fresh->staging.narrow(0, slot_bytes, meta_bytes).view(at::kInt);
     fresh->slopes = at::tensor(AlibiSlopes(H), at::TensorOptions().dtype(at::kFloat)).to(dev);
-    fresh->splits = cuda::PagedDecodeSplits(static_cast<int>(bucket), static_cast<int>(nb * block_size),
-                                            static_cast<int>(H), static_cast<int>(d),
-                                            at::cuda::getDeviceProperties(dev.index())->multiProcessorCount);
+    fresh->splits =
+        cuda::PagedDecodeSplits(static_cast<int>(bucket), static_cast<int>(nb * block_size), static_cast<int>(H),
+                                static_cast<int>(d), at::cuda::getDeviceProperties(dev.index())->multiProcessorCount);
     if (fresh->splits > 1) {
       const size_t bytes = cuda::PagedDecodeWorkspaceBytes(static_cast<int>(bucket), static_cast<int>(H),
                                                            static_cast<int>(d), fresh->splits);
@@ -96,7 +96,8 @@ class CudaDecodeGraphs : public DecodeGraphs {
       broken_ = true;
       std::string msg = e.what();
       if (auto nl = msg.find('\n'); nl != std::string::npos) msg.resize(nl);
-      Log(LogLevel::kWarning, "CUDA graph capture failed; this layer runs its decode passes eagerly from now on: " + msg);
+      Log(LogLevel::kWarning,
+          "CUDA graph capture failed; this layer runs its decode passes eagerly from now on: " + msg);
       return std::nullopt;
     }
   }

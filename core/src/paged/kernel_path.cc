@@ -43,8 +43,8 @@ void DecodeKernel(const LayerParams& p, const at::Tensor& q, const std::vector<c
   const at::Tensor q_dec = in_order ? q : q.index_select(0, row_index);
   const at::Tensor out = in_order ? ctx.view({T, H * d}) : at::empty({B, H * d}, q.options());
   const int splits =
-      cuda::PagedDecodeSplits(static_cast<int>(B), static_cast<int>(len_max), static_cast<int>(H),
-                              static_cast<int>(d), at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+      cuda::PagedDecodeSplits(static_cast<int>(B), static_cast<int>(len_max), static_cast<int>(H), static_cast<int>(d),
+                              at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
   at::Tensor workspace;
   if (splits > 1) {
     const size_t bytes =

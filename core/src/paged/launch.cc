@@ -16,8 +16,7 @@ cuda::KvType KvTypeOf(at::ScalarType t) {
   return t == at::kBFloat16 ? cuda::KvType::kBFloat16 : cuda::KvType::kFloat16;
 }
 
-void FillDecodeMeta(const std::vector<const PagedSeq*>& decode, int64_t B, int64_t nb, int32_t block_size,
-                    int32_t* h) {
+void FillDecodeMeta(const std::vector<const PagedSeq*>& decode, int64_t B, int64_t nb, int32_t block_size, int32_t* h) {
   std::fill(h, h + B * nb + 2 * B, 0);
   for (int64_t b = 0; b < B; ++b) {
     if (b >= static_cast<int64_t>(decode.size())) {

@@ -8,9 +8,9 @@
 #include <cstdint>
 #include <vector>
 
+#include "copy_bandwidth.h"
 #include "paged/paged_layer.h"
 #include "paged/paged_params.h"
-#include "copy_bandwidth.h"
 #include "paged_mqa.h"
 
 namespace mqa::core {
@@ -23,8 +23,7 @@ cuda::KvType KvTypeOf(at::ScalarType t);
 // The int32 metadata of a decode pass of B sessions with tables nb blocks wide: [B, nb] block tables, then B
 // lengths, then B ALiBi flags. Rows past decode.size() are padding: an empty table (block 0, which holds zeros),
 // length 1, no ALiBi.
-void FillDecodeMeta(const std::vector<const PagedSeq*>& decode, int64_t B, int64_t nb, int32_t block_size,
-                    int32_t* h);
+void FillDecodeMeta(const std::vector<const PagedSeq*>& decode, int64_t B, int64_t nb, int32_t block_size, int32_t* h);
 
 // The decode kernel over B sessions described by `meta` (FillDecodeMeta's layout, on the device); q rows of B
 // sessions (any row stride), out [B, H * d] contiguous. slopes_f32: [H] float32, or undefined for no ALiBi.

@@ -44,10 +44,10 @@ struct PagedSeq {
 
 struct PagedCounters {
   uint64_t passes = 0;
-  uint64_t fallbacks_to_torch = 0;             // all reasons
-  std::map<std::string, uint64_t> fallbacks;   // by reason label (see PagedLayer)
-  uint64_t graph_captures = 0;                 // CUDA graphs captured (one per batch bucket and table width in use)
-  uint64_t graph_replays = 0;                  // decode passes served by replaying one
+  uint64_t fallbacks_to_torch = 0;            // all reasons
+  std::map<std::string, uint64_t> fallbacks;  // by reason label (see PagedLayer)
+  uint64_t graph_captures = 0;                // CUDA graphs captured (one per batch bucket and table width in use)
+  uint64_t graph_replays = 0;                 // decode passes served by replaying one
 };
 
 class DecodeGraphs;
@@ -57,7 +57,7 @@ class PagedLayer {
   // A cache of num_slots rows per k and v (num_slots = blocks * block_size) on the layer's device, in its dtype;
   // block 0 (the first block_size rows) is zeroed: it is the padding target of batched attention.
   static StatusOr<std::unique_ptr<PagedLayer>> Create(const MultiQueryAttention& layer, int64_t num_slots,
-                                                       int32_t block_size);
+                                                      int32_t block_size);
   // Adopts caches made by the caller ([num_slots, head_dim], block 0 zero; tests and benchmarks fill them).
   PagedLayer(const MultiQueryAttention& layer, at::Tensor k_cache, at::Tensor v_cache);
   ~PagedLayer();

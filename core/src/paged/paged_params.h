@@ -15,9 +15,9 @@ namespace mqa::core {
 struct LayerParams {
   MqaOptions opt;
   at::ScalarType dtype = at::kFloat;
-  double scale = 1.0;                            // the softmax scale
+  double scale = 1.0;  // the softmax scale
   at::Tensor wqkv_w, wqkv_b, out_w, out_b;
-  at::Tensor q_ln_w, q_ln_b, k_ln_w, k_ln_b;     // with qk_ln; the biases only for the layer norms
+  at::Tensor q_ln_w, q_ln_b, k_ln_w, k_ln_b;  // with qk_ln; the biases only for the layer norms
 };
 
 // The layer's parameters as they are now, sharing their storage. A layer whose parameters are replaced later

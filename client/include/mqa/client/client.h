@@ -98,8 +98,8 @@ struct LayerConfig {
   int64_t dim = 0;
   int64_t heads = 0;
   int64_t head_dim = 0;
-  std::string attn_impl;              // "torch", "flash" or "triton"
-  std::optional<double> clip_qkv;     // absent: no clipping
+  std::string attn_impl;           // "torch", "flash" or "triton"
+  std::optional<double> clip_qkv;  // absent: no clipping
   bool qk_ln = false;
   std::optional<double> softmax_scale;  // absent: 1/sqrt(head_dim)
   double attn_pdrop = 0.0;
@@ -130,17 +130,17 @@ struct KvCache {
 struct ForwardInput {
   std::string model;
   int32_t layer = 0;
-  HostTensor x;                          // [b, s, dim], any floating dtype; outputs come back in x's dtype
+  HostTensor x;                           // [b, s, dim], any floating dtype; outputs come back in x's dtype
   std::optional<KvCache> past_key_value;  // absent: no cache
-  bool return_cache = false;             // fill ForwardOutput::cache
-  std::optional<HostTensor> bias;        // additive, 4-D, sliced bottom-right
-  std::optional<HostTensor> mask;        // [b, s_k] kBool or kUInt8, true = attend
-  std::optional<bool> causal;            // absent: true
-  bool needs_weights = false;            // fill ForwardOutput::weights
+  bool return_cache = false;              // fill ForwardOutput::cache
+  std::optional<HostTensor> bias;         // additive, 4-D, sliced bottom-right
+  std::optional<HostTensor> mask;         // [b, s_k] kBool or kUInt8, true = attend
+  std::optional<bool> causal;             // absent: true
+  bool needs_weights = false;             // fill ForwardOutput::weights
 };
 
 struct ForwardOutput {
-  HostTensor out;                   // [b, s, dim] in x's dtype
+  HostTensor out;                     // [b, s, dim] in x's dtype
   std::optional<HostTensor> weights;  // [b, H, s, s_k] when asked for
   std::optional<KvCache> cache;       // when return_cache was set
 };
@@ -156,9 +156,9 @@ enum class Admission : int { kBestEffort = 1, kGuaranteed = 2 };
 // Options of a new session (mqa.v1.CreateSessionRequest).
 struct SessionOptions {
   std::string model;
-  int64_t max_tokens = 0;                        // 0: the model's max_tokens_per_session
-  std::chrono::milliseconds idle_ttl{0};         // 0: the server's default
-  std::optional<bool> causal;                    // absent: true
+  int64_t max_tokens = 0;                 // 0: the model's max_tokens_per_session
+  std::chrono::milliseconds idle_ttl{0};  // 0: the server's default
+  std::optional<bool> causal;             // absent: true
   PositionBias position_bias = PositionBias::kNone;
   Admission admission = Admission::kBestEffort;
   // Sent in kRoutingKeyHeader with every call of the session. Empty: a new NewRoutingKey(). Give a session
@@ -188,9 +188,9 @@ struct StepOutput {
   std::string session_id;
   int32_t layer = 0;
   uint64_t sequence = 0;
-  int64_t position = 0;    // the layer's cache length before the step
-  int64_t num_tokens = 0;  // tokens the step added
-  HostTensor out;          // [1, s, dim] in x's dtype
+  int64_t position = 0;                       // the layer's cache length before the step
+  int64_t num_tokens = 0;                     // tokens the step added
+  HostTensor out;                             // [1, s, dim] in x's dtype
   std::chrono::microseconds queue_time{0};    // server: arrival to start of compute
   std::chrono::microseconds compute_time{0};  // server: compute including device copies
 };

@@ -62,9 +62,7 @@ class MQA_CLIENT_EXPORT Status {
   // "OK", or "CODE: message" (the form mqa-cli prints after "error: ").
   std::string ToString() const;
 
-  friend bool operator==(const Status& a, const Status& b) {
-    return a.code_ == b.code_ && a.message_ == b.message_;
-  }
+  friend bool operator==(const Status& a, const Status& b) { return a.code_ == b.code_ && a.message_ == b.message_; }
   friend bool operator!=(const Status& a, const Status& b) { return !(a == b); }
 
  private:
@@ -89,10 +87,9 @@ class StatusOr {
   StatusOr(const T& value) : value_(value) {}        // NOLINT(google-explicit-constructor)
   StatusOr(T&& value) : value_(std::move(value)) {}  // NOLINT(google-explicit-constructor)
   // Converting construction, e.g. StatusOr<std::unique_ptr<Base>> from std::unique_ptr<Derived>.
-  template <typename U, typename = std::enable_if_t<std::is_constructible_v<T, U&&> &&
-                                                    !std::is_same_v<std::decay_t<U>, T> &&
-                                                    !std::is_same_v<std::decay_t<U>, Status> &&
-                                                    !std::is_same_v<std::decay_t<U>, StatusOr<T>>>>
+  template <typename U, typename = std::enable_if_t<
+                            std::is_constructible_v<T, U&&> && !std::is_same_v<std::decay_t<U>, T> &&
+                            !std::is_same_v<std::decay_t<U>, Status> && !std::is_same_v<std::decay_t<U>, StatusOr<T>>>>
   StatusOr(U&& value) : value_(T(std::forward<U>(value))) {}  // NOLINT(google-explicit-constructor)
 
   bool ok() const { return value_.has_value(); }

@@ -43,8 +43,8 @@ class BlockPool {
   const int32_t num_blocks_;
   const int32_t block_size_;
   mutable std::mutex mu_;
-  std::vector<int32_t> free_;       // a stack: recently released blocks are reused first
-  std::vector<bool> allocated_;     // guards against double release
+  std::vector<int32_t> free_;    // a stack: recently released blocks are reused first
+  std::vector<bool> allocated_;  // guards against double release
 };
 
 // The blocks of one session, in token order. Not thread-safe (its owner serialises access). Releases its blocks

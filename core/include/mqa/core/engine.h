@@ -3,10 +3,10 @@
 //
 // One worker thread per device ("cpu", "cuda:0", ...) owns all computation on that device: callers (gRPC
 // threads) only enqueue work and receive completions. A model may be replicated on several devices (one copy of
-// its weights and one KV block pool per device); each session lives on one replica, picked at creation. Work of one session and layer runs in the order it was
-// submitted. Completion callbacks run on the worker thread (or inline in Submit* when a request is refused
-// before it is queued), never under an Engine lock: they may call any Engine function, but should be quick,
-// since the device waits while they run.
+// its weights and one KV block pool per device); each session lives on one replica, picked at creation. Work of one
+// session and layer runs in the order it was submitted. Completion callbacks run on the worker thread (or inline in
+// Submit* when a request is refused before it is queued), never under an Engine lock: they may call any Engine
+// function, but should be quick, since the device waits while they run.
 //
 // Thread-safety: every public member function may be called from any thread.
 #ifndef MQA_CORE_ENGINE_H_
@@ -35,22 +35,22 @@ using Clock = std::chrono::steady_clock;
 struct ModelConfig {
   std::string name;
   int num_layers = 1;
-  MqaOptions options;               // options.seed initialises layer i with seed + i when weights_path is empty
+  MqaOptions options;  // options.seed initialises layer i with seed + i when weights_path is empty
   // One replica per device (identical weights: the same seed or the same file), each with its own KV block pool
   // on that device's worker. Empty: options.device alone. "cuda" means "cuda:0"; a device listed twice (after
   // that) is INVALID_ARGUMENT. options.device is ignored when this is set.
   std::vector<std::string> devices;
-  std::string weights_path;         // safetensors file with "layers.{i}.attn.*"; empty: random from the seed
+  std::string weights_path;  // safetensors file with "layers.{i}.attn.*"; empty: random from the seed
   int64_t max_tokens_per_session = 4096;
-  std::string description;          // free text shown by ListModels
+  std::string description;  // free text shown by ListModels
 };
 
 // Continuous batching: each device worker collects pending steps of all sessions and runs the steps of one
 // (model, layer) as one pass (one QKV GEMM over all their tokens, KV append, attention per session against its
 // own blocks, one output GEMM).
 struct BatchingOptions {
-  int64_t max_batch_tokens = 4096;    // new tokens per pass (decode tokens + prefill chunk tokens)
-  int64_t max_batch_sessions = 256;   // steps per pass; 1 = unbatched (one step per pass)
+  int64_t max_batch_tokens = 4096;               // new tokens per pass (decode tokens + prefill chunk tokens)
+  int64_t max_batch_sessions = 256;              // steps per pass; 1 = unbatched (one step per pass)
   std::chrono::microseconds max_queue_delay{0};  // wait up to this long for a pass to fill (0: run at once)
   // Longer steps of causal sessions run in chunks of this many tokens, between other passes. A non-causal
   // step is never split: each of its queries must see every key of the step, so it runs whole in one pass.
@@ -60,9 +60,9 @@ struct BatchingOptions {
 // The paged KV cache: per device and model, one pool of fixed-size blocks shared by all layers (block i of a
 // session holds tokens [i*block_size, (i+1)*block_size) of every layer).
 struct KvCacheOptions {
-  int32_t block_size = 16;            // tokens per block
-  int64_t budget_bytes = 0;           // per device, all its models; 0: from gpu_memory_fraction or cpu_budget
-  double gpu_memory_fraction = 0.9;   // CUDA: this fraction of the device memory free after loading the weights
+  int32_t block_size = 16;           // tokens per block
+  int64_t budget_bytes = 0;          // per device, all its models; 0: from gpu_memory_fraction or cpu_budget
+  double gpu_memory_fraction = 0.9;  // CUDA: this fraction of the device memory free after loading the weights
   int64_t cpu_budget_bytes = int64_t{1} << 30;  // CPU, when budget_bytes is 0
 };
 
@@ -70,8 +70,8 @@ struct EngineOptions {
   std::vector<ModelConfig> models;
   BatchingOptions batching;
   KvCacheOptions kv_cache;
-  size_t max_sessions = 1024;                                    // CreateSession past it: RESOURCE_EXHAUSTED
-  size_t max_queue = 4096;                                       // queued items per device past it: RESOURCE_EXHAUSTED
+  size_t max_sessions = 1024;  // CreateSession past it: RESOURCE_EXHAUSTED
+  size_t max_queue = 4096;     // queued items per device past it: RESOURCE_EXHAUSTED
   std::chrono::milliseconds default_idle_ttl{std::chrono::minutes(5)};
   std::chrono::milliseconds max_idle_ttl{std::chrono::hours(1)};
   std::chrono::milliseconds reap_interval{std::chrono::milliseconds(200)};  // how often idle sessions are checked
@@ -92,8 +92,8 @@ struct EngineOptions {
 struct ModelInfo {
   std::string name;
   int num_layers = 0;
-  MqaOptions options;                          // options.device: devices[0]
-  std::vector<std::string> devices;            // one replica on each, in the configured order
+  MqaOptions options;                // options.device: devices[0]
+  std::vector<std::string> devices;  // one replica on each, in the configured order
   int64_t max_tokens_per_session = 0;
   std::string description;
 };
@@ -108,25 +108,25 @@ enum class Admission : int { kBestEffort = 0, kGuaranteed = 1 };
 struct SessionConfig {
   std::string model;
   Admission admission = Admission::kBestEffort;
-  int64_t max_tokens = 0;                      // 0: the model's max_tokens_per_session
-  std::chrono::milliseconds idle_ttl{0};       // 0: EngineOptions::default_idle_ttl
-  bool causal = true;                          // bottom-right causal mask within prefill chunks
+  int64_t max_tokens = 0;                 // 0: the model's max_tokens_per_session
+  std::chrono::milliseconds idle_ttl{0};  // 0: EngineOptions::default_idle_ttl
+  bool causal = true;                     // bottom-right causal mask within prefill chunks
   PositionBias position_bias = PositionBias::kNone;
 };
 
 struct SessionInfo {
-  std::string id;                              // 32 lowercase hex digits, 128 bits from the OS CSPRNG
+  std::string id;  // 32 lowercase hex digits, 128 bits from the OS CSPRNG
   std::string model;
   int64_t max_tokens = 0;
-  std::vector<int64_t> layer_positions;        // tokens held per layer
+  std::vector<int64_t> layer_positions;  // tokens held per layer
   std::chrono::milliseconds idle_ttl{0};
   std::chrono::system_clock::time_point create_time;
   std::chrono::system_clock::time_point expire_time;  // last activity + idle_ttl
   bool causal = true;
   PositionBias position_bias = PositionBias::kNone;
   Admission admission = Admission::kBestEffort;
-  int64_t cache_bytes = 0;                     // bytes held by the session's caches
-  std::string device;                          // the replica it lives on ("cpu", "cuda:N"); all its steps run there
+  int64_t cache_bytes = 0;  // bytes held by the session's caches
+  std::string device;       // the replica it lives on ("cpu", "cuda:N"); all its steps run there
 };
 
 // Lets a caller withdraw queued work. Work that has not started when cancelled is dropped and never computed;
@@ -158,17 +158,17 @@ class CancelFlag {
 struct StepRequest {
   std::string session_id;
   int layer = 0;
-  Tensor x;                                    // [1, s, dim], s >= 0, any floating dtype, on the CPU
-  std::optional<int64_t> position;             // required current length of the layer's cache
+  Tensor x;                                               // [1, s, dim], s >= 0, any floating dtype, on the CPU
+  std::optional<int64_t> position;                        // required current length of the layer's cache
   Clock::time_point deadline = Clock::time_point::max();  // not started by then: DEADLINE_EXCEEDED
-  std::shared_ptr<const CancelFlag> cancel;    // optional
+  std::shared_ptr<const CancelFlag> cancel;               // optional
 };
 
 struct StepResult {
-  Tensor out;                                  // [1, s, dim] in x's dtype, on the CPU
-  int64_t position = 0;                        // first token's position (cache length before the step)
+  Tensor out;            // [1, s, dim] in x's dtype, on the CPU
+  int64_t position = 0;  // first token's position (cache length before the step)
   int64_t num_tokens = 0;
-  bool replayed = false;                       // the kept answer of an already applied step (see StepRequest)
+  bool replayed = false;  // the kept answer of an already applied step (see StepRequest)
   int64_t queue_us = 0;
   int64_t compute_us = 0;
 };
@@ -208,35 +208,35 @@ struct ExecutionStats {
   std::map<std::string, uint64_t> forward_fallbacks;
   std::map<std::string, uint64_t> paged_fallbacks;
   uint64_t paged_passes = 0;
-  uint64_t graph_captures = 0;      // CUDA graphs captured (one per layer, batch bucket and table width in use)
-  uint64_t graph_replays = 0;       // paged decode passes served by replaying one
+  uint64_t graph_captures = 0;  // CUDA graphs captured (one per layer, batch bucket and table width in use)
+  uint64_t graph_replays = 0;   // paged decode passes served by replaying one
 };
 
 struct EngineStats {
-  size_t queue_depth = 0;           // items waiting, all devices
-  size_t running = 0;               // steps and forwards being computed now
+  size_t queue_depth = 0;  // items waiting, all devices
+  size_t running = 0;      // steps and forwards being computed now
   size_t sessions_open = 0;
-  size_t sessions_active = 0;       // open sessions with steps queued or running
-  size_t sessions_idle = 0;         // open sessions with nothing in flight
-  uint64_t batches = 0;             // passes run
-  uint64_t batched_steps = 0;       // steps (or prefill chunks) in those passes: batched_steps / batches = mean size
+  size_t sessions_active = 0;  // open sessions with steps queued or running
+  size_t sessions_idle = 0;    // open sessions with nothing in flight
+  uint64_t batches = 0;        // passes run
+  uint64_t batched_steps = 0;  // steps (or prefill chunks) in those passes: batched_steps / batches = mean size
   std::vector<uint64_t> batch_size_histogram;  // [i]: passes of size in (2^(i-1), 2^i]; [0]: size 1
-  int64_t kv_block_size = 0;        // tokens per block
-  int64_t kv_blocks_total = 0;      // allocatable blocks, all devices and models
+  int64_t kv_block_size = 0;                   // tokens per block
+  int64_t kv_blocks_total = 0;                 // allocatable blocks, all devices and models
   int64_t kv_blocks_used = 0;
   int64_t kv_blocks_free = 0;
-  uint64_t kv_exhausted = 0;        // sessions or steps refused for want of free blocks
+  uint64_t kv_exhausted = 0;  // sessions or steps refused for want of free blocks
   uint64_t sessions_created = 0;
-  uint64_t sessions_closed = 0;     // evictions by reason: CloseSession
-  uint64_t sessions_expired = 0;    // evictions by reason: the idle TTL
+  uint64_t sessions_closed = 0;   // evictions by reason: CloseSession
+  uint64_t sessions_expired = 0;  // evictions by reason: the idle TTL
   uint64_t steps_completed = 0;
-  uint64_t steps_failed = 0;        // refused or failed for any reason, including the two below
-  uint64_t dropped_cancelled = 0;   // steps and forwards dropped before compute because they were cancelled
-  uint64_t dropped_deadline = 0;    // ... because their deadline had passed
-  uint64_t steps_replayed = 0;      // retries of applied steps answered from the kept answer (not recomputed)
-  int64_t replay_bytes = 0;         // bytes of answers kept for retries now
+  uint64_t steps_failed = 0;       // refused or failed for any reason, including the two below
+  uint64_t dropped_cancelled = 0;  // steps and forwards dropped before compute because they were cancelled
+  uint64_t dropped_deadline = 0;   // ... because their deadline had passed
+  uint64_t steps_replayed = 0;     // retries of applied steps answered from the kept answer (not recomputed)
+  int64_t replay_bytes = 0;        // bytes of answers kept for retries now
   uint64_t forwards_completed = 0;
-  std::vector<DeviceStats> devices;  // per device: cpu, cuda:0, cuda:1, ...; the fields above are their totals
+  std::vector<DeviceStats> devices;       // per device: cpu, cuda:0, cuda:1, ...; the fields above are their totals
   std::vector<ExecutionStats> execution;  // per model and replica, by model name then device order
 };
 
@@ -251,7 +251,7 @@ class Engine {
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
-  std::vector<ModelInfo> ListModels() const;   // sorted by name
+  std::vector<ModelInfo> ListModels() const;  // sorted by name
   StatusOr<ModelInfo> GetModel(const std::string& name) const;
 
   // Places the session on the model's replica with the most free KV blocks (then the fewest open sessions, then

@@ -43,16 +43,16 @@ struct MqaOptions {
   int64_t dim = 512;
   int64_t heads = 8;
   AttnImpl attn_impl = AttnImpl::kTorch;
-  std::optional<double> clip_qkv;       // unset or 0.0: no clipping
+  std::optional<double> clip_qkv;  // unset or 0.0: no clipping
   bool qk_ln = false;
   std::optional<double> softmax_scale;  // unset: 1/sqrt(head_dim); any set value (also 0.0) is used as given
   double attn_pdrop = 0.0;              // dropout on attention probabilities, only for training-mode calls
   NormType norm_type = NormType::kLowPrecisionLayerNorm;
-  std::string fc_type = "torch";        // only "torch" exists
-  int verbose = 0;                      // 0: quiet; 1: log construction and fallbacks at info; 2: debug
-  std::string device = "cpu";           // "cpu", "cuda", "cuda:N"
-  DType dtype = DType::kFloat32;        // parameters and activations: float32, bfloat16 or float16
-  uint64_t seed = 0;                    // initialisation seed, as torch.manual_seed(seed) + nn.Linear defaults
+  std::string fc_type = "torch";  // only "torch" exists
+  int verbose = 0;                // 0: quiet; 1: log construction and fallbacks at info; 2: debug
+  std::string device = "cpu";     // "cpu", "cuda", "cuda:N"
+  DType dtype = DType::kFloat32;  // parameters and activations: float32, bfloat16 or float16
+  uint64_t seed = 0;              // initialisation seed, as torch.manual_seed(seed) + nn.Linear defaults
   // attn_impl triton on CUDA: decode-only passes of the paged engine replay a CUDA graph captured per batch
   // bucket (1, 2, 4, ..., 256 sessions, padded up) and table width, instead of launching each kernel.
   bool cuda_graphs = true;
@@ -83,9 +83,9 @@ struct ForwardArgs {
 };
 
 struct ForwardResult {
-  Tensor out;                     // [b, s, dim]
-  Tensor weights;                 // [b, H, s_q, s_k] when needs_weights, else undefined
-  std::optional<KvCache> cache;   // present iff past_key_value was given; includes the new tokens
+  Tensor out;                    // [b, s, dim]
+  Tensor weights;                // [b, H, s_q, s_k] when needs_weights, else undefined
+  std::optional<KvCache> cache;  // present iff past_key_value was given; includes the new tokens
 };
 
 struct LayerCounters {

@@ -80,9 +80,18 @@ class [[nodiscard]] StatusOr {
   bool ok() const { return status_.ok(); }
   const Status& status() const { return status_; }
 
-  T& value() & { assert(ok()); return *value_; }
-  const T& value() const& { assert(ok()); return *value_; }
-  T&& value() && { assert(ok()); return std::move(*value_); }
+  T& value() & {
+    assert(ok());
+    return *value_;
+  }
+  const T& value() const& {
+    assert(ok());
+    return *value_;
+  }
+  T&& value() && {
+    assert(ok());
+    return std::move(*value_);
+  }
   T& operator*() & { return value(); }
   const T& operator*() const& { return value(); }
   T* operator->() { return &value(); }
@@ -96,10 +105,10 @@ class [[nodiscard]] StatusOr {
 }  // namespace mqa::core
 
 // Returns early from the enclosing function (which must return Status or StatusOr) on error.
-#define MQA_RETURN_IF_ERROR(expr)                    \
-  do {                                               \
-    ::mqa::core::Status mqa_status_ = (expr);        \
-    if (!mqa_status_.ok()) return mqa_status_;       \
+#define MQA_RETURN_IF_ERROR(expr)              \
+  do {                                         \
+    ::mqa::core::Status mqa_status_ = (expr);  \
+    if (!mqa_status_.ok()) return mqa_status_; \
   } while (0)
 
 #define MQA_CONCAT_INNER_(a, b) a##b

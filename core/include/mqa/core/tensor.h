@@ -48,11 +48,9 @@ class Tensor {
 
   // Copies nbytes of row-major little-endian data. nbytes must equal product(shape) * DTypeSize(dtype);
   // a bool tensor takes one byte per element, 0 or 1. Result lives on the CPU.
-  static StatusOr<Tensor> FromBytes(DType dtype, const std::vector<int64_t>& shape, const void* data,
-                                    size_t nbytes);
+  static StatusOr<Tensor> FromBytes(DType dtype, const std::vector<int64_t>& shape, const void* data, size_t nbytes);
   // Float32 values converted to dtype (which must be floating point). Convenience for tests and tools.
-  static StatusOr<Tensor> FromFloats(DType dtype, const std::vector<int64_t>& shape,
-                                     const std::vector<float>& values);
+  static StatusOr<Tensor> FromFloats(DType dtype, const std::vector<int64_t>& shape, const std::vector<float>& values);
   // Standard normal values from a private generator seeded by seed, on device ("cpu", "cuda", "cuda:N").
   static StatusOr<Tensor> Randn(DType dtype, const std::vector<int64_t>& shape, uint64_t seed,
                                 std::string_view device = "cpu");
