@@ -3,7 +3,8 @@
 # benchmark (docs/gpu.md). It needs, beside the working tree (all three are in .gitignore):
 #   .device-debs  the Debian 12 packages that machine lacks (gRPC, protobuf, spdlog, GoogleTest, ...; docs/gpu.md
 #                 lists them: the GPU environment folder's fetch-debs.sh and deps.list, plus libgmock-dev
-#                 libcpp-httplib-dev libcpp-httplib0.11 libbrotli-dev libbrotli1 for the metrics server)
+#                 libcpp-httplib-dev libcpp-httplib0.11 libbrotli-dev libbrotli1 for the metrics server, and
+#                 libcli11-dev for the tools' command lines)
 #   .whl          Python wheels the machine lacks (installed into /tmp/site, no index)
 #   the GPU environment folder: gpu-env.sh (unpacks .device-debs into /opt/deps and exports PATH,
 #                 LD_LIBRARY_PATH, CMAKE_PREFIX_PATH, ...), with deps.list and fetch-debs.sh beside it.
