@@ -5,6 +5,7 @@ Also: reflection and health through `buf curl`, SIGTERM drain, and the process's
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -256,3 +257,33 @@ def test_devices_all_places_sessions_and_says_where(pb, start_server, stub_for):
         assert out.shape == (1, 3, 64)
         got = stub.GetSession(pb.svc.GetSessionRequest(session_id=s.session_id), timeout=30).session
         assert got.device == s.device and list(got.layer_positions) == [3, 0]
+
+
+def test_session_demo_reports_prefill_and_decode_apart(start_server):
+    """mqa-cli session-demo: prefill and decode each with its tokens, span, tokens/s and p50/p99; the throughput
+    line is decode's rate, not decode tokens over a span that includes the prefill."""
+    cli = os.environ.get("MQA_CLI_BIN")
+    if not cli:
+        pytest.fail("MQA_CLI_BIN is not set (run through ctest)")
+    server = start_server()
+    sessions, prefill, tokens = 3, 24, 5
+    done = subprocess.run([cli, "--target", server.target, "session-demo", "--model", "small", "--sessions",
+                           str(sessions), "--prefill", str(prefill), "--tokens", str(tokens)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{server.log()}"
+    out = done.stdout
+    number = r"([0-9.]+)"
+    phase = {}
+    for name in ("prefill", "decode"):
+        m = re.search(rf"^{name}: {number} tokens in {number} s, {number} tokens/s \(every layer\); "
+                      rf"step p50 {number} ms  p99 {number} ms", out, re.M)
+        assert m, f"no {name} line in:\n{out}"
+        count, seconds, rate, p50, p99 = (float(g) for g in m.groups())
+        phase[name] = (count, seconds, rate)
+        assert seconds > 0 and 0 < p50 <= p99, m.group(0)
+        assert rate == pytest.approx(count / seconds, rel=0.01, abs=0.1), m.group(0)
+    assert phase["prefill"][0] == sessions * prefill
+    assert phase["decode"][0] == sessions * tokens
+    m = re.search(rf"^throughput: {number} tokens/s \(decode, every layer\)", out, re.M)
+    assert m, out
+    assert float(m.group(1)) == pytest.approx(phase["decode"][2], rel=1e-3)

@@ -3,6 +3,7 @@
 // or applied twice.
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cinttypes>
@@ -80,8 +81,16 @@ struct DemoState {
   std::vector<double> decode_ms;
   std::vector<double> server_compute_ms;
   std::vector<double> server_queue_ms;
+  std::optional<Clock::time_point> first_decode_sent;  // the decode span runs from here to last_decode_done
+  Clock::time_point last_prefill_done{}, last_decode_done{};
   std::optional<Status> first_error;
 };
+
+double SecondsBetween(Clock::time_point from, Clock::time_point to) {
+  return to > from ? std::chrono::duration<double>(to - from).count() : 0.0;
+}
+
+double PerSecond(double count, double seconds) { return seconds > 0 ? count / seconds : 0.0; }
 
 int RunSessionDemo(Client& client, const DemoFlags& flags, const std::string& model_flag) {
   const int64_t tokens = flags.tokens;
@@ -135,6 +144,7 @@ int RunSessionDemo(Client& client, const DemoFlags& flags, const std::string& mo
       state.cv.wait(lock, [&] { return state.in_flight < window || state.first_error.has_value(); });
       if (state.first_error) return false;
       ++state.in_flight;
+      if (!is_prefill && !state.first_decode_sent) state.first_decode_sent = Clock::now();
     }
     StepRequest request;
     request.layer = static_cast<int32_t>(layer);
@@ -147,12 +157,15 @@ int RunSessionDemo(Client& client, const DemoFlags& flags, const std::string& mo
       const auto sent = Clock::now();
       StatusOr<uint64_t> submitted =
           stream.Submit(session, std::move(request), [&state, sent, is_prefill](StatusOr<StepOutput> out) {
-            const double ms = std::chrono::duration<double, std::milli>(Clock::now() - sent).count();
+            const auto done = Clock::now();
+            const double ms = std::chrono::duration<double, std::milli>(done - sent).count();
             std::lock_guard<std::mutex> lock(state.mu);
             --state.in_flight;
             ++state.completed;
             if (out.ok()) {
               (is_prefill ? state.prefill_ms : state.decode_ms).push_back(ms);
+              Clock::time_point& last = is_prefill ? state.last_prefill_done : state.last_decode_done;
+              last = std::max(last, done);
               state.server_compute_ms.push_back(std::chrono::duration<double, std::milli>(out->compute_time).count());
               state.server_queue_ms.push_back(std::chrono::duration<double, std::milli>(out->queue_time).count());
             } else if (!state.first_error) {
@@ -231,18 +244,29 @@ int RunSessionDemo(Client& client, const DemoFlags& flags, const std::string& mo
     if (!closed.ok()) return Fail(closed.status());
   }
 
-  const double token_count = static_cast<double>(num_sessions * tokens);
-  std::printf("model %s: %" PRId64 " session(s) x %" PRId64 " tokens x %" PRId64 " layers in %.3f s\n",
-              model->name.c_str(), num_sessions, tokens, layers, seconds);
+  // Prefill and decode separately: each phase's tokens (through every layer) over its own span. The phases
+  // overlap (one session decodes while another's prefill runs), so the two spans may too; decode latencies
+  // include waiting behind other sessions' prefill chunks, as they would in serving.
+  const double prefill_seconds = SecondsBetween(start, state.last_prefill_done);
+  const double decode_seconds =
+      state.first_decode_sent ? SecondsBetween(*state.first_decode_sent, state.last_decode_done) : 0.0;
+  const double prefill_tokens = static_cast<double>(num_sessions * prefill);
+  const double decode_tokens = static_cast<double>(num_sessions * tokens);
+  std::printf("model %s: %" PRId64 " session(s), prefill %" PRId64 " + %" PRId64 " tokens, %" PRId64
+              " layers, in %.3f s\n",
+              model->name.c_str(), num_sessions, prefill, tokens, layers, seconds);
   if (prefill > 0) {
-    std::printf("prefill (%" PRId64 " tokens/step): p50 %.3f ms  p99 %.3f ms\n", prefill,
+    std::printf("prefill: %.0f tokens in %.3f s, %.1f tokens/s (every layer); step p50 %.3f ms  p99 %.3f ms\n",
+                prefill_tokens, prefill_seconds, PerSecond(prefill_tokens, prefill_seconds),
                 Percentile(state.prefill_ms, 50), Percentile(state.prefill_ms, 99));
   }
-  std::printf("decode step latency: p50 %.3f ms  p99 %.3f ms  (server: queue p50 %.3f ms, compute p50 %.3f ms)\n",
-              Percentile(state.decode_ms, 50), Percentile(state.decode_ms, 99), Percentile(state.server_queue_ms, 50),
+  std::printf("decode: %.0f tokens in %.3f s, %.1f tokens/s (every layer); step p50 %.3f ms  p99 %.3f ms  (server: "
+              "queue p50 %.3f ms, compute p50 %.3f ms)\n",
+              decode_tokens, decode_seconds, PerSecond(decode_tokens, decode_seconds), Percentile(state.decode_ms, 50),
+              Percentile(state.decode_ms, 99), Percentile(state.server_queue_ms, 50),
               Percentile(state.server_compute_ms, 50));
-  std::printf("throughput: %.1f tokens/s (every layer), %.1f steps/s\n", seconds > 0 ? token_count / seconds : 0.0,
-              seconds > 0 ? static_cast<double>(total) / seconds : 0.0);
+  std::printf("throughput: %.1f tokens/s (decode, every layer), %.1f steps/s (all steps over %.3f s)\n",
+              PerSecond(decode_tokens, decode_seconds), PerSecond(static_cast<double>(total), seconds), seconds);
   return 0;
 }
 
