@@ -260,11 +260,11 @@ int RunSessionDemo(Client& client, const DemoFlags& flags, const std::string& mo
                 prefill_tokens, prefill_seconds, PerSecond(prefill_tokens, prefill_seconds),
                 Percentile(state.prefill_ms, 50), Percentile(state.prefill_ms, 99));
   }
-  std::printf("decode: %.0f tokens in %.3f s, %.1f tokens/s (every layer); step p50 %.3f ms  p99 %.3f ms  (server: "
-              "queue p50 %.3f ms, compute p50 %.3f ms)\n",
-              decode_tokens, decode_seconds, PerSecond(decode_tokens, decode_seconds), Percentile(state.decode_ms, 50),
-              Percentile(state.decode_ms, 99), Percentile(state.server_queue_ms, 50),
-              Percentile(state.server_compute_ms, 50));
+  std::printf(
+      "decode: %.0f tokens in %.3f s, %.1f tokens/s (every layer); step p50 %.3f ms  p99 %.3f ms  (server: "
+      "queue p50 %.3f ms, compute p50 %.3f ms)\n",
+      decode_tokens, decode_seconds, PerSecond(decode_tokens, decode_seconds), Percentile(state.decode_ms, 50),
+      Percentile(state.decode_ms, 99), Percentile(state.server_queue_ms, 50), Percentile(state.server_compute_ms, 50));
   std::printf("throughput: %.1f tokens/s (decode, every layer), %.1f steps/s (all steps over %.3f s)\n",
               PerSecond(decode_tokens, decode_seconds), PerSecond(static_cast<double>(total), seconds), seconds);
   return 0;
