@@ -149,6 +149,13 @@ struct Row {
   // Passes run during the decode phase and the steps in them (zeros when the engine does not count passes).
   uint64_t decode_batches() const { return decode_stats_after.batches - decode_stats_before.batches; }
   uint64_t decode_batched_steps() const { return decode_stats_after.batched_steps - decode_stats_before.batched_steps; }
+  // The decode phase's mean pass, in microseconds: gather, compute, scatter (PassTimes); 0 without passes.
+  double pass_us(uint64_t mqa::core::PassTimes::*field) const {
+    const uint64_t n = decode_batches();
+    return n > 0 ? static_cast<double>(decode_stats_after.pass_times.*field - decode_stats_before.pass_times.*field) /
+                       static_cast<double>(n)
+                 : 0.0;
+  }
 };
 
 // Block-rounded cache bytes for n sessions of max_tokens tokens, with one spare block per session and 1/16
@@ -277,6 +284,9 @@ std::string RowJson(const BenchConfig& c, const Row& r) {
                      : std::string("null"))
      << ",\"batch_size_histogram\":"
      << HistogramJson(r.decode_stats_after.batch_size_histogram, r.decode_stats_before.batch_size_histogram)
+     << ",\"pass_gather_us\":" << JsonNumber(r.pass_us(&mqa::core::PassTimes::gather_us))
+     << ",\"pass_compute_us\":" << JsonNumber(r.pass_us(&mqa::core::PassTimes::compute_us))
+     << ",\"pass_scatter_us\":" << JsonNumber(r.pass_us(&mqa::core::PassTimes::scatter_us))
      << ",\"kv_blocks_total\":" << r.decode_stats_after.kv_blocks_total
      << ",\"kv_blocks_used\":" << r.decode_stats_after.kv_blocks_used
      << ",\"speedup_vs_unbatched\":" << (r.speedup ? JsonNumber(*r.speedup) : std::string("null")) << "}";
@@ -405,8 +415,9 @@ int main(int argc, char** argv) {
     }
   }
 
-  std::printf("\n%-9s %5s %12s %10s %10s %10s %11s %10s %8s\n", "mode", "N", "tokens/s", "p50_ms", "p99_ms", "batch",
-              "prefill_s", "prefill/s", "speedup");
+  std::printf("\n%-9s %5s %12s %10s %10s %10s %11s %10s %8s %9s %9s %9s %9s\n", "mode", "N", "tokens/s", "p50_ms",
+              "p99_ms", "batch", "prefill_s", "prefill/s", "speedup", "gather_us", "device_us", "scatter_us",
+              "host/step");
   for (const Row& r : rows) {
     const uint64_t batches = r.decode_batches();
     char batch[32] = "-";
@@ -416,13 +427,21 @@ int main(int argc, char** argv) {
     }
     char speedup[32] = "-";
     if (r.speedup) std::snprintf(speedup, sizeof(speedup), "%.2fx", *r.speedup);
-    std::printf("%-9s %5" PRId64 " %12.1f %10.3f %10.3f %10s %11.3f %10.0f %8s\n", r.mode.c_str(), r.sessions,
-                r.tokens_per_s(c), Percentile(r.decode.latency_ms, 50), Percentile(r.decode.latency_ms, 99), batch,
-                r.prefill.seconds, r.prefill_tokens_per_s(c), speedup);
+    const double gather = r.pass_us(&mqa::core::PassTimes::gather_us);
+    const double scatter = r.pass_us(&mqa::core::PassTimes::scatter_us);
+    const double per_step =
+        batches > 0 ? (gather + scatter) * static_cast<double>(batches) / static_cast<double>(r.decode_batched_steps())
+                    : 0.0;
+    std::printf("%-9s %5" PRId64 " %12.1f %10.3f %10.3f %10s %11.3f %10.0f %8s %9.1f %9.1f %9.1f %9.2f\n",
+                r.mode.c_str(), r.sessions, r.tokens_per_s(c), Percentile(r.decode.latency_ms, 50),
+                Percentile(r.decode.latency_ms, 99), batch, r.prefill.seconds, r.prefill_tokens_per_s(c), speedup,
+                gather, r.pass_us(&mqa::core::PassTimes::compute_us), scatter, per_step);
   }
   std::printf(
       "(tokens/s: decode tokens through all %d layers per wall second; p50/p99: one layer step, submit to "
-      "callback; batch: mean steps per pass, '-' when the engine does not count passes)\n",
+      "callback; batch: mean steps per pass, '-' when the engine does not count passes;\n"
+      " gather/device/scatter_us: the mean decode pass's worker time (inputs joined; copy in, layer, copy out; "
+      "outputs cut and completed); host/step: gather + scatter per step, in us)\n",
       c.layers);
 
   if (!json_path.empty()) {

@@ -125,6 +125,7 @@ void Engine::Impl::RunPass(std::vector<WorkItem>& pass, const std::vector<Decisi
     xs.push_back(job.x.narrow(0, job.done, chunk[i]));
     rows += chunk[i];
   }
+  const auto gathered = Clock::now();
   StatusOr<at::Tensor> out = CatchAll("batched pass", [&]() -> StatusOr<at::Tensor> {
     PagedLayer& paged = *replica.paged[static_cast<size_t>(layer)];
     const at::Tensor x = (xs.size() == 1 ? xs[0] : at::cat(xs, 0)).to(paged.device());
@@ -132,10 +133,14 @@ void Engine::Impl::RunPass(std::vector<WorkItem>& pass, const std::vector<Decisi
     // One copy back for the whole pass (one synchronisation), sliced per step on the CPU.
     return y.is_cpu() ? y : y.to(at::kCPU);
   });
+  const auto computed = Clock::now();
   {
+    // Counted before any completion, so a caller holding its answer sees its pass in stats().
     std::lock_guard<std::mutex> lock(mu);
     ++counters.batches;
     counters.batched_steps += run.size();
+    counters.pass_times.gather_us += static_cast<uint64_t>(MicrosBetween(start, gathered));
+    counters.pass_times.compute_us += static_cast<uint64_t>(MicrosBetween(gathered, computed));
     size_t bucket = 0;
     while ((size_t{1} << bucket) < run.size() && bucket + 1 < batch_histogram.size()) ++bucket;
     ++batch_histogram[bucket];
@@ -183,6 +188,9 @@ void Engine::Impl::RunPass(std::vector<WorkItem>& pass, const std::vector<Decisi
     job.outs.clear();
     job.finish(std::move(r));
   }
+  const auto scattered = Clock::now();
+  std::lock_guard<std::mutex> lock(mu);
+  counters.pass_times.scatter_us += static_cast<uint64_t>(MicrosBetween(computed, scattered));
 }
 
 }  // namespace mqa::core

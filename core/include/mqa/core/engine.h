@@ -210,6 +210,16 @@ struct ExecutionStats {
   uint64_t paged_passes = 0;
   uint64_t graph_captures = 0;  // CUDA graphs captured (one per layer, batch bucket and table width in use)
   uint64_t graph_replays = 0;   // paged decode passes served by replaying one
+  uint64_t graph_failures = 0;  // failed captures (logged); a layer whose capture failed decodes eagerly from then on
+};
+
+// Where the worker's time goes in the batched passes, summed over all passes since start (microseconds of wall
+// time on the worker thread). Divided by EngineStats::batches: the mean pass. gather and scatter are host work
+// that grows with the sessions in a pass; compute is the device work plus what the host does to launch it.
+struct PassTimes {
+  uint64_t gather_us = 0;   // admission (blocks taken), inputs converted and joined into one batch
+  uint64_t compute_us = 0;  // the copy to the device, the layer's paged pass, the copy back (one synchronisation)
+  uint64_t scatter_us = 0;  // outputs cut per step, converted to the caller's dtype, sessions moved, completions
 };
 
 struct EngineStats {
@@ -221,6 +231,7 @@ struct EngineStats {
   uint64_t batches = 0;        // passes run
   uint64_t batched_steps = 0;  // steps (or prefill chunks) in those passes: batched_steps / batches = mean size
   std::vector<uint64_t> batch_size_histogram;  // [i]: passes of size in (2^(i-1), 2^i]; [0]: size 1
+  PassTimes pass_times;                        // summed over those passes
   int64_t kv_block_size = 0;                   // tokens per block
   int64_t kv_blocks_total = 0;                 // allocatable blocks, all devices and models
   int64_t kv_blocks_used = 0;
