@@ -77,6 +77,11 @@ void RenderExecution(const core::EngineStats& st, Writer& w) {
   for (const core::ExecutionStats& e : st.execution) {
     w.Sample("mqa_cuda_graph_replays_total", labels(e), e.graph_replays);
   }
+  w.Header("mqa_cuda_graph_failures_total", "counter",
+           "CUDA graph captures that failed (logged); that layer's decode passes run eagerly from then on.");
+  for (const core::ExecutionStats& e : st.execution) {
+    w.Sample("mqa_cuda_graph_failures_total", labels(e), e.graph_failures);
+  }
 }
 
 }  // namespace mqa::server

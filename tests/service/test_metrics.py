@@ -231,6 +231,7 @@ def test_what_computed_each_model_is_counted_by_path_and_reason(pb, start_server
         assert value(s, "mqa_paged_passes_total", model=impl, device="cpu", attn_impl=impl) == 2
         assert value(s, "mqa_cuda_graph_captures_total", model=impl, device="cpu", attn_impl=impl) == 0
         assert value(s, "mqa_cuda_graph_replays_total", model=impl, device="cpu", attn_impl=impl) == 0
+        assert value(s, "mqa_cuda_graph_failures_total", model=impl, device="cpu", attn_impl=impl) == 0
     fallbacks = {labels: v for (name, labels), v in s.items() if name == "mqa_attention_fallbacks_total"}
     assert fallbacks == {
         (("attn_impl", "triton"), ("device", "cpu"), ("model", "triton"), ("path", "paged"),

@@ -395,6 +395,7 @@ EngineStats Engine::stats() const {
         e.paged_passes += c.passes;
         e.graph_captures += c.graph_captures;
         e.graph_replays += c.graph_replays;
+        e.graph_failures += c.graph_failures;
       }
       s.execution.push_back(std::move(e));
     }

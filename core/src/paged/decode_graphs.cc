@@ -1,8 +1,10 @@
 #include "paged/decode_graphs.h"
 
+#include <ATen/core/CachingHostAllocator.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -68,13 +70,25 @@ GraphIo& GraphIoFor(const LayerParams& p, at::Device dev, int64_t bucket, int64_
 }
 
 // One memory pool per device for the temporaries of every captured graph: replays never overlap (one worker
-// thread, one stream), so they can share it.
+// thread, one stream), so they can share it. The process holds a reference of its own on the pool in both of
+// LibTorch's allocators (device and pinned host memory, which key their pools by the same id): each counts a
+// pool's users and refuses (an internal assert) a capture into a pool whose count fell to 0, which happened as
+// soon as every graph on it was destroyed (an engine closed) and a later layer captured into it again.
 at::cuda::MempoolId_t GraphPool(int device) {
   static std::mutex& mu = *new std::mutex;
   static auto& pools = *new std::map<int, at::cuda::MempoolId_t>;
   std::lock_guard<std::mutex> lock(mu);
   auto it = pools.find(device);
-  if (it == pools.end()) it = pools.emplace(device, at::cuda::graph_pool_handle()).first;
+  if (it == pools.end()) {
+    const at::cuda::MempoolId_t id = at::cuda::graph_pool_handle();
+    c10::cuda::CUDACachingAllocator::createOrIncrefPool(static_cast<c10::DeviceIndex>(device), id);
+    // The host allocator's only way to take a reference: begin routing to the pool (nothing matches the filter),
+    // then stop; the count stays.
+    at::HostAllocator* host = at::getHostAllocator(at::kCUDA);
+    host->begin_allocate_to_pool(id, [](c10::Stream) { return false; });
+    host->end_allocate_to_pool(id);
+    it = pools.emplace(device, id).first;
+  }
   return it->second;
 }
 
@@ -94,6 +108,7 @@ class CudaDecodeGraphs : public DecodeGraphs {
       return Run(p, x, seqs, block_size, k_cache, v_cache);
     } catch (const std::exception& e) {
       broken_ = true;
+      failures_.fetch_add(1, std::memory_order_relaxed);
       std::string msg = e.what();
       if (auto nl = msg.find('\n'); nl != std::string::npos) msg.resize(nl);
       Log(LogLevel::kWarning,
@@ -104,6 +119,7 @@ class CudaDecodeGraphs : public DecodeGraphs {
 
   uint64_t captures() const override { return captures_.load(std::memory_order_relaxed); }
   uint64_t replays() const override { return replays_.load(std::memory_order_relaxed); }
+  uint64_t failures() const override { return failures_.load(std::memory_order_relaxed); }
 
  private:
   at::Tensor Run(const LayerParams& p, const at::Tensor& x, const std::vector<PagedSeq>& seqs, int32_t block_size,
@@ -177,7 +193,7 @@ class CudaDecodeGraphs : public DecodeGraphs {
   // Captured decode passes by (bucket, table width, block size).
   std::map<std::tuple<int64_t, int64_t, int32_t>, std::unique_ptr<at::cuda::CUDAGraph>> graphs_;
   bool broken_ = false;  // a capture failed: eager from then on (logged)
-  std::atomic<uint64_t> captures_{0}, replays_{0};
+  std::atomic<uint64_t> captures_{0}, replays_{0}, failures_{0};
 };
 
 }  // namespace

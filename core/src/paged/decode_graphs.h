@@ -33,6 +33,7 @@ class DecodeGraphs {
                                            const at::Tensor& v_cache) = 0;
   virtual uint64_t captures() const = 0;
   virtual uint64_t replays() const = 0;
+  virtual uint64_t failures() const = 0;  // captures that failed (0 or 1: the first failure turns graphs off)
 };
 
 // Null in a build without CUDA.

@@ -48,6 +48,7 @@ PagedCounters PagedLayer::counters() const {
   if (graphs_) {
     c.graph_captures = graphs_->captures();
     c.graph_replays = graphs_->replays();
+    c.graph_failures = graphs_->failures();
   }
   return c;
 }

@@ -48,6 +48,7 @@ struct PagedCounters {
   std::map<std::string, uint64_t> fallbacks;  // by reason label (see PagedLayer)
   uint64_t graph_captures = 0;                // CUDA graphs captured (one per batch bucket and table width in use)
   uint64_t graph_replays = 0;                 // decode passes served by replaying one
+  uint64_t graph_failures = 0;                // failed captures (logged; the layer's decode runs eagerly after one)
 };
 
 class DecodeGraphs;
