@@ -1,5 +1,6 @@
 #include "engine/engine_impl.h"
 
+#include <cstring>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -84,10 +85,14 @@ void Engine::Impl::RunPass(std::vector<WorkItem>& pass, const std::vector<Decisi
       }
     }
     if (refused.ok()) {
-      // Converted on the CPU; the pass moves all its chunks to the device in one copy.
-      auto x = job.request.x.dtype() == o.dtype ? StatusOr<Tensor>(job.request.x) : job.request.x.ToDType(o.dtype);
+      // The caller's rows stay as they came (the CPU, the caller's dtype): each pass copies its chunk's bytes into
+      // the pass's one staging buffer and converts the whole batch once, on the layer's device.
+      StatusOr<at::Tensor> x = CatchAll("step input", [&]() -> StatusOr<at::Tensor> {
+        at::Tensor t = Unwrap(job.request.x);
+        return t.is_cpu() && t.is_contiguous() ? t : t.to(at::kCPU).contiguous();
+      });
       if (x.ok()) {
-        job.x = Unwrap(*x).view({job.tokens(), o.dim});
+        job.x = std::move(x).value();
         job.start = plan[i].start;
         job.started = start;
       } else {
@@ -106,9 +111,15 @@ void Engine::Impl::RunPass(std::vector<WorkItem>& pass, const std::vector<Decisi
   }
   if (run.empty()) return;
 
-  // One pass over the next chunk of every step.
+  // One pass over the next chunk of every step. The staging buffer holds the callers' dtype when they share one
+  // (then the pass's output comes back in it too, converted on the device), else the layer's.
+  const at::ScalarType layer_type = ToScalarType(o.dtype);
+  at::ScalarType staged_type = pass[run[0]].job->x.scalar_type();
+  for (size_t i : run) {
+    if (pass[i].job->x.scalar_type() != staged_type) staged_type = layer_type;
+  }
   std::vector<PagedSeq> seqs;
-  std::vector<at::Tensor> xs;
+  seqs.reserve(run.size());
   std::vector<int64_t> chunk(run.size());
   int64_t rows = 0;
   for (size_t i = 0; i < run.size(); ++i) {
@@ -122,16 +133,33 @@ void Engine::Impl::RunPass(std::vector<WorkItem>& pass, const std::vector<Decisi
     seq.causal = job.session->causal;
     seq.alibi = job.session->position_bias == PositionBias::kAlibi;
     seqs.push_back(seq);
-    xs.push_back(job.x.narrow(0, job.done, chunk[i]));
     rows += chunk[i];
   }
-  const auto gathered = Clock::now();
+  auto gathered = Clock::now();
   StatusOr<at::Tensor> out = CatchAll("batched pass", [&]() -> StatusOr<at::Tensor> {
     PagedLayer& paged = *replica.paged[static_cast<size_t>(layer)];
-    const at::Tensor x = (xs.size() == 1 ? xs[0] : at::cat(xs, 0)).to(paged.device());
+    const bool on_cuda = paged.device().is_cuda();
+    // Pinned for a CUDA layer, so the copy in is one asynchronous transfer (LibTorch's host allocator keeps the
+    // buffer until that copy is done).
+    at::Tensor staged = at::empty({rows, o.dim}, at::TensorOptions().dtype(staged_type).pinned_memory(on_cuda));
+    uint8_t* dst = static_cast<uint8_t*>(staged.data_ptr());
+    const int64_t row_bytes = o.dim * static_cast<int64_t>(staged.element_size());
+    for (size_t i = 0; i < run.size(); ++i) {
+      const StepJob& job = *pass[run[i]].job;
+      if (job.x.scalar_type() == staged_type) {
+        const uint8_t* src = static_cast<const uint8_t*>(job.x.data_ptr()) + job.done * row_bytes;
+        std::memcpy(dst + seqs[i].row * row_bytes, src, static_cast<size_t>(chunk[i] * row_bytes));
+      } else {  // callers of several dtypes in one pass: this one's rows converted as they are copied
+        staged.narrow(0, seqs[i].row, chunk[i]).copy_(job.x.view({job.tokens(), o.dim}).narrow(0, job.done, chunk[i]));
+      }
+    }
+    at::Tensor x = on_cuda ? staged.to(paged.device(), /*non_blocking=*/true) : staged;
+    if (x.scalar_type() != layer_type) x = x.to(layer_type);
+    gathered = Clock::now();
     MQA_ASSIGN_OR_RETURN(at::Tensor y, paged.Forward(x, seqs, bs));
-    // One copy back for the whole pass (one synchronisation), sliced per step on the CPU.
-    return y.is_cpu() ? y : y.to(at::kCPU);
+    // In the callers' dtype on the device, then one copy back for the whole pass (one synchronisation).
+    if (y.scalar_type() != staged_type) y = y.to(staged_type);
+    return y.is_cpu() ? y.contiguous() : y.to(at::kCPU);  // steps' outputs are views of it (as_strided below)
   });
   const auto computed = Clock::now();
   {
@@ -152,7 +180,8 @@ void Engine::Impl::RunPass(std::vector<WorkItem>& pass, const std::vector<Decisi
       item.fail(out.status());
       continue;
     }
-    job.outs.push_back(out->narrow(0, seqs[i].row, chunk[i]));
+    const bool whole = job.done == 0 && chunk[i] == job.tokens();
+    if (!whole) job.outs.push_back(out->narrow(0, seqs[i].row, chunk[i]));
     job.done += chunk[i];
     // The session's position moves only when the whole step is done: a step whose later chunk fails leaves the
     // session where it was (the chunks' keys past that position are overwritten by the next step).
@@ -161,8 +190,12 @@ void Engine::Impl::RunPass(std::vector<WorkItem>& pass, const std::vector<Decisi
       continue;
     }
     StatusOr<Tensor> result = CatchAll("step output", [&]() -> StatusOr<Tensor> {
-      at::Tensor all = job.outs.size() == 1 ? job.outs[0] : at::cat(job.outs, 0);
-      return ToCaller(Wrap(all.view({1, job.request.x.size(1), o.dim})), job.request.x.dtype());
+      // A step in one chunk (every decode step) is a view of the pass's output: one operation, no copy.
+      at::Tensor all = whole ? out->as_strided({1, chunk[i], o.dim}, {chunk[i] * o.dim, o.dim, 1},
+                                               out->storage_offset() + seqs[i].row * o.dim)
+                             : at::cat(job.outs, 0).view({1, job.tokens(), o.dim});
+      const at::ScalarType caller = ToScalarType(job.request.x.dtype());
+      return Wrap(all.scalar_type() == caller ? all : all.to(caller));
     });
     if (!result.ok()) {
       item.fail(result.status());

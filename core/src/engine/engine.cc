@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "engine/completer.h"
 #include "engine/engine_impl.h"
 #include "engine/kv_pools.h"
 #include "engine/placement.h"
@@ -315,7 +316,9 @@ void Engine::SubmitStep(StepRequest request, StepCallback done) {
     }
     const bool ok = result.ok();
     impl->Count([ok](EngineStats& c) { ++(ok ? c.steps_completed : c.steps_failed); });
-    (*shared_done)(std::move(result));
+    // The caller's callback off the worker thread when a worker completes it (Completer), else here.
+    auto answer = std::make_shared<StatusOr<StepResult>>(std::move(result));
+    Completer::Complete([shared_done, answer] { (*shared_done)(std::move(*answer)); });
   };
   const Clock::time_point deadline = request.deadline;
   auto cancel = request.cancel;

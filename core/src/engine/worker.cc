@@ -40,6 +40,7 @@ void Worker::Stop() {
     left.swap(queue_);
   }
   for (auto& item : left) item.fail(UnavailableError("the server is shutting down; the request was not run"));
+  completer_.Stop();
 }
 
 Status Worker::Enqueue(WorkItem item) {
@@ -62,8 +63,11 @@ size_t Worker::queued() const {
 }
 
 bool Worker::idle() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  return queue_.empty() && !busy_;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!queue_.empty() || busy_) return false;
+  }
+  return completer_.idle();  // a round posts its completions before it stops being busy
 }
 
 SchedulerInput Worker::SnapshotLocked() const {
@@ -169,27 +173,32 @@ void Worker::Loop() {
       if (alone && alone->in_flight) alone->in_flight->counter.store(&running_);
       running_.fetch_add(pass.size() + (alone ? 1 : 0));
     }
-    for (size_t i = 0; i < settled.size(); ++i) {
-      const Decision& d = plan.settled[i];
-      if (d.verdict == Verdict::kDrop) {
-        hooks_.drop(settled[i], d.status);
-      } else {
-        hooks_.settle(settled[i], d);
-      }
-    }
     std::vector<WorkItem> unfinished;
-    if (alone) {
-      alone->run(alone->enqueued);
-      if (alone->in_flight) alone->in_flight->Leave();
-    }
-    if (!pass.empty()) {
-      hooks_.run_pass(pass, plan.pass, &unfinished);
-      // Replies already left them; unfinished prefills are queued again, not running.
-      for (WorkItem& item : pass) {
-        if (item.in_flight) item.in_flight->Leave();
+    {
+      // The round's step completions go to the completer in one hand-over when this block ends, before the
+      // round stops being busy (so idle() never misses them).
+      Completer::Batch completions(&completer_);
+      for (size_t i = 0; i < settled.size(); ++i) {
+        const Decision& d = plan.settled[i];
+        if (d.verdict == Verdict::kDrop) {
+          hooks_.drop(settled[i], d.status);
+        } else {
+          hooks_.settle(settled[i], d);
+        }
       }
-      for (WorkItem& item : unfinished) {
-        if (item.in_flight) item.in_flight->Leave();
+      if (alone) {
+        alone->run(alone->enqueued);
+        if (alone->in_flight) alone->in_flight->Leave();
+      }
+      if (!pass.empty()) {
+        hooks_.run_pass(pass, plan.pass, &unfinished);
+        // Replies are on their way; unfinished prefills are queued again, not running.
+        for (WorkItem& item : pass) {
+          if (item.in_flight) item.in_flight->Leave();
+        }
+        for (WorkItem& item : unfinished) {
+          if (item.in_flight) item.in_flight->Leave();
+        }
       }
     }
     std::lock_guard<std::mutex> lock(mu_);

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "engine/batch_policy.h"
+#include "engine/completer.h"
 #include "engine/work_item.h"
 #include "mqa/core/engine.h"
 
@@ -54,7 +55,8 @@ class Worker {
 
   size_t queued() const;
   size_t running() const { return running_.load(); }
-  // Nothing queued and nothing taken whose completion callbacks have not all returned.
+  // Nothing queued and nothing taken whose completion callbacks have not all returned (on the worker thread or
+  // its completer's).
   bool idle() const;
 
  private:
@@ -73,6 +75,7 @@ class Worker {
   std::atomic<size_t> running_{0};  // taken items whose reply has not gone out
   bool busy_ = false;               // work taken from the queue and not yet completed (callbacks included)
   bool stopping_ = false;
+  Completer completer_;  // the rounds' completions, off this thread
   std::thread thread_;
 };
 
