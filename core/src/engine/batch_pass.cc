@@ -210,6 +210,17 @@ void Engine::Impl::RunPass(std::vector<WorkItem>& pass, const std::vector<Decisi
     r.out = std::move(result).value();
     r.position = job.start;
     r.num_tokens = job.request.x.size(1);
+    // Only a step that names its position can be retried, so only its answer is worth keeping. The kept copy owns
+    // its bytes: the answer is a view of the pass's whole output, which the replay budget would not count (an idle
+    // session would pin a pass's worth of memory). A copy that cannot be made is not kept (the retry says so).
+    std::optional<Tensor> keep;
+    if (job.request.position) {
+      StatusOr<Tensor> own = CatchAll("kept answer", [&]() -> StatusOr<Tensor> {
+        const at::Tensor& t = Unwrap(r.out);
+        return t.storage().nbytes() > t.nbytes() ? Wrap(t.clone()) : r.out;
+      });
+      if (own.ok()) keep = std::move(own).value();
+    }
     {
       std::lock_guard<std::mutex> slock(job.session->mu);
       job.session->positions[static_cast<size_t>(layer)] = job.start + job.done;
@@ -218,8 +229,7 @@ void Engine::Impl::RunPass(std::vector<WorkItem>& pass, const std::vector<Decisi
       last.tokens = r.num_tokens;
       last.dtype = job.request.x.dtype();
       last.x_hash = job.x_hash;
-      // Only a step that names its position can be retried, so only its answer is worth keeping.
-      job.session->KeepAnswerLocked(last, job.request.position ? std::optional<Tensor>(r.out) : std::nullopt);
+      job.session->KeepAnswerLocked(last, std::move(keep));
     }
     r.queue_us = MicrosBetween(item.enqueued, job.started);
     r.compute_us = MicrosBetween(job.started, Clock::now());
