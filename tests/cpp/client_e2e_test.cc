@@ -50,7 +50,11 @@ class ServerProcess {
     std::vector<std::string> args = {bin, "--config", (dir_ / "config.json").string(), "--listen",
                                      "127.0.0.1:" + std::to_string(port), "--port-file", (dir_ / "port").string(),
                                      // never the shared default 0.0.0.0:9400, which another server may hold
-                                     "--metrics-listen", "127.0.0.1:0"};
+                                     "--metrics-listen", "127.0.0.1:0",
+                                     // A pass holds one prefill chunk's tokens at most, so a step queued behind
+                                     // LongStep never shares a pass with one of its chunks: the tests that need
+                                     // a step to wait in the queue do not race the worker.
+                                     "--max-batch-tokens", "512"};
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
