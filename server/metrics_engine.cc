@@ -66,22 +66,21 @@ void RenderExecution(const core::EngineStats& st, Writer& w) {
       w.Sample("mqa_attention_fallbacks_total", labels(e) + ",path=\"paged\",reason=\"" + reason + "\"", n);
     }
   }
-  w.Header("mqa_paged_passes_total", "counter", "Batched paged passes run, summed over a model's layers.");
-  for (const core::ExecutionStats& e : st.execution) w.Sample("mqa_paged_passes_total", labels(e), e.paged_passes);
-  w.Header("mqa_cuda_graph_captures_total", "counter",
-           "CUDA graphs captured for paged decode passes (one per layer, batch bucket and table width in use).");
-  for (const core::ExecutionStats& e : st.execution) {
-    w.Sample("mqa_cuda_graph_captures_total", labels(e), e.graph_captures);
-  }
-  w.Header("mqa_cuda_graph_replays_total", "counter", "Paged decode passes served by replaying a captured CUDA graph.");
-  for (const core::ExecutionStats& e : st.execution) {
-    w.Sample("mqa_cuda_graph_replays_total", labels(e), e.graph_replays);
-  }
-  w.Header("mqa_cuda_graph_failures_total", "counter",
-           "CUDA graph captures that failed (logged); that layer's decode passes run eagerly from then on.");
-  for (const core::ExecutionStats& e : st.execution) {
-    w.Sample("mqa_cuda_graph_failures_total", labels(e), e.graph_failures);
-  }
+  // One counter per model and replica, from one field of its ExecutionStats.
+  auto counter = [&](const char* name, const char* help, uint64_t core::ExecutionStats::*field) {
+    w.Header(name, "counter", help);
+    for (const core::ExecutionStats& e : st.execution) w.Sample(name, labels(e), e.*field);
+  };
+  counter("mqa_paged_passes_total", "Batched paged passes run, summed over a model's layers.",
+          &core::ExecutionStats::paged_passes);
+  counter("mqa_cuda_graph_captures_total",
+          "CUDA graphs captured for paged decode passes (one per layer, batch bucket and table width in use).",
+          &core::ExecutionStats::graph_captures);
+  counter("mqa_cuda_graph_replays_total", "Paged decode passes served by replaying a captured CUDA graph.",
+          &core::ExecutionStats::graph_replays);
+  counter("mqa_cuda_graph_failures_total",
+          "CUDA graph captures that failed (logged); that layer's decode passes run eagerly from then on.",
+          &core::ExecutionStats::graph_failures);
 }
 
 }  // namespace mqa::server

@@ -144,11 +144,10 @@ void Engine::Impl::RunPass(std::vector<WorkItem>& pass, const std::vector<Decisi
     // block costs the host allocator's event bookkeeping (~20 us on the H200's host at one session, where the
     // whole gather took ~1 us before), more than the copy of a few rows saves.
     constexpr int64_t kPinnedFromBytes = int64_t{256} << 10;
-    const int64_t staged_bytes = rows * o.dim * static_cast<int64_t>(c10::elementSize(staged_type));
-    const bool pinned = on_cuda && staged_bytes >= kPinnedFromBytes;
+    const int64_t row_bytes = o.dim * static_cast<int64_t>(c10::elementSize(staged_type));
+    const bool pinned = on_cuda && rows * row_bytes >= kPinnedFromBytes;
     at::Tensor staged = at::empty({rows, o.dim}, at::TensorOptions().dtype(staged_type).pinned_memory(pinned));
     uint8_t* dst = static_cast<uint8_t*>(staged.data_ptr());
-    const int64_t row_bytes = o.dim * static_cast<int64_t>(staged.element_size());
     for (size_t i = 0; i < run.size(); ++i) {
       const StepJob& job = *pass[run[i]].job;
       if (job.x.scalar_type() == staged_type) {

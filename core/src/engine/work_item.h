@@ -24,7 +24,7 @@ struct StepJob {
   std::shared_ptr<Session> session;
   const Replica* replica = nullptr;  // the session's; batching groups steps by (replica, layer)
   StepRequest request;
-  at::Tensor x;                  // the layer's dtype, [s, dim]; set when the step is admitted
+  at::Tensor x;                  // request.x on the CPU, contiguous, caller's dtype [1, s, dim]; set at admission
   int64_t start = -1;            // the layer's position before the step; -1 until admitted
   int64_t done = 0;              // tokens already computed
   std::vector<at::Tensor> outs;  // their outputs

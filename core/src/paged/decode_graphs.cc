@@ -95,7 +95,7 @@ at::cuda::MempoolId_t GraphPool(int device) {
 class CudaDecodeGraphs : public DecodeGraphs {
  public:
   bool Eligible(const std::vector<PagedSeq>& seqs) const override {
-    if (broken_ || seqs.empty() || static_cast<int64_t>(seqs.size()) > kMaxGraphBatch) return false;
+    if (failures() > 0 || seqs.empty() || static_cast<int64_t>(seqs.size()) > kMaxGraphBatch) return false;
     for (size_t i = 0; i < seqs.size(); ++i) {
       if (seqs[i].tokens != 1 || seqs[i].row != static_cast<int64_t>(i)) return false;
     }
@@ -107,8 +107,7 @@ class CudaDecodeGraphs : public DecodeGraphs {
     try {
       return Run(p, x, seqs, block_size, k_cache, v_cache);
     } catch (const std::exception& e) {
-      broken_ = true;
-      failures_.fetch_add(1, std::memory_order_relaxed);
+      failures_.fetch_add(1, std::memory_order_relaxed);  // eager from now on (Eligible)
       std::string msg = e.what();
       if (auto nl = msg.find('\n'); nl != std::string::npos) msg.resize(nl);
       Log(LogLevel::kWarning,
@@ -192,8 +191,7 @@ class CudaDecodeGraphs : public DecodeGraphs {
 
   // Captured decode passes by (bucket, table width, block size).
   std::map<std::tuple<int64_t, int64_t, int32_t>, std::unique_ptr<at::cuda::CUDAGraph>> graphs_;
-  bool broken_ = false;  // a capture failed: eager from then on (logged)
-  std::atomic<uint64_t> captures_{0}, replays_{0}, failures_{0};
+  std::atomic<uint64_t> captures_{0}, replays_{0}, failures_{0};  // failures > 0: eager from then on
 };
 
 }  // namespace
