@@ -188,14 +188,14 @@ TEST(BatchPolicy, TokenAndSessionCaps) {
        {},
        std::nullopt},
       {"the front is taken whatever its size",
-       {Step(1, 0, 20), Step(2, 0, 1)},
+       {Step(1, 0, 20), Step(2, 0, 20)},
        Limits(256, 10, 512),
        {},
        {{0, 20}},
        {},
        std::nullopt},
       {"a session whose step waits for tokens keeps its later steps waiting too",
-       {Step(1, 0, 1), Step(2, 0, 20), Step(2, 0, 1), Step(3, 0, 1)},
+       {Step(1, 0, 1), With(Step(2, 0, 20), NonCausal), Step(2, 0, 1), Step(3, 0, 1)},
        Limits(256, 10, 512),
        {},
        {{0, 1}, {3, 1}},
@@ -249,6 +249,101 @@ TEST(BatchPolicy, ChunkedPrefillInterleavesWithDecode) {
        {},
        {{0, 16}, {1, 16}, {2, 1}},
        {},
+       std::nullopt},
+  };
+  for (const Row& row : rows) RunRow(row);
+}
+
+TEST(BatchPolicy, DecodeFirst) {
+  auto Waited = [](std::chrono::milliseconds ms) { return [ms](QueuedWork& w) { w.enqueued = kNow - ms; }; };
+  SchedulerLimits fifo = kDefault;
+  fifo.decode_max_tokens = 0;
+  const std::vector<Row> rows = {
+      {"a decode step behind a prefill of its layer leads; the prefill's chunk shrinks to the budget left",
+       {Step(1, 0, 100), Step(2, 0, 1)},
+       Limits(256, 64, 512),
+       {},
+       {{0, 63}, {1, 1}},
+       {},
+       std::nullopt},
+      {"a decode step of another layer goes ahead of older prefills",
+       {Step(1, 0, 100), Step(2, 1, 1), Step(3, 0, 1)},
+       kDefault,
+       {},
+       {{1, 1}},
+       {},
+       std::nullopt},
+      {"decode steps join before prefill chunks take the budget",
+       {Step(1, 0, 100), Step(2, 0, 100), Step(3, 0, 1), Step(4, 0, 1)},
+       Limits(256, 10, 512),
+       {},
+       {{0, 8}, {2, 1}, {3, 1}},
+       {},
+       std::nullopt},
+      {"a started prefill is not a decode step: it continues in the budget left",
+       {With(Step(1, 0, 100), Started(50)), Step(2, 0, 1)},
+       Limits(256, 4096, 16),
+       {},
+       {{0, 16}, {1, 1}},
+       {},
+       std::nullopt},
+      {"a decode step never overtakes an earlier step of its session and layer",
+       {Step(1, 0, 100), Step(1, 0, 1), Step(2, 0, 1)},
+       kDefault,
+       {},
+       {{0, 100}, {2, 1}},
+       {},
+       std::nullopt},
+      {"the oldest item, once it has waited max_wait_behind_decode, leads",
+       {With(Step(1, 1, 100), Waited(std::chrono::milliseconds(100))), Step(2, 0, 1)},
+       kDefault,
+       {},
+       {{0, 100}},
+       {},
+       std::nullopt},
+      {"... not before",
+       {With(Step(1, 1, 100), Waited(std::chrono::milliseconds(99))), Step(2, 0, 1)},
+       kDefault,
+       {},
+       {{1, 1}},
+       {},
+       std::nullopt},
+      {"decode_max_tokens < 1: queue order alone", {Step(1, 1, 100), Step(2, 0, 1)}, fifo, {}, {{0, 100}}, {},
+       std::nullopt},
+      {"a non-causal prefill is never split: it waits for a pass with room",
+       {With(Step(1, 0, 20), NonCausal), Step(2, 0, 1)},
+       Limits(256, 10, 512),
+       {},
+       {{1, 1}},
+       {},
+       std::nullopt},
+      {"a stateless request ahead of the decode steps keeps its turn",
+       {Forward(), Step(1, 0, 100), Step(2, 1, 1)},
+       kDefault,
+       {},
+       {},
+       {},
+       0},
+      {"decode steps overtake the prefills ahead of them, not a stateless request",
+       {Step(1, 0, 100), Forward(), Step(2, 1, 1)},
+       kDefault,
+       {},
+       {{0, 100}},
+       {},
+       std::nullopt},
+      {"a refused decode step lets the next decode step lead",
+       {Step(1, 0, 100), With(Step(2, 1, 1), Naming(9)), Step(3, 2, 1)},
+       kDefault,
+       {},
+       {{2, 1}},
+       {{1, Verdict::kRefuse, StatusCode::kFailedPrecondition}},
+       std::nullopt},
+      {"drops anywhere in the queue are settled in the same round",
+       {Step(1, 0, 1), Step(2, 1, 1), With(Step(3, 2, 1), Cancelled)},
+       kDefault,
+       {},
+       {{0, 1}},
+       {{2, Verdict::kDrop, StatusCode::kCancelled}},
        std::nullopt},
   };
   for (const Row& row : rows) RunRow(row);
@@ -327,12 +422,14 @@ TEST(BatchPolicy, AdmissionRefusals) {
   EXPECT_EQ(plan.pass[0].new_blocks, 2);  // 40 tokens: 3 blocks, 1 held
   EXPECT_EQ(plan.pass[1].start, 0);
   EXPECT_EQ(plan.pass[1].new_blocks, 1);
-  // The refusal for want of blocks is marked as such (it is counted apart) and says what was missing.
+  // The refusal for want of blocks is marked as such (it is counted apart) and says what was missing. The decode
+  // step is admitted first (decode first), so it took the one free block.
   in.pools = {{1, 100, 16}};
   const PassPlan short_of_blocks = SchedulePass(in);
   ASSERT_EQ(short_of_blocks.settled.size(), 1u);
+  EXPECT_EQ(short_of_blocks.settled[0].index, 0u);
   EXPECT_TRUE(short_of_blocks.settled[0].kv_exhausted);
-  EXPECT_NE(short_of_blocks.settled[0].status.message().find("2 blocks of 16 tokens needed, 1 of 100 free"),
+  EXPECT_NE(short_of_blocks.settled[0].status.message().find("2 blocks of 16 tokens needed, 0 of 100 free"),
             std::string::npos)
       << short_of_blocks.settled[0].status.message();
 }

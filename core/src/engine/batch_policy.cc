@@ -102,69 +102,128 @@ Decision Admit(size_t index, const QueuedWork& w, int64_t chunk, const PoolView&
   return d;
 }
 
+bool IsDecode(const QueuedWork& w, const SchedulerLimits& limits) {
+  return w.is_step && w.done == 0 && w.tokens <= limits.decode_max_tokens;
+}
+
+using Key = std::pair<uintptr_t, int>;  // (session, layer)
+
 }  // namespace
 
 PassPlan SchedulePass(const SchedulerInput& in) {
   PassPlan plan;
   const SchedulerLimits& limits = in.limits;
+  const size_t n = in.queue.size();
   std::vector<int64_t> free_blocks;
   for (const PoolView& p : in.pools) free_blocks.push_back(p.free_blocks);
-  // (session, layer) pairs that may not run in this pass any more: one is in it, or one stays queued ahead.
-  std::set<std::pair<uintptr_t, int>> blocked;
-
-  // The front: the first item that is not dropped, refused or answered without running.
-  size_t i = 0;
-  for (; i < in.queue.size() && plan.pass.empty() && !plan.alone; ++i) {
+  std::vector<bool> gone(n, false);  // settled: leaves the queue without running
+  auto settle = [&](Decision d) {
+    gone[d.index] = true;
+    plan.settled.push_back(std::move(d));
+  };
+  auto admit = [&](size_t i, int64_t chunk) {
     const QueuedWork& w = in.queue[i];
-    if (std::optional<Decision> drop = Dropped(i, w, in.now)) {
-      plan.settled.push_back(std::move(*drop));
-      continue;
+    const auto r = static_cast<size_t>(w.replica);
+    return Admit(i, w, chunk, in.pools[r], free_blocks[r]);
+  };
+  auto take = [&](Decision d) {
+    free_blocks[static_cast<size_t>(in.queue[d.index].replica)] -= d.new_blocks;
+    plan.pass.push_back(std::move(d));
+  };
+
+  // Drops first, anywhere in the queue: nothing waits behind them and nothing is computed for them.
+  for (size_t i = 0; i < n; ++i) {
+    if (std::optional<Decision> drop = Dropped(i, in.queue[i], in.now)) settle(std::move(*drop));
+  }
+
+  // The front. Decode first: the oldest decode step that is the first of its (session, layer), unless the oldest
+  // item has waited too long behind decode steps; refused candidates are settled and the next one is tried.
+  std::optional<size_t> front;
+  size_t oldest = 0;
+  while (oldest < n && gone[oldest]) ++oldest;
+  const bool starved = oldest < n && in.now - in.queue[oldest].enqueued >= limits.max_wait_behind_decode;
+  if (!starved) {
+    std::set<Key> seen;  // keys with an item still queued ahead
+    for (size_t i = 0; i < n && !front; ++i) {
+      const QueuedWork& w = in.queue[i];
+      if (gone[i]) continue;
+      if (!w.is_step) break;  // decode steps overtake prefills, not a stateless request: it keeps its turn
+      const Key key = {w.session, w.layer};
+      if (!IsDecode(w, limits) || seen.count(key)) {
+        seen.insert(key);
+        continue;
+      }
+      Decision d = admit(i, NextChunk(w, limits));
+      if (d.verdict != Verdict::kRun) {
+        settle(std::move(d));
+        continue;
+      }
+      front = i;
+      take(std::move(d));
     }
+  }
+  for (size_t i = 0; i < n && !front && !plan.alone; ++i) {  // queue order
+    if (gone[i]) continue;
+    const QueuedWork& w = in.queue[i];
     if (!w.is_step) {
       plan.alone = i;
       break;
     }
-    Decision d = Admit(i, w, NextChunk(w, limits), in.pools[static_cast<size_t>(w.replica)],
-                       free_blocks[static_cast<size_t>(w.replica)]);
-    if (d.verdict == Verdict::kRun) {
-      free_blocks[static_cast<size_t>(w.replica)] -= d.new_blocks;
-      blocked.insert({w.session, w.layer});
-      plan.pass.push_back(std::move(d));
-    } else {
-      plan.settled.push_back(std::move(d));
-    }
-  }
-  if (plan.pass.empty()) return plan;
-
-  // The rest of the pass: steps of the front's (replica, layer), in queue order.
-  const QueuedWork& front = in.queue[plan.pass[0].index];
-  const int64_t max_sessions = std::max<int64_t>(1, limits.max_batch_sessions);
-  const int64_t max_tokens = std::max<int64_t>(1, limits.max_batch_tokens);
-  int64_t tokens = plan.pass[0].chunk;
-  for (; i < in.queue.size() && static_cast<int64_t>(plan.pass.size()) < max_sessions; ++i) {
-    const QueuedWork& w = in.queue[i];
-    if (!w.is_step || w.replica != front.replica || w.layer != front.layer) continue;
-    const std::pair<uintptr_t, int> key = {w.session, w.layer};
-    if (blocked.count(key)) continue;
-    if (std::optional<Decision> drop = Dropped(i, w, in.now)) {
-      plan.settled.push_back(std::move(*drop));
-      continue;
-    }
-    const int64_t chunk = NextChunk(w, limits);
-    if (tokens + chunk > max_tokens) {  // waits for a later pass, and so does everything behind it in its layer
-      blocked.insert(key);
-      continue;
-    }
-    Decision d =
-        Admit(i, w, chunk, in.pools[static_cast<size_t>(w.replica)], free_blocks[static_cast<size_t>(w.replica)]);
+    Decision d = admit(i, NextChunk(w, limits));
     if (d.verdict != Verdict::kRun) {
-      plan.settled.push_back(std::move(d));
+      settle(std::move(d));
       continue;
     }
-    free_blocks[static_cast<size_t>(w.replica)] -= d.new_blocks;
-    tokens += chunk;
-    blocked.insert(key);
-    plan.pass.push_back(std::move(d));
+    front = i;
+    take(std::move(d));
+  }
+  if (front) {
+    // The rest of the pass: steps of the front's (replica, layer), decode steps first, then prefill chunks.
+    const QueuedWork& lead = in.queue[*front];
+    const int64_t max_sessions = std::max<int64_t>(1, limits.max_batch_sessions);
+    const int64_t max_tokens = std::max<int64_t>(1, limits.max_batch_tokens);
+    int64_t tokens = plan.pass[0].chunk;
+    std::set<Key> blocked = {{lead.session, lead.layer}};  // in the pass, or one of them stays queued ahead
+    std::vector<size_t> prefills;                          // the first queued step of their key, in queue order
+    auto full = [&] { return static_cast<int64_t>(plan.pass.size()) >= max_sessions; };
+    for (size_t i = 0; i < n && !full(); ++i) {
+      const QueuedWork& w = in.queue[i];
+      if (gone[i] || i == *front || !w.is_step || w.replica != lead.replica || w.layer != lead.layer) continue;
+      const Key key = {w.session, w.layer};
+      if (!blocked.insert(key).second) continue;
+      if (!IsDecode(w, limits)) {
+        prefills.push_back(i);
+        continue;
+      }
+      const int64_t chunk = NextChunk(w, limits);
+      if (tokens + chunk > max_tokens) continue;  // waits for a later pass, and so does its key
+      Decision d = admit(i, chunk);
+      if (d.verdict != Verdict::kRun) {
+        settle(std::move(d));
+        blocked.erase(key);  // a later step of the session may still join
+        continue;
+      }
+      tokens += chunk;
+      take(std::move(d));
+    }
+    for (size_t i : prefills) {
+      if (full() || tokens >= max_tokens) break;
+      const QueuedWork& w = in.queue[i];
+      int64_t chunk = NextChunk(w, limits);
+      if (tokens + chunk > max_tokens) {
+        if (!w.causal) continue;  // never split: waits for a pass with room for all of it
+        chunk = max_tokens - tokens;
+      }
+      Decision d = admit(i, chunk);
+      if (d.verdict != Verdict::kRun) {
+        settle(std::move(d));
+        continue;
+      }
+      tokens += chunk;
+      take(std::move(d));
+    }
+    std::sort(plan.pass.begin(), plan.pass.end(),
+              [](const Decision& a, const Decision& b) { return a.index < b.index; });
   }
   std::sort(plan.settled.begin(), plan.settled.end(),
             [](const Decision& a, const Decision& b) { return a.index < b.index; });

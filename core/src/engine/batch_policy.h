@@ -62,6 +62,14 @@ struct SchedulerLimits {
   int64_t max_batch_sessions = 256;  // steps per pass (values < 1 count as 1)
   int64_t max_batch_tokens = 4096;   // tokens per pass; the pass's first step is taken whatever its size
   int64_t max_prefill_chunk = 512;   // a causal step's tokens per pass (values < 1 count as 1)
+  // Decode first (vLLM's chunked prefill): a step of at most this many tokens that has not started is a decode
+  // step. The pass forms around the oldest decode step, the decode steps of its layer join first, and prefill
+  // chunks fill the token budget left (a causal chunk shrinks to fit it). So a decode step waits for at most one
+  // pass of its layer, not behind every prefill queued ahead of it. < 1: no decode steps (queue order alone).
+  int64_t decode_max_tokens = 16;
+  // ... unless the oldest queued item has waited this long: then it leads the pass whatever it is, so neither a
+  // prefill nor a stateless Forward can be starved by a steady stream of decode steps.
+  std::chrono::microseconds max_wait_behind_decode{std::chrono::milliseconds(100)};
 };
 
 struct SchedulerInput {
@@ -90,18 +98,22 @@ struct Decision {
 };
 
 struct PassPlan {
-  // Steps of one (replica, layer), queue order; the first is the pass's front. Each (session, layer) at most
-  // once, and never ahead of an earlier queued step of the same (session, layer).
+  // Steps of one (replica, layer), in queue order. Each (session, layer) at most once, and never ahead of an
+  // earlier queued step of the same (session, layer).
   std::vector<Decision> pass;
   std::optional<size_t> alone;    // or: one non-step item, run alone
   std::vector<Decision> settled;  // leave the queue without running, in queue order
 };
 
-// The next pass. The front is the first item that is neither dropped nor refused; steps of its (replica,
-// layer) behind it join while the session and token limits allow, each admitted against its session's state
-// and the free blocks left by the members before it. Items of other (replica, layer)s are left queued, as is
-// every step of a (session, layer) behind one that stays queued. A step that has started (done > 0) is never
-// dropped or re-admitted: it continues.
+// The next pass. Items cancelled or past their deadline anywhere in the queue are dropped. The front is the
+// oldest decode step that is the first of its (session, layer), queued ahead of any stateless request, and is
+// admitted; without one (or when the oldest
+// item has waited max_wait_behind_decode), the first item that is neither dropped nor refused. Steps of the
+// front's (replica, layer) join while the session and token limits allow: decode steps first, then the others
+// (prefill chunks), each in queue order and admitted against its session's state and the free blocks left by the
+// members before it. Items of other (replica, layer)s are left queued, as is every step of a (session, layer)
+// behind one that stays queued. A step that has started (done > 0) is never dropped or re-admitted: it
+// continues.
 PassPlan SchedulePass(const SchedulerInput& in);
 
 }  // namespace mqa::core
