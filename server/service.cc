@@ -20,15 +20,15 @@ using core::StatusOr;
 
 namespace internal {
 
-StatusOr<core::StepRequest> ToStepRequest(const v1::StepInput& in, core::Clock::time_point deadline,
+StatusOr<core::StepRequest> ToStepRequest(v1::StepInput* in, core::Clock::time_point deadline,
                                           std::shared_ptr<const core::CancelFlag> cancel) {
   core::StepRequest req;
-  MQA_RETURN_IF_ERROR(CheckSessionId(in.session_id()));
-  req.session_id = in.session_id();
-  req.layer = in.layer();
-  if (!in.has_x()) return core::InvalidArgumentError("x: required, [1, s, dim]");
-  MQA_ASSIGN_OR_RETURN(req.x, FromWire(in.x(), "x"));
-  if (in.has_position()) req.position = in.position();
+  MQA_RETURN_IF_ERROR(CheckSessionId(in->session_id()));
+  req.session_id = in->session_id();
+  req.layer = in->layer();
+  if (!in->has_x()) return core::InvalidArgumentError("x: required, [1, s, dim]");
+  MQA_ASSIGN_OR_RETURN(req.x, FromWireTaking(in->mutable_x(), "x"));
+  if (in->has_position()) req.position = in->position();
   req.deadline = deadline;
   req.cancel = std::move(cancel);
   return req;
@@ -248,12 +248,11 @@ grpc::ServerUnaryReactor* MqaServiceImpl::Step(grpc::CallbackServerContext* ctx,
   auto* call = new UnaryCall<v1::StepRequest, v1::StepResponse>(ctx, raw, raw_resp, options_.metrics);
   if (!call->ok()) return call;
   FillResult(call->request.step(), call->response.mutable_result());
-  auto step = ToStepRequest(call->request.step(), call->steady_deadline(), call->cancel());
+  auto step = ToStepRequest(call->request.mutable_step(), call->steady_deadline(), call->cancel());
   if (!step.ok()) {
     call->Reply(step.status());
     return call;
   }
-  call->request.mutable_step()->clear_x();  // converted: do not hold the bytes twice while the step waits
   engine_->SubmitStep(std::move(step).value(), [call, metrics = options_.metrics](StatusOr<core::StepResult> result) {
     Status st = result.status();
     if (st.ok()) st = FillResult(*result, call->response.mutable_result());

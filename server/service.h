@@ -26,7 +26,8 @@ using RawMqaService = v1::MqaService::WithRawCallbackMethod_ListModels<
     v1::MqaService::WithRawCallbackMethod_GetModel<v1::MqaService::WithRawCallbackMethod_Forward<
         v1::MqaService::WithRawCallbackMethod_CreateSession<v1::MqaService::WithRawCallbackMethod_GetSession<
             v1::MqaService::WithRawCallbackMethod_CloseSession<v1::MqaService::WithRawCallbackMethod_Step<
-                v1::MqaService::WithRawCallbackMethod_StreamSteps<v1::MqaService::Service>>>>>>>>;
+                v1::MqaService::WithRawCallbackMethod_StreamSteps<
+                    v1::MqaService::WithRawCallbackMethod_StepBatch<v1::MqaService::Service>>>>>>>>>;
 
 struct ServiceOptions {
   // A stream stops reading requests (HTTP/2 flow control pushes back on the client) while it holds this many
@@ -66,6 +67,9 @@ class MqaServiceImpl final : public RawMqaService {
   grpc::ServerUnaryReactor* Step(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* req,
                                  grpc::ByteBuffer* resp) override;
   grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* StreamSteps(grpc::CallbackServerContext* ctx) override;
+  // step_batch.cc
+  grpc::ServerUnaryReactor* StepBatch(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* req,
+                                      grpc::ByteBuffer* resp) override;
 
  private:
   class StepStreamReactor;

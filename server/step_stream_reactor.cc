@@ -19,6 +19,7 @@
 #include <mutex>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "server/logging.h"
 #include "server/raw_call.h"
@@ -67,7 +68,8 @@ class MqaServiceImpl::StepStreamReactor final : public grpc::ServerBidiReactor<g
       MaybeFinishLocked();
       return;
     }
-    const v1::StepInput& input = parsed.step();
+    if (parsed.has_batch()) return ReadBatch(&parsed);
+    v1::StepInput& input = *parsed.mutable_step();
     // An answer has its input's shape and dtype, so its size is known before it exists.
     const size_t answer_bytes = input.x().data().size();
     {
@@ -81,7 +83,7 @@ class MqaServiceImpl::StepStreamReactor final : public grpc::ServerBidiReactor<g
     echo.set_layer(input.layer());
     echo.set_sequence(input.sequence());
     StatusOr<core::Clock::time_point> deadline = StepDeadline(input.timeout(), stream_deadline_);
-    StatusOr<core::StepRequest> step = deadline.ok() ? internal::ToStepRequest(input, *deadline, cancel_)
+    StatusOr<core::StepRequest> step = deadline.ok() ? internal::ToStepRequest(&input, *deadline, cancel_)
                                                      : StatusOr<core::StepRequest>(deadline.status());
     parsed.Clear();  // converted: do not hold the bytes twice while the step waits
     if (!step.ok()) {
@@ -144,6 +146,55 @@ class MqaServiceImpl::StepStreamReactor final : public grpc::ServerBidiReactor<g
     size_t bytes = 0;  // what pending_bytes_ counts for it
   };
 
+  // A batch (StepBatchInput) on the stream: its steps are submitted together and answered in one message. It
+  // counts as one pending answer, of its input's size (the size of its answer).
+  void ReadBatch(v1::StreamStepsRequest* parsed) {
+    v1::StepBatchInput* input = parsed->mutable_batch();
+    const size_t answer_bytes = input->x().data().size();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++in_flight_;
+      steps_ += static_cast<uint64_t>(input->session_ids_size());
+      pending_bytes_ += answer_bytes;
+    }
+    const int32_t layer = input->layer();
+    const uint64_t sequence = input->sequence();
+    StatusOr<internal::PreparedBatch> batch =
+        parsed->has_step()
+            ? StatusOr<internal::PreparedBatch>(core::InvalidArgumentError(
+                  "a StreamStepsRequest carries a step or a batch, not both; nothing of it was applied"))
+            : StatusOr<internal::PreparedBatch>(core::InvalidArgumentError("unset"));
+    if (!parsed->has_step()) {
+      StatusOr<core::Clock::time_point> deadline = StepDeadline(input->timeout(), stream_deadline_);
+      batch = deadline.ok() ? internal::ToStepBatch(input, *deadline, cancel_)
+                            : StatusOr<internal::PreparedBatch>(deadline.status());
+    }
+    parsed->Clear();  // converted: the rows are views of the bytes taken from it
+    if (!batch.ok()) {
+      v1::StreamStepsResponse resp;
+      resp.mutable_batch()->set_layer(layer);
+      resp.mutable_batch()->set_sequence(sequence);
+      Count(service_->options_.metrics, batch.status());
+      resp.mutable_status()->set_code(static_cast<int>(batch.status().code()));
+      resp.mutable_status()->set_message(batch.status().message());
+      Deliver(std::move(resp), answer_bytes);
+    } else {
+      auto shared = std::make_shared<internal::PreparedBatch>(std::move(batch).value());
+      std::vector<core::StepRequest> requests = std::move(shared->requests);
+      service_->engine_->SubmitSteps(
+          std::move(requests), [this, shared, answer_bytes](std::vector<StatusOr<core::StepResult>> results) {
+            v1::StreamStepsResponse resp;
+            internal::FillBatchResult(*shared, std::move(results), service_->options_.metrics,
+                                      resp.mutable_batch());
+            resp.mutable_status()->set_code(0);
+            Deliver(std::move(resp), answer_bytes);
+          });
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    read_outstanding_ = false;
+    MaybeReadLocked();
+  }
+
   void Complete(const v1::StepInput& echo, size_t answer_bytes, StatusOr<core::StepResult> result) {
     v1::StreamStepsResponse resp;
     internal::FillResult(echo, resp.mutable_result());
@@ -153,11 +204,23 @@ class MqaServiceImpl::StepStreamReactor final : public grpc::ServerBidiReactor<g
     internal::CountStep(service_->options_.metrics, st, result);
     resp.mutable_status()->set_code(static_cast<int>(st.code()));
     resp.mutable_status()->set_message(st.message());
+    Deliver(std::move(resp), answer_bytes);
+  }
+
+  // Queues one answer for writing (it was counted in in_flight_ and pending_bytes_ when its request was read).
+  void Deliver(v1::StreamStepsResponse resp, size_t answer_bytes) {
     Answer answer;
     answer.bytes = answer_bytes;
     Status serialized = SerializeRaw(resp, &answer.message);
     if (!serialized.ok()) {  // say so in a small answer rather than lose the step's outcome
       resp.mutable_result()->clear_out();
+      if (resp.has_batch()) {
+        const int32_t layer = resp.batch().layer();
+        const uint64_t sequence = resp.batch().sequence();
+        resp.mutable_batch()->Clear();
+        resp.mutable_batch()->set_layer(layer);
+        resp.mutable_batch()->set_sequence(sequence);
+      }
       resp.mutable_status()->set_code(static_cast<int>(serialized.code()));
       resp.mutable_status()->set_message(serialized.message());
       (void)SerializeRaw(resp, &answer.message);

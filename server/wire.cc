@@ -3,6 +3,10 @@
 #include <google/protobuf/util/time_util.h>
 
 #include <limits>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
 
 namespace mqa::server {
 namespace {
@@ -33,7 +37,10 @@ void SetTimestamp(std::chrono::system_clock::time_point t, google::protobuf::Tim
 
 }  // namespace
 
-core::StatusOr<core::Tensor> FromWire(const v1::Tensor& wire, const std::string& name) {
+namespace {
+
+// Checks wire's dtype, shape and byte count; the shape comes back in *shape.
+core::StatusOr<DType> CheckWire(const v1::Tensor& wire, const std::string& name, std::vector<int64_t>* shape_out) {
   MQA_ASSIGN_OR_RETURN(DType dtype, FromWireDType(wire.dtype(), name));
   if (wire.shape_size() > kMaxDims) {
     return InvalidArgumentError(name + ": at most " + std::to_string(kMaxDims) + " dimensions, got " +
@@ -60,7 +67,29 @@ core::StatusOr<core::Tensor> FromWire(const v1::Tensor& wire, const std::string&
                                 std::to_string(core::DTypeSize(dtype)) + "), got " +
                                 std::to_string(wire.data().size()));
   }
+  *shape_out = std::move(shape);
+  return dtype;
+}
+
+}  // namespace
+
+core::StatusOr<core::Tensor> FromWire(const v1::Tensor& wire, const std::string& name) {
+  std::vector<int64_t> shape;
+  MQA_ASSIGN_OR_RETURN(DType dtype, CheckWire(wire, name, &shape));
   auto t = core::Tensor::FromBytes(dtype, shape, wire.data().data(), wire.data().size());
+  if (!t.ok()) return core::Status(t.status().code(), name + ": " + t.status().message());
+  return t;
+}
+
+core::StatusOr<core::Tensor> FromWireTaking(v1::Tensor* wire, const std::string& name) {
+  std::vector<int64_t> shape;
+  MQA_ASSIGN_OR_RETURN(DType dtype, CheckWire(*wire, name, &shape));
+  // Moving a std::string hands over its buffer (O(1)); the tensor keeps that string alive.
+  auto bytes = std::make_shared<std::string>(std::move(*wire->mutable_data()));
+  wire->clear_data();
+  const void* data = bytes->data();
+  const size_t n = bytes->size();
+  auto t = core::Tensor::Borrow(dtype, shape, data, n, std::move(bytes));
   if (!t.ok()) return core::Status(t.status().code(), name + ": " + t.status().message());
   return t;
 }
@@ -77,11 +106,12 @@ v1::DataType ToWireDType(DType dtype) {
 }
 
 core::Status ToWire(const core::Tensor& t, v1::Tensor* wire) {
-  MQA_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, t.ToBytes());
+  std::string* data = wire->mutable_data();
+  data->resize(t.nbytes());
+  MQA_RETURN_IF_ERROR(t.CopyBytesTo(data->data(), data->size()));
   wire->set_dtype(ToWireDType(t.dtype()));
   wire->clear_shape();
   for (int64_t d : t.shape()) wire->add_shape(d);
-  wire->set_data(bytes.data(), bytes.size());
   return core::Status();
 }
 

@@ -18,7 +18,11 @@ namespace mqa::server {
 // Checks dtype, shape (at most 8 dims, sizes >= 0, no overflow) and the byte count, then copies into a CPU
 // tensor. name ("x", "bias", ...) starts every error message. INVALID_ARGUMENT on any mismatch.
 core::StatusOr<core::Tensor> FromWire(const v1::Tensor& wire, const std::string& name);
-// Contiguous little-endian bytes of t (copied to the CPU if needed).
+// The same checks, without copying the bytes: the tensor takes wire's data (wire->data() is empty afterwards) and
+// reads it in place. For step inputs, whose bytes then go from the parsed message straight into the engine's
+// staging buffer.
+core::StatusOr<core::Tensor> FromWireTaking(v1::Tensor* wire, const std::string& name);
+// Contiguous little-endian bytes of t (copied to the CPU if needed), written into wire's data in place.
 core::Status ToWire(const core::Tensor& t, v1::Tensor* wire);
 
 v1::DataType ToWireDType(core::DType dtype);

@@ -263,6 +263,24 @@ StatusOr<StepOutput> Session::Step(int32_t layer, const HostTensor& x, std::opti
   return internal::StepOutputFromProto(response.result());
 }
 
+StatusOr<StepBatchOutput> Client::StepBatch(const StepBatchInput& batch, Timeout timeout, uint64_t sequence) {
+  v1::StepBatchRequest request;
+  Status valid = internal::StepBatchInputToProto(batch, request.mutable_batch());
+  if (!valid.ok()) return valid;
+  request.mutable_batch()->set_sequence(sequence);
+  v1::StepBatchResponse response;
+  auto attempt = [&](grpc::ClientContext* context) {
+    internal::SetRoutingKey(context, batch.routing_key);
+    return impl_->stub->StepBatch(context, request, &response);
+  };
+  // As Session::Step: sent again only when every step can be recognised as a repeat by the server.
+  bool all_named = !batch.positions.empty();
+  for (const std::optional<int64_t>& p : batch.positions) all_named = all_named && p.has_value();
+  grpc::Status status = all_named ? impl_->CallStep(timeout, attempt) : impl_->CallOnce(timeout, attempt);
+  if (!status.ok()) return internal::FromGrpc(status);
+  return internal::StepBatchOutputFromProto(response.result());
+}
+
 StatusOr<SessionInfo> Session::Close(Timeout timeout) {
   if (!state_ || state_->id.empty()) return Status(StatusCode::kFailedPrecondition, "the session is closed");
   // Forget the id first: whatever the outcome, a second close (the destructor's) would only fail again.

@@ -134,6 +134,45 @@ Status StepInputToProto(const std::string& session_id, int32_t layer, const Host
   return Status::Ok();
 }
 
+Status StepBatchInputToProto(const StepBatchInput& batch, v1::StepBatchInput* proto) {
+  Status s = CheckTensor(batch.x, "x");
+  if (!s.ok()) return s;
+  const size_t b = batch.session_ids.size();
+  if (b == 0) return Status(StatusCode::kInvalidArgument, "session_ids: at least one session, got none");
+  if (batch.x.shape.size() != 3 || batch.x.shape[0] != static_cast<int64_t>(b)) {
+    return Status(StatusCode::kInvalidArgument, "x: expected [B, s, dim] with B = " + std::to_string(b) +
+                                                    " (one row per session), got " +
+                                                    std::to_string(batch.x.shape.size()) + " dimensions");
+  }
+  if (!batch.positions.empty() && batch.positions.size() != b) {
+    return Status(StatusCode::kInvalidArgument, "positions: expected none or one per session (" +
+                                                    std::to_string(b) + "), got " +
+                                                    std::to_string(batch.positions.size()));
+  }
+  proto->set_layer(batch.layer);
+  for (const std::string& id : batch.session_ids) proto->add_session_ids(id);
+  TensorToProto(batch.x, proto->mutable_x());
+  for (const std::optional<int64_t>& p : batch.positions) proto->add_positions(p.value_or(-1));
+  if (batch.timeout && batch.timeout->count() > 0) DurationToProto(*batch.timeout, proto->mutable_timeout());
+  return Status::Ok();
+}
+
+StepBatchOutput StepBatchOutputFromProto(const v1::StepBatchResult& proto) {
+  StepBatchOutput o;
+  o.layer = proto.layer();
+  o.sequence = proto.sequence();
+  for (const v1::StepStatus& st : proto.statuses()) {
+    o.statuses.push_back(st.code() == 0 ? Status::Ok() : Status(StatusCodeFromInt(st.code()), st.message()));
+  }
+  o.positions.assign(proto.positions().begin(), proto.positions().end());
+  o.out = TensorFromProto(proto.out());
+  for (const v1::StepTiming& t : proto.timings()) {
+    o.queue_times.emplace_back(t.queue_us());
+    o.compute_times.emplace_back(t.compute_us());
+  }
+  return o;
+}
+
 Status ForwardInputToProto(const ForwardInput& input, v1::ForwardRequest* proto) {
   Status s = CheckTensor(input.x, "x");
   if (s.ok() && input.past_key_value) s = CheckTensor(input.past_key_value->key, "past_key_value.key");

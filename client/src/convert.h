@@ -29,6 +29,11 @@ Status StepInputToProto(const std::string& session_id, int32_t layer, const Host
                         std::optional<int64_t> position, std::optional<std::chrono::milliseconds> timeout,
                         v1::StepInput* proto);
 
+// Fills everything but `sequence`. INVALID_ARGUMENT when x is malformed or positions is neither empty nor B
+// long (checked here, so a malformed batch is never sent).
+Status StepBatchInputToProto(const StepBatchInput& batch, v1::StepBatchInput* proto);
+StepBatchOutput StepBatchOutputFromProto(const v1::StepBatchResult& proto);
+
 // INVALID_ARGUMENT when a tensor is malformed.
 Status ForwardInputToProto(const ForwardInput& input, v1::ForwardRequest* proto);
 ForwardOutput ForwardOutputFromProto(const v1::ForwardResponse& proto);

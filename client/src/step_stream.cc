@@ -52,15 +52,27 @@ class StepStream::Reactor final : public grpc::ClientBidiReactor<v1::StreamSteps
     uint64_t sequence = 0;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (finished_) {
-        return final_status_.ok() ? Status(StatusCode::kFailedPrecondition, "the step stream has finished")
-                                  : final_status_;
-      }
-      if (broken_) return Status(StatusCode::kCancelled, "the step stream was cancelled or has failed");
-      if (half_close_requested_) return Status(StatusCode::kFailedPrecondition, "the step stream is finishing");
+      if (Status refused = RefusalLocked(); !refused.ok()) return refused;
       sequence = next_sequence_++;
       message->mutable_step()->set_sequence(sequence);
       pending_.emplace(sequence, std::move(done));
+      queue_.push_back(std::move(message));
+    }
+    Pump();
+    return sequence;
+  }
+
+  StatusOr<uint64_t> SubmitBatch(StepBatchInput batch, StepBatchCallback done) {
+    auto message = std::make_unique<v1::StreamStepsRequest>();
+    Status valid = internal::StepBatchInputToProto(batch, message->mutable_batch());
+    if (!valid.ok()) return valid;
+    uint64_t sequence = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (Status refused = RefusalLocked(); !refused.ok()) return refused;
+      sequence = next_sequence_++;
+      message->mutable_batch()->set_sequence(sequence);
+      pending_batches_.emplace(sequence, std::move(done));
       queue_.push_back(std::move(message));
     }
     Pump();
@@ -100,7 +112,7 @@ class StepStream::Reactor final : public grpc::ClientBidiReactor<v1::StreamSteps
 
   size_t pending() const {
     std::lock_guard<std::mutex> lock(mu_);
-    return pending_.size();
+    return pending_.size() + pending_batches_.size();
   }
 
   const std::string& routing_key() const { return routing_key_; }
@@ -126,6 +138,7 @@ class StepStream::Reactor final : public grpc::ClientBidiReactor<v1::StreamSteps
       Pump();
       return;
     }
+    if (response_.has_batch()) return ReadBatchAnswer();
     const v1::StepResult& result = response_.result();
     const uint64_t sequence = result.sequence();
     StatusOr<StepOutput> outcome =
@@ -148,6 +161,7 @@ class StepStream::Reactor final : public grpc::ClientBidiReactor<v1::StreamSteps
 
   void OnDone(const grpc::Status& status) override {
     std::vector<StepCallback> orphans;
+    std::vector<StepBatchCallback> orphan_batches;
     Status stream_status = internal::FromGrpc(status);
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -155,7 +169,9 @@ class StepStream::Reactor final : public grpc::ClientBidiReactor<v1::StreamSteps
       broken_ = true;
       final_status_ = stream_status;
       for (auto& entry : pending_) orphans.push_back(std::move(entry.second));
+      for (auto& entry : pending_batches_) orphan_batches.push_back(std::move(entry.second));
       pending_.clear();
+      pending_batches_.clear();
       queue_.clear();
     }
     // The server ending the call normally with steps unanswered breaks the protocol; say so rather than OK.
@@ -165,6 +181,9 @@ class StepStream::Reactor final : public grpc::ClientBidiReactor<v1::StreamSteps
     for (auto& callback : orphans) {
       if (callback) callback(step_status);
     }
+    for (auto& callback : orphan_batches) {
+      if (callback) callback(step_status);
+    }
     std::shared_ptr<DoneSignal> signal = done_signal_;  // the reactor may be gone once done is set
     std::lock_guard<std::mutex> lock(signal->mu);
     signal->done = true;
@@ -172,6 +191,37 @@ class StepStream::Reactor final : public grpc::ClientBidiReactor<v1::StreamSteps
   }
 
  private:
+  // Why nothing more can be submitted, if so.
+  Status RefusalLocked() const {
+    if (finished_) {
+      return final_status_.ok() ? Status(StatusCode::kFailedPrecondition, "the step stream has finished")
+                                : final_status_;
+    }
+    if (broken_) return Status(StatusCode::kCancelled, "the step stream was cancelled or has failed");
+    if (half_close_requested_) return Status(StatusCode::kFailedPrecondition, "the step stream is finishing");
+    return Status::Ok();
+  }
+
+  void ReadBatchAnswer() {
+    const uint64_t sequence = response_.batch().sequence();
+    StatusOr<StepBatchOutput> outcome =
+        response_.status().code() == 0
+            ? StatusOr<StepBatchOutput>(internal::StepBatchOutputFromProto(response_.batch()))
+            : StatusOr<StepBatchOutput>(
+                  Status(StatusCodeFromInt(response_.status().code()), response_.status().message()));
+    StepBatchCallback callback;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = pending_batches_.find(sequence);
+      if (it != pending_batches_.end()) {
+        callback = std::move(it->second);
+        pending_batches_.erase(it);
+      }
+    }
+    StartRead(&response_);
+    if (callback) callback(std::move(outcome));
+  }
+
   // Decides under mu_ what to start next, then starts it without mu_.
   void Pump() {
     const v1::StreamStepsRequest* to_write = nullptr;
@@ -209,6 +259,7 @@ class StepStream::Reactor final : public grpc::ClientBidiReactor<v1::StreamSteps
   std::deque<std::unique_ptr<v1::StreamStepsRequest>> queue_;  // accepted, not yet written
   std::unique_ptr<v1::StreamStepsRequest> current_write_;      // the outstanding write
   std::unordered_map<uint64_t, StepCallback> pending_;         // accepted, not yet answered
+  std::unordered_map<uint64_t, StepBatchCallback> pending_batches_;  // the same for batches (one sequence space)
   uint64_t next_sequence_ = 1;
   bool write_in_flight_ = false;
   bool half_close_requested_ = false;
@@ -269,6 +320,19 @@ std::future<StatusOr<StepOutput>> StepStream::Submit(const Session& session, Ste
     return failed.get_future();
   }
   return Submit(std::move(request));
+}
+
+StatusOr<uint64_t> StepStream::SubmitBatch(StepBatchInput batch, StepBatchCallback done) {
+  return reactor_->SubmitBatch(std::move(batch), std::move(done));
+}
+
+std::future<StatusOr<StepBatchOutput>> StepStream::SubmitBatch(StepBatchInput batch) {
+  auto promise = std::make_shared<std::promise<StatusOr<StepBatchOutput>>>();
+  std::future<StatusOr<StepBatchOutput>> future = promise->get_future();
+  StatusOr<uint64_t> submitted = reactor_->SubmitBatch(
+      std::move(batch), [promise](StatusOr<StepBatchOutput> result) { promise->set_value(std::move(result)); });
+  if (!submitted.ok()) promise->set_value(submitted.status());
+  return future;
 }
 
 const std::string& StepStream::routing_key() const { return reactor_->routing_key(); }

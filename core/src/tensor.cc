@@ -195,6 +195,22 @@ StatusOr<Tensor> Tensor::FromBytes(DType dtype, const std::vector<int64_t>& shap
   });
 }
 
+StatusOr<Tensor> Tensor::Borrow(DType dtype, const std::vector<int64_t>& shape, const void* data, size_t nbytes,
+                                std::shared_ptr<const void> owner) {
+  MQA_RETURN_IF_ERROR(CheckShape(shape));
+  const size_t expected = static_cast<size_t>(Product(shape)) * DTypeSize(dtype);
+  if (nbytes != expected || dtype == DType::kBool) {
+    return FromBytes(dtype, shape, data, nbytes);  // its messages (and the bool bytes' check) in one place
+  }
+  return CatchAll("Tensor::Borrow", [&]() -> StatusOr<Tensor> {
+    // from_blob never writes; the deleter holds the owner for as long as the storage lives.
+    at::Tensor t = at::from_blob(
+        const_cast<void*>(data), shape, [owner = std::move(owner)](void*) mutable { owner.reset(); },
+        at::TensorOptions().dtype(ToScalarType(dtype)));
+    return Wrap(std::move(t));
+  });
+}
+
 StatusOr<Tensor> Tensor::FromFloats(DType dtype, const std::vector<int64_t>& shape, const std::vector<float>& values) {
   if (!IsFloatingPoint(dtype)) return InvalidArgumentError("FromFloats needs a floating-point dtype");
   MQA_RETURN_IF_ERROR(CheckShape(shape));
@@ -262,6 +278,30 @@ StatusOr<std::vector<uint8_t>> Tensor::ToBytes() const {
     if (!bytes.empty()) std::memcpy(bytes.data(), c.data_ptr(), bytes.size());
     return bytes;
   });
+}
+
+Status Tensor::CopyBytesTo(void* dst, size_t nbytes) const {
+  if (!defined()) return FailedPreconditionError("Tensor::CopyBytesTo on an undefined tensor");
+  if (nbytes != this->nbytes()) {
+    return InvalidArgumentError("Tensor::CopyBytesTo: the tensor has " + std::to_string(this->nbytes()) +
+                                " bytes, the destination " + std::to_string(nbytes));
+  }
+  return CatchAll("Tensor::CopyBytesTo", [&]() -> Status {
+    const at::Tensor& t = impl_->t;
+    at::Tensor c = t.is_cpu() && t.is_contiguous() ? t : t.to(at::kCPU).contiguous();
+    if (nbytes > 0) std::memcpy(dst, c.data_ptr(), nbytes);
+    return Status();
+  });
+}
+
+StatusOr<Tensor> Tensor::Rows(int64_t start, int64_t count) const {
+  if (!defined() || dim() == 0) return FailedPreconditionError("Tensor::Rows needs a tensor of at least one dimension");
+  const int64_t n = size(0);
+  if (start < 0 || count < 0 || start > n || count > n - start) {
+    return OutOfRangeError("rows [" + std::to_string(start) + ", " + std::to_string(start) + " + " +
+                           std::to_string(count) + ") of a tensor of " + std::to_string(n));
+  }
+  return CatchAll("Tensor::Rows", [&]() -> StatusOr<Tensor> { return Wrap(impl_->t.narrow(0, start, count)); });
 }
 
 StatusOr<std::vector<float>> Tensor::ToFloats() const {

@@ -7,6 +7,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <utility>
@@ -272,13 +273,13 @@ StatusOr<SessionInfo> Engine::CloseSession(const std::string& id) {
   return info;
 }
 
-void Engine::SubmitStep(StepRequest request, StepCallback done) {
-  Impl* impl = impl_.get();
-  auto fail_now = [impl, &done](Status status) {
-    impl->Count([](EngineStats& c) { ++c.steps_failed; });
+std::optional<WorkItem> Engine::Impl::PrepareStep(StepRequest request, StepCallback done) {
+  auto fail_now = [this, &done](Status status) -> std::optional<WorkItem> {
+    Count([](EngineStats& c) { ++c.steps_failed; });
     done(std::move(status));
+    return std::nullopt;
   };
-  auto found = impl->sessions->Find(request.session_id);
+  auto found = sessions->Find(request.session_id);
   if (!found.ok()) return fail_now(found.status());
   std::shared_ptr<Session> session = std::move(found).value();
   const Model& model = *session->model;
@@ -305,7 +306,7 @@ void Engine::SubmitStep(StepRequest request, StepCallback done) {
   if (closed) return fail_now(NotFoundError("session " + session->id + " was closed; nothing was computed"));
   auto shared_done = std::make_shared<StepCallback>(std::move(done));
   auto in_flight = std::make_shared<InFlight>();
-  auto finish = [impl, session, shared_done, in_flight](StatusOr<StepResult> result) {
+  auto finish = [this, session, shared_done, in_flight](StatusOr<StepResult> result) {
     in_flight->Leave();
     {
       std::lock_guard<std::mutex> slock(session->mu);
@@ -315,20 +316,66 @@ void Engine::SubmitStep(StepRequest request, StepCallback done) {
       session->last_active_wall = std::chrono::system_clock::now();
     }
     const bool ok = result.ok();
-    impl->Count([ok](EngineStats& c) { ++(ok ? c.steps_completed : c.steps_failed); });
+    Count([ok](EngineStats& c) { ++(ok ? c.steps_completed : c.steps_failed); });
     // The caller's callback off the worker thread when a worker completes it (Completer), else here.
     auto answer = std::make_shared<StatusOr<StepResult>>(std::move(result));
     Completer::Complete([shared_done, answer] { (*shared_done)(std::move(*answer)); });
   };
-  const Clock::time_point deadline = request.deadline;
-  auto cancel = request.cancel;
+  WorkItem item;
+  item.in_flight = std::move(in_flight);
+  item.enqueued = Clock::now();
+  item.deadline = request.deadline;
+  item.cancel = request.cancel;
+  item.fail = finish;
   auto job = std::make_shared<StepJob>();
   job->session = session;
   job->replica = session->replica;
   job->x_hash = request.position ? InputHash(request.x) : 0;  // only steps that name a position can be retried
   job->request = std::move(request);
-  job->finish = finish;
-  impl->Enqueue(session->replica->device, deadline, std::move(cancel), nullptr, finish, in_flight, std::move(job));
+  job->finish = std::move(finish);
+  item.job = std::move(job);
+  return item;
+}
+
+void Engine::SubmitStep(StepRequest request, StepCallback done) {
+  std::optional<WorkItem> item = impl_->PrepareStep(std::move(request), std::move(done));
+  if (!item) return;
+  Worker& worker = *impl_->workers.at(item->job->replica->device);
+  std::function<void(Status)> fail = item->fail;
+  if (Status queued = worker.Enqueue(std::move(*item)); !queued.ok()) fail(queued);
+}
+
+void Engine::SubmitSteps(std::vector<StepRequest> requests, StepBatchCallback done) {
+  // One answer slot per request; the last entry to complete delivers them all.
+  struct Answers {
+    std::mutex mu;
+    std::vector<StatusOr<StepResult>> results;
+    size_t left = 0;
+    StepBatchCallback done;
+  };
+  auto answers = std::make_shared<Answers>();
+  answers->results.assign(requests.size(), StatusOr<StepResult>(Status(StatusCode::kUnknown, "not answered")));
+  answers->left = requests.size() + 1;  // + 1: held until every entry is queued or refused
+  answers->done = std::move(done);
+  auto arrive = [answers](size_t i, StatusOr<StepResult> result) {
+    bool last;
+    {
+      std::lock_guard<std::mutex> lock(answers->mu);
+      if (i < answers->results.size()) answers->results[i] = std::move(result);
+      last = --answers->left == 0;
+    }
+    if (last) answers->done(std::move(answers->results));
+  };
+  // Entries are queued per device in one hand-over each, next to each other in request order, so the policy finds
+  // those of one replica and layer together and runs them in one pass (within the batching limits).
+  std::map<std::string, std::vector<WorkItem>> by_device;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    std::optional<WorkItem> item = impl_->PrepareStep(
+        std::move(requests[i]), [arrive, i](StatusOr<StepResult> result) { arrive(i, std::move(result)); });
+    if (item) by_device[item->job->replica->device].push_back(std::move(*item));
+  }
+  for (auto& [device, items] : by_device) impl_->workers.at(device)->EnqueueAll(items);
+  arrive(requests.size(), Status());
 }
 
 void Engine::StopAcceptingSessions() { impl_->sessions->StopAccepting(); }

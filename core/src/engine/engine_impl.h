@@ -8,6 +8,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -47,6 +48,10 @@ struct Engine::Impl {
   void Enqueue(const std::string& device, Clock::time_point deadline, std::shared_ptr<const CancelFlag> cancel,
                std::function<void(Clock::time_point)> run, std::function<void(Status)> fail,
                std::shared_ptr<InFlight> in_flight, std::shared_ptr<StepJob> job = nullptr);
+
+  // SubmitStep's checks and the work item they make. A request refused there has had done called (inline) and
+  // gives nullopt; otherwise the item's fail and its job's finish complete it exactly once.
+  std::optional<WorkItem> PrepareStep(StepRequest request, StepCallback done);
 
   // The worker's hooks (Worker::Hooks): answers a step the policy settled without running it, and runs one
   // pass: the next chunk of every step in pass (all of one replica and layer). Finished steps are completed;

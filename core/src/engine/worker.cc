@@ -2,6 +2,7 @@
 
 #include <c10/core/InferenceMode.h>
 
+#include <algorithm>
 #include <optional>
 #include <utility>
 
@@ -55,6 +56,26 @@ Status Worker::Enqueue(WorkItem item) {
   }
   cv_.notify_one();
   return Status();
+}
+
+void Worker::EnqueueAll(std::vector<WorkItem>& items) {
+  size_t taken = 0;
+  Status refused;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_) {
+      refused = UnavailableError("the server is shutting down");
+    } else {
+      taken = std::min(items.size(), max_queue_ > queue_.size() ? max_queue_ - queue_.size() : size_t{0});
+      for (size_t i = 0; i < taken; ++i) queue_.push_back(std::move(items[i]));
+      if (taken < items.size()) {
+        refused = ResourceExhaustedError("the queue of " + device_ + " is full (" + std::to_string(max_queue_) +
+                                         " requests waiting); retry later");
+      }
+    }
+  }
+  if (taken > 0) cv_.notify_one();
+  for (size_t i = taken; i < items.size(); ++i) items[i].fail(refused);
 }
 
 size_t Worker::queued() const {

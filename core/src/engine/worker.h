@@ -52,6 +52,9 @@ class Worker {
 
   // RESOURCE_EXHAUSTED when the queue is full, UNAVAILABLE when stopping; the item is not queued then.
   Status Enqueue(WorkItem item);
+  // Queues items in order, next to each other, under one lock: as many as the queue takes. Those it does not take
+  // are failed (item.fail, after the lock) with Enqueue's refusal.
+  void EnqueueAll(std::vector<WorkItem>& items);
 
   size_t queued() const;
   size_t running() const { return running_.load(); }

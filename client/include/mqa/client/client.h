@@ -206,6 +206,35 @@ struct StepRequest {
   std::optional<std::chrono::milliseconds> timeout;
 };
 
+// One layer's steps of many sessions in one message (mqa.v1.StepBatchInput), for a caller that runs its model
+// batched: each session's step means exactly what its own Step would (its own position check and errors), and
+// the server runs them in one pass when its batching limits allow.
+struct StepBatchInput {
+  int32_t layer = 0;
+  std::vector<std::string> session_ids;           // B >= 1; a session listed twice has its steps applied in order
+  HostTensor x;                                   // [B, s, dim]: row b is session_ids[b]'s x
+  std::vector<std::optional<int64_t>> positions;  // empty (no checks) or B entries, as StepRequest::position
+  // Server-side, StepStream only: as StepRequest::timeout, for every step of the batch.
+  std::optional<std::chrono::milliseconds> timeout;
+  // Client::StepBatch only: sent in kRoutingKeyHeader (the sessions' shared key; empty: none). Behind a proxy
+  // every session of the batch must have been created with it. StepStream sends its own key instead.
+  std::string routing_key;
+};
+// The answers to a StepBatchInput (mqa.v1.StepBatchResult), entry b for session_ids[b].
+struct StepBatchOutput {
+  int32_t layer = 0;
+  uint64_t sequence = 0;
+  std::vector<Status> statuses;                     // per session: OK or why its step failed (nothing applied)
+  std::vector<int64_t> positions;                   // per session: the layer's cache length before its step
+  HostTensor out;                                   // [B, s, dim] in x's dtype; a failed session's row is zeros
+  std::vector<std::chrono::microseconds> queue_times;    // per session, as StepOutput::queue_time
+  std::vector<std::chrono::microseconds> compute_times;  // per session, as StepOutput::compute_time
+};
+// Receives a streamed batch's answers, as StepCallback does a step's. Not OK only when the batch as a whole
+// failed (unreadable, or the stream's status when the stream failed): then no step of it was applied by the
+// server's answer, or (for a stream that broke) the outcome is unknown, as for a step.
+using StepBatchCallback = std::function<void(StatusOr<StepBatchOutput>)>;
+
 // Receives a streamed step's outcome. Called exactly once per accepted step, on a gRPC thread: it must not
 // block for long and must not throw. It may call StepStream::Submit (but not Finish, Cancel or the
 // StepStream's destructor).
@@ -293,6 +322,10 @@ class MQA_CLIENT_EXPORT StepStream {
   StatusOr<uint64_t> Submit(const Session& session, StepRequest request, StepCallback done);
   std::future<StatusOr<StepOutput>> Submit(const Session& session, StepRequest request);
 
+  // Queues a batch of one layer's steps of many sessions (StepBatchInput; its routing_key is ignored: the
+  // stream's applies). As Submit: on OK the callback is called exactly once; a batch counts as one pending entry.
+  StatusOr<uint64_t> SubmitBatch(StepBatchInput batch, StepBatchCallback done);
+  std::future<StatusOr<StepBatchOutput>> SubmitBatch(StepBatchInput batch);
   // The routing key this stream was opened with (StreamOptions::routing_key or a random one).
   const std::string& routing_key() const;
 
@@ -348,6 +381,14 @@ class MQA_CLIENT_EXPORT Client {
   // Closes any session by id. Never retried. `routing_key`: as for GetSession.
   StatusOr<SessionInfo> CloseSession(const std::string& session_id, Timeout timeout = std::nullopt,
                                      const std::string& routing_key = std::string());
+
+  // One layer's steps of many sessions in one call (mqa.v1.StepBatch). The call's status is not OK only when
+  // the batch as a whole is malformed (INVALID_ARGUMENT, nothing applied) or the call failed; each session's
+  // outcome is in StepBatchOutput::statuses. When every session names its position, a batch whose answer was
+  // lost is sent again as Session::Step is (the server answers the repeats from their kept answers); otherwise it
+  // is never retried.
+  StatusOr<StepBatchOutput> StepBatch(const StepBatchInput& batch, Timeout timeout = std::nullopt,
+                                      uint64_t sequence = 0);
 
   // Starts a StreamSteps call. Fails only on bad options (INVALID_ARGUMENT for a malformed routing key);
   // connection errors surface through the steps.

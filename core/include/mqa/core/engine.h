@@ -184,6 +184,8 @@ struct ForwardRequest {
 };
 
 using StepCallback = std::function<void(StatusOr<StepResult>)>;
+// One answer per request of a SubmitSteps, in request order.
+using StepBatchCallback = std::function<void(std::vector<StatusOr<StepResult>>)>;
 using ForwardCallback = std::function<void(StatusOr<ForwardResult>)>;
 
 // One device's share of EngineStats (every replica on it, all models).
@@ -282,6 +284,13 @@ class Engine {
   // RESOURCE_EXHAUSTED (queue full), DEADLINE_EXCEEDED / CANCELLED (dropped before compute), UNAVAILABLE
   // (engine stopping). A failed step leaves the session unchanged.
   void SubmitStep(StepRequest request, StepCallback done);
+  // Queues many steps at once (a caller that runs its own model batched: one layer's steps of many sessions).
+  // Each request keeps exactly SubmitStep's contract, alone: its own checks, position, errors, retries; one that
+  // fails changes nothing for the others, and nothing is computed for it. They are queued together, per device in
+  // one hand-over and in request order, so the steps of one replica and layer run in one pass when the batching
+  // limits allow; two of the same session and layer run one after the other, in order. done is called exactly
+  // once, when every request has its answer (on the thread of the last one), with the answers in request order.
+  void SubmitSteps(std::vector<StepRequest> requests, StepBatchCallback done);
   // Queues one stateless forward on the model's replica with the shortest queue; same contract as SubmitStep
   // (minus the session errors), and RESOURCE_EXHAUSTED, before anything is queued, past
   // EngineOptions::max_forward_scores or max_forward_weights_bytes; an allocation that fails while it runs is

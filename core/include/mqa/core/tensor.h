@@ -55,6 +55,11 @@ class Tensor {
   static StatusOr<Tensor> Randn(DType dtype, const std::vector<int64_t>& shape, uint64_t seed,
                                 std::string_view device = "cpu");
   static StatusOr<Tensor> Zeros(DType dtype, const std::vector<int64_t>& shape, std::string_view device = "cpu");
+  // Like FromBytes, without the copy: the tensor reads data in place (on the CPU) and keeps owner alive until its
+  // last reference is gone. The caller must not change the bytes while owner lives; core never writes them. For
+  // the server's inputs, whose bytes already sit in a parsed message.
+  static StatusOr<Tensor> Borrow(DType dtype, const std::vector<int64_t>& shape, const void* data, size_t nbytes,
+                                 std::shared_ptr<const void> owner);
 
   bool defined() const;
   DType dtype() const;
@@ -70,8 +75,14 @@ class Tensor {
   StatusOr<Tensor> ToDType(DType dtype) const;
   // Row-major little-endian bytes (synchronises with the device).
   StatusOr<std::vector<uint8_t>> ToBytes() const;
+  // The same bytes written into dst, which must hold exactly nbytes() (synchronises with the device). For
+  // writing a reply's bytes field in place, without ToBytes' intermediate vector.
+  Status CopyBytesTo(void* dst, size_t nbytes) const;
   // Values converted to float32 (bool becomes 0/1). Convenience for tests and tools.
   StatusOr<std::vector<float>> ToFloats() const;
+  // Rows [start, start + count) of the outermost dimension: a view sharing this tensor's storage (contiguous when
+  // this one is). OUT_OF_RANGE unless 0 <= start <= start + count <= size(0); FAILED_PRECONDITION for a scalar.
+  StatusOr<Tensor> Rows(int64_t start, int64_t count) const;
 
   // For core's private sources only.
   const std::shared_ptr<TensorImpl>& impl() const { return impl_; }
