@@ -22,12 +22,11 @@
 namespace mqa::server {
 
 // The base whose methods all take and give raw bytes (see above).
-using RawMqaService = v1::MqaService::WithRawCallbackMethod_ListModels<
-    v1::MqaService::WithRawCallbackMethod_GetModel<v1::MqaService::WithRawCallbackMethod_Forward<
-        v1::MqaService::WithRawCallbackMethod_CreateSession<v1::MqaService::WithRawCallbackMethod_GetSession<
-            v1::MqaService::WithRawCallbackMethod_CloseSession<v1::MqaService::WithRawCallbackMethod_Step<
-                v1::MqaService::WithRawCallbackMethod_StreamSteps<
-                    v1::MqaService::WithRawCallbackMethod_StepBatch<v1::MqaService::Service>>>>>>>>>;
+using RawMqaService = v1::MqaService::WithRawCallbackMethod_ListModels<v1::MqaService::WithRawCallbackMethod_GetModel<
+    v1::MqaService::WithRawCallbackMethod_Forward<v1::MqaService::WithRawCallbackMethod_CreateSession<
+        v1::MqaService::WithRawCallbackMethod_GetSession<v1::MqaService::WithRawCallbackMethod_CloseSession<
+            v1::MqaService::WithRawCallbackMethod_Step<v1::MqaService::WithRawCallbackMethod_StreamSteps<
+                v1::MqaService::WithRawCallbackMethod_StepBatch<v1::MqaService::Service>>>>>>>>>;
 
 struct ServiceOptions {
   // A stream stops reading requests (HTTP/2 flow control pushes back on the client) while it holds this many

@@ -25,8 +25,8 @@ StatusOr<PreparedBatch> ToStepBatch(v1::StepBatchInput* in, core::Clock::time_po
   const int64_t b = in->session_ids_size();
   if (b == 0) return core::InvalidArgumentError("session_ids: at least one session, got none");
   if (in->positions_size() != 0 && in->positions_size() != b) {
-    return core::InvalidArgumentError("positions: expected none or one per session (" + std::to_string(b) +
-                                      "), got " + std::to_string(in->positions_size()));
+    return core::InvalidArgumentError("positions: expected none or one per session (" + std::to_string(b) + "), got " +
+                                      std::to_string(in->positions_size()));
   }
   if (!in->has_x()) return core::InvalidArgumentError("x: required, [B, s, dim] with B = " + std::to_string(b));
   MQA_ASSIGN_OR_RETURN(core::Tensor x, FromWireTaking(in->mutable_x(), "x"));
@@ -126,11 +126,11 @@ grpc::ServerUnaryReactor* MqaServiceImpl::StepBatch(grpc::CallbackServerContext*
   }
   auto shared = std::make_shared<internal::PreparedBatch>(std::move(batch).value());
   std::vector<core::StepRequest> requests = std::move(shared->requests);
-  engine_->SubmitSteps(std::move(requests), [call, shared, metrics = options_.metrics](
-                                                std::vector<StatusOr<core::StepResult>> results) {
-    internal::FillBatchResult(*shared, std::move(results), metrics, call->response.mutable_result());
-    call->Reply(Status());
-  });
+  engine_->SubmitSteps(
+      std::move(requests), [call, shared, metrics = options_.metrics](std::vector<StatusOr<core::StepResult>> results) {
+        internal::FillBatchResult(*shared, std::move(results), metrics, call->response.mutable_result());
+        call->Reply(Status());
+      });
   return call;
 }
 

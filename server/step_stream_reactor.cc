@@ -160,10 +160,9 @@ class MqaServiceImpl::StepStreamReactor final : public grpc::ServerBidiReactor<g
     const int32_t layer = input->layer();
     const uint64_t sequence = input->sequence();
     StatusOr<internal::PreparedBatch> batch =
-        parsed->has_step()
-            ? StatusOr<internal::PreparedBatch>(core::InvalidArgumentError(
-                  "a StreamStepsRequest carries a step or a batch, not both; nothing of it was applied"))
-            : StatusOr<internal::PreparedBatch>(core::InvalidArgumentError("unset"));
+        parsed->has_step() ? StatusOr<internal::PreparedBatch>(core::InvalidArgumentError(
+                                 "a StreamStepsRequest carries a step or a batch, not both; nothing of it was applied"))
+                           : StatusOr<internal::PreparedBatch>(core::InvalidArgumentError("unset"));
     if (!parsed->has_step()) {
       StatusOr<core::Clock::time_point> deadline = StepDeadline(input->timeout(), stream_deadline_);
       batch = deadline.ok() ? internal::ToStepBatch(input, *deadline, cancel_)
@@ -184,8 +183,7 @@ class MqaServiceImpl::StepStreamReactor final : public grpc::ServerBidiReactor<g
       service_->engine_->SubmitSteps(
           std::move(requests), [this, shared, answer_bytes](std::vector<StatusOr<core::StepResult>> results) {
             v1::StreamStepsResponse resp;
-            internal::FillBatchResult(*shared, std::move(results), service_->options_.metrics,
-                                      resp.mutable_batch());
+            internal::FillBatchResult(*shared, std::move(results), service_->options_.metrics, resp.mutable_batch());
             resp.mutable_status()->set_code(0);
             Deliver(std::move(resp), answer_bytes);
           });

@@ -145,9 +145,8 @@ Status StepBatchInputToProto(const StepBatchInput& batch, v1::StepBatchInput* pr
                                                     std::to_string(batch.x.shape.size()) + " dimensions");
   }
   if (!batch.positions.empty() && batch.positions.size() != b) {
-    return Status(StatusCode::kInvalidArgument, "positions: expected none or one per session (" +
-                                                    std::to_string(b) + "), got " +
-                                                    std::to_string(batch.positions.size()));
+    return Status(StatusCode::kInvalidArgument, "positions: expected none or one per session (" + std::to_string(b) +
+                                                    "), got " + std::to_string(batch.positions.size()));
   }
   proto->set_layer(batch.layer);
   for (const std::string& id : batch.session_ids) proto->add_session_ids(id);

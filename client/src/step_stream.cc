@@ -256,9 +256,9 @@ class StepStream::Reactor final : public grpc::ClientBidiReactor<v1::StreamSteps
   v1::StreamStepsResponse response_;  // only touched by the read chain
 
   mutable std::mutex mu_;
-  std::deque<std::unique_ptr<v1::StreamStepsRequest>> queue_;  // accepted, not yet written
-  std::unique_ptr<v1::StreamStepsRequest> current_write_;      // the outstanding write
-  std::unordered_map<uint64_t, StepCallback> pending_;         // accepted, not yet answered
+  std::deque<std::unique_ptr<v1::StreamStepsRequest>> queue_;        // accepted, not yet written
+  std::unique_ptr<v1::StreamStepsRequest> current_write_;            // the outstanding write
+  std::unordered_map<uint64_t, StepCallback> pending_;               // accepted, not yet answered
   std::unordered_map<uint64_t, StepBatchCallback> pending_batches_;  // the same for batches (one sequence space)
   uint64_t next_sequence_ = 1;
   bool write_in_flight_ = false;

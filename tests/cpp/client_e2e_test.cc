@@ -20,8 +20,8 @@
 #include <random>
 #include <thread>
 
-#include "mqa/client/client.h"
 #include "client_e2e_util.h"
+#include "mqa/client/client.h"
 
 namespace mqa::client {
 namespace {

@@ -24,8 +24,7 @@ HostTensor Stack(const std::vector<HostTensor>& rows) {
     std::vector<float> v = Floats(r);
     all.insert(all.end(), v.begin(), v.end());
   }
-  return HostTensor::FromFloats({static_cast<int64_t>(rows.size()), rows[0].shape[1], rows[0].shape[2]}, all)
-      .value();
+  return HostTensor::FromFloats({static_cast<int64_t>(rows.size()), rows[0].shape[1], rows[0].shape[2]}, all).value();
 }
 
 std::vector<float> Row(const HostTensor& t, int64_t b) {
@@ -60,8 +59,8 @@ TEST_F(ClientStepBatch, AnswersEqualSingleStepsOfTheSameSessions) {
       }
       batch.x = Stack(rows);
       // Even steps as a unary StepBatch, odd ones as a batch on the stream: both must mean the same.
-      StatusOr<StepBatchOutput> out = t % 2 == 0 ? client->StepBatch(batch, std::nullopt, 7)
-                                                 : stream->SubmitBatch(batch).get();
+      StatusOr<StepBatchOutput> out =
+          t % 2 == 0 ? client->StepBatch(batch, std::nullopt, 7) : stream->SubmitBatch(batch).get();
       ASSERT_TRUE(out.ok()) << out.status().ToString();
       ASSERT_EQ(out->statuses.size(), static_cast<size_t>(kSessions));
       ASSERT_EQ(out->out.shape, (std::vector<int64_t>{kSessions, 1, 64}));

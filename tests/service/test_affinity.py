@@ -219,6 +219,9 @@ def test_cpp_client_streams_through_nginx(cluster):
         ["session-demo", "--sessions", "8", "--prefill", "4", "--tokens", "6"],
         # Six sessions on three streams: each session takes its stream's key.
         ["bench", "--sessions", "6", "--streams", "3", "--prefill", "4", "--warmup", "1", "--tokens", "4"],
+        # The same as one StepBatch per stream and layer step: a batch carries its stream's key too.
+        ["bench", "--sessions", "6", "--streams", "3", "--prefill", "4", "--warmup", "1", "--tokens", "4",
+         "--batch-rpc"],
     ]
     for args in runs:
         done = subprocess.run([str(cli), "--target", proxy.target, *args], capture_output=True, text=True,

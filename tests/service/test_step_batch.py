@@ -3,12 +3,16 @@ message. Each session's step must mean exactly what its own Step would: Zeta's n
 own position check and error (per session, nothing applied for it), and nothing half-applied for a batch the server
 cannot read."""
 
+import json
+import subprocess
+
 import grpc
 import numpy as np
 import pytest
 import torch
 
 from conftest import SMALL, from_wire, to_wire
+from test_affinity import cli_binary
 from test_service import rel_err, zeta_layer
 
 OK, INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION = 0, 3, 5, 9
@@ -181,3 +185,19 @@ def test_a_repeated_batch_is_answered_from_the_kept_answers_and_applied_once(pb,
     assert np.array_equal(from_wire(first.out), from_wire(again.out))
     for sid in ids:
         assert positions_of(pb, stub, sid) == [2, 0]
+
+
+def test_cli_bench_batch_rpc_steps_every_session_exactly_once(pb, start_server, tmp_path):
+    server = start_server()
+    out = tmp_path / "bench.json"
+    done = subprocess.run([str(cli_binary()), "--target", server.target, "--model", "small", "bench", "--sessions", "5", "--streams", "2",
+                           "--prefill", "3", "--warmup", "1", "--tokens", "4", "--batch-rpc", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    # The bench itself checks with GetSession that every layer of every session holds prefill + warm-up + tokens.
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    assert report["mode"] == "step_batch"
+    row = report["rows"][0]
+    assert row["sessions"] == 5 and row["streams"] == 2
+    assert row["decode_steps"] == 2 * 4 * 2  # groups x tokens x layers: one StepBatch each
+    assert row["tokens_per_s"] > 0

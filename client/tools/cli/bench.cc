@@ -38,6 +38,7 @@ struct BenchFlags {
   int64_t seed = 0;
   std::string dtype;  // empty: the model's
   std::string json_path;
+  bool batch_rpc = false;  // each stream carries one StepBatchInput per layer step of its sessions
 };
 
 using BenchLoop = mqa::bench::ClosedLoop<HostTensor, Status>;
@@ -66,6 +67,37 @@ BenchPhase RunPhase(const std::vector<std::string>& ids, const std::vector<std::
   });
 }
 
+// The batched mode (--batch-rpc): the sessions of stream g (i % streams == g) form one group, stepped together
+// as one StepBatchInput per layer step, as a caller that runs its model batched would. The closed loop runs over
+// the groups: a group's next batch goes out from the callback of its current one. inputs[g] holds that group's
+// [B_g, s, dim] inputs of layer 0; layer l > 0 takes layer l - 1's output.
+BenchPhase RunBatchedPhase(const std::vector<std::vector<std::string>>& groups,
+                           const std::vector<std::unique_ptr<StepStream>>& streams, int64_t layers,
+                           const std::vector<std::vector<HostTensor>>& inputs, std::chrono::milliseconds step_timeout,
+                           int64_t start_position, int64_t step_tokens, int64_t rounds) {
+  const std::vector<HostTensor> unused(1);  // layer 0's input is picked per group below
+  BenchLoop loop(groups.size(), layers, &unused);
+  return loop.Run(start_position, step_tokens, rounds, [&](size_t g, int64_t layer, int64_t position, HostTensor x) {
+    StepBatchInput batch;
+    batch.layer = static_cast<int32_t>(layer);
+    batch.session_ids = groups[g];
+    batch.positions.assign(groups[g].size(), position);
+    batch.timeout = step_timeout;
+    const auto round = static_cast<size_t>((position - start_position) / step_tokens);
+    batch.x = layer == 0 ? inputs[g][round % inputs[g].size()] : std::move(x);
+    auto done = [&loop, g](StatusOr<StepBatchOutput> out) {
+      if (!out.ok()) return loop.Fail(out.status());
+      for (const Status& st : out->statuses) {
+        if (!st.ok()) return loop.Fail(st);
+      }
+      loop.Done(g, std::chrono::duration<double, std::milli>(out->queue_times.front()).count(),
+                std::chrono::duration<double, std::milli>(out->compute_times.front()).count(), std::move(out->out));
+    };
+    StatusOr<uint64_t> submitted = streams[g]->SubmitBatch(std::move(batch), std::move(done));
+    if (!submitted.ok()) loop.Fail(submitted.status());
+  });
+}
+
 struct BenchRow {
   int64_t sessions = 0;
   int64_t streams = 0;
@@ -75,7 +107,8 @@ struct BenchRow {
 
 // One bench point: n sessions through prefill, warm-up and the timed decode phase; closes what it opened.
 StatusOr<BenchRow> RunBenchPoint(Client& client, const ModelInfo& model, int64_t n, int64_t num_streams,
-                                 int64_t prefill, int64_t warmup, int64_t tokens, DataType dtype, uint64_t seed) {
+                                 int64_t prefill, int64_t warmup, int64_t tokens, DataType dtype, uint64_t seed,
+                                 bool batch_rpc) {
   BenchRow row;
   row.sessions = n;
   row.streams = std::min(num_streams, n);
@@ -124,14 +157,41 @@ StatusOr<BenchRow> RunBenchPoint(Client& client, const ModelInfo& model, int64_t
                                              " sessions: " + std::to_string(p.failed) +
                                              " step(s) failed, first: " + p.first_error->message());
   };
-  if (prefill > 0) {
-    row.prefill = RunPhase(ids, streams, layers, prefill_inputs, step_timeout, 0, prefill, 1);
-    if (row.prefill.first_error) return phase_error(row.prefill, "prefill");
+  if (batch_rpc) {
+    std::vector<std::vector<std::string>> groups(streams.size());
+    for (size_t i = 0; i < ids.size(); ++i) groups[i % streams.size()].push_back(ids[i]);
+    std::vector<std::vector<HostTensor>> group_prefill(groups.size()), group_decode(groups.size());
+    for (size_t g = 0; g < groups.size(); ++g) {
+      const auto b = static_cast<int64_t>(groups[g].size());
+      for (int k = 0; k < 2 && prefill > 0; ++k) {
+        StatusOr<HostTensor> x = RandomTensor({b, prefill, dim}, dtype, rng);
+        if (!x.ok()) return x.status();
+        group_prefill[g].push_back(std::move(*x));
+      }
+      for (int k = 0; k < 4; ++k) {
+        StatusOr<HostTensor> x = RandomTensor({b, 1, dim}, dtype, rng);
+        if (!x.ok()) return x.status();
+        group_decode[g].push_back(std::move(*x));
+      }
+    }
+    if (prefill > 0) {
+      row.prefill = RunBatchedPhase(groups, streams, layers, group_prefill, step_timeout, 0, prefill, 1);
+      if (row.prefill.first_error) return phase_error(row.prefill, "prefill");
+    }
+    BenchPhase warm = RunBatchedPhase(groups, streams, layers, group_decode, step_timeout, prefill, 1, warmup);
+    if (warm.first_error) return phase_error(warm, "warm-up");
+    row.decode = RunBatchedPhase(groups, streams, layers, group_decode, step_timeout, prefill + warmup, 1, tokens);
+    if (row.decode.first_error) return phase_error(row.decode, "decode");
+  } else {
+    if (prefill > 0) {
+      row.prefill = RunPhase(ids, streams, layers, prefill_inputs, step_timeout, 0, prefill, 1);
+      if (row.prefill.first_error) return phase_error(row.prefill, "prefill");
+    }
+    BenchPhase warm = RunPhase(ids, streams, layers, decode_inputs, step_timeout, prefill, 1, warmup);
+    if (warm.first_error) return phase_error(warm, "warm-up");
+    row.decode = RunPhase(ids, streams, layers, decode_inputs, step_timeout, prefill + warmup, 1, tokens);
+    if (row.decode.first_error) return phase_error(row.decode, "decode");
   }
-  BenchPhase warm = RunPhase(ids, streams, layers, decode_inputs, step_timeout, prefill, 1, warmup);
-  if (warm.first_error) return phase_error(warm, "warm-up");
-  row.decode = RunPhase(ids, streams, layers, decode_inputs, step_timeout, prefill + warmup, 1, tokens);
-  if (row.decode.first_error) return phase_error(row.decode, "decode");
   for (auto& stream : streams) {
     Status finished = stream->Finish();
     if (!finished.ok()) return finished;
@@ -175,15 +235,17 @@ int RunBench(Client& client, const BenchFlags& flags, const std::string& model_f
   std::printf("mqa-cli bench: %s, model %s: %d layers, dim %" PRId64 ", heads %" PRId64
               ", %s on %s, attn_impl %s\n"
               "  per session: prefill %" PRId64 ", warm-up %" PRId64 ", decode %" PRId64
-              " tokens (closed loop, one step in flight per session); inputs %s; up to %" PRId64 " streams\n",
+              " tokens (closed loop, one step in flight per %s); inputs %s; up to %" PRId64 " streams\n",
               client.options().target.c_str(), model->name.c_str(), model->num_layers, layer0.dim, layer0.heads,
               DataTypeName(layer0.dtype).c_str(), layer0.device.c_str(), layer0.attn_impl.c_str(), prefill, warmup,
-              tokens, DataTypeName(dtype).c_str(), num_streams);
+              tokens, flags.batch_rpc ? "stream: one StepBatch of its sessions per layer step" : "session",
+              DataTypeName(dtype).c_str(), num_streams);
   std::fflush(stdout);
 
   std::vector<BenchRow> rows;
   for (int64_t n : session_counts) {
-    StatusOr<BenchRow> row = RunBenchPoint(client, *model, n, num_streams, prefill, warmup, tokens, dtype, seed);
+    StatusOr<BenchRow> row =
+        RunBenchPoint(client, *model, n, num_streams, prefill, warmup, tokens, dtype, seed, flags.batch_rpc);
     if (!row.ok()) return Fail(row.status());
     rows.push_back(std::move(*row));
     const BenchRow& r = rows.back();
@@ -206,9 +268,9 @@ int RunBench(Client& client, const BenchFlags& flags, const std::string& model_f
                 prefill_tokens_per_s(r));
   }
   std::printf(
-      "(tokens/s: decode tokens through all %d layers per wall second; p50/p99: one layer step, submit to "
+      "(tokens/s: decode tokens through all %d layers per wall second; p50/p99: one layer step%s, submit to "
       "answer; srv_*: the server's queue and compute time per step, p50)\n",
-      model->num_layers);
+      model->num_layers, flags.batch_rpc ? " (one StepBatch)" : "");
 
   if (!json_path.empty()) {
     std::ostringstream os;
@@ -218,7 +280,8 @@ int RunBench(Client& client, const BenchFlags& flags, const std::string& model_f
        << ",\"dtype\":" << JsonString(DataTypeName(layer0.dtype))
        << ",\"input_dtype\":" << JsonString(DataTypeName(dtype)) << ",\"device\":" << JsonString(layer0.device)
        << ",\"attn_impl\":" << JsonString(layer0.attn_impl) << ",\"prefill\":" << prefill << ",\"warmup\":" << warmup
-       << ",\"tokens\":" << tokens << ",\"streams\":" << num_streams << ",\"seed\":" << seed << ",\"rows\":[";
+       << ",\"tokens\":" << tokens << ",\"streams\":" << num_streams << ",\"seed\":" << seed
+       << ",\"mode\":" << JsonString(flags.batch_rpc ? "step_batch" : "stream_steps") << ",\"rows\":[";
     for (size_t i = 0; i < rows.size(); ++i) {
       const BenchRow& r = rows[i];
       const double steps = static_cast<double>(r.decode.latency_ms.size());
@@ -267,6 +330,9 @@ Command AddBench(CLI::App& app) {
   mqa::command_line::AddInt(*sub, "--seed", &flags->seed, 0, "seed of the random inputs")->capture_default_str();
   AddDtypeFlag(*sub, &flags->dtype, "dtype of the inputs (default: the model's)");
   sub->add_option("--json", flags->json_path, "also write the results as JSON to FILE")->type_name("FILE");
+  sub->add_flag("--batch-rpc", flags->batch_rpc,
+                "send each stream's sessions as one StepBatch per layer step (a caller running its model batched) "
+                "instead of one StepInput per session");
   return Command{sub,
                  [flags](Client& client, const CommonFlags& common) { return RunBench(client, *flags, common.model); }};
 }

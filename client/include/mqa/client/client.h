@@ -224,9 +224,9 @@ struct StepBatchInput {
 struct StepBatchOutput {
   int32_t layer = 0;
   uint64_t sequence = 0;
-  std::vector<Status> statuses;                     // per session: OK or why its step failed (nothing applied)
-  std::vector<int64_t> positions;                   // per session: the layer's cache length before its step
-  HostTensor out;                                   // [B, s, dim] in x's dtype; a failed session's row is zeros
+  std::vector<Status> statuses;                          // per session: OK or why its step failed (nothing applied)
+  std::vector<int64_t> positions;                        // per session: the layer's cache length before its step
+  HostTensor out;                                        // [B, s, dim] in x's dtype; a failed session's row is zeros
   std::vector<std::chrono::microseconds> queue_times;    // per session, as StepOutput::queue_time
   std::vector<std::chrono::microseconds> compute_times;  // per session, as StepOutput::compute_time
 };
