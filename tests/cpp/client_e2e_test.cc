@@ -185,7 +185,7 @@ TEST_F(ClientE2E, ADeadlinePassedInTheQueueIsDeadlineExceededAndNothingIsCompute
   auto stream = client->OpenStream().value();
   StepRequest late;
   late.session_id = victim.id();
-  late.x = RandomX(1, 512, 6);
+  late.x = RandomX(32, 512, 6);  // not a decode step, which would overtake LongStep's chunks (decode first)
   late.timeout = milliseconds(1);
   auto long_f = stream->Submit(LongStep(busy, 5));
   auto late_f = stream->Submit(std::move(late));

@@ -537,7 +537,8 @@ TEST_F(ServiceTest, StreamedStepTimeoutIsDeadlineExceededInItsAnswer) {
   req.mutable_step()->set_session_id(victim.session_id());
   req.mutable_step()->set_sequence(2);
   req.mutable_step()->mutable_timeout()->set_nanos(1000000);  // 1 ms
-  ASSERT_TRUE(ToWire(Randn(core::DType::kFloat32, {1, 1, 64}), req.mutable_step()->mutable_x()).ok());
+  // 32 tokens: more than a decode step, which the scheduler would let overtake the long step (decode first).
+  ASSERT_TRUE(ToWire(Randn(core::DType::kFloat32, {1, 32, 64}), req.mutable_step()->mutable_x()).ok());
   ASSERT_TRUE(stream->Write(req));
   stream->WritesDone();
   std::map<uint64_t, v1::StreamStepsResponse> answers;

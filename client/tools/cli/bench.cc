@@ -160,22 +160,17 @@ StatusOr<BenchRow> RunBenchPoint(Client& client, const ModelInfo& model, int64_t
   if (batch_rpc) {
     std::vector<std::vector<std::string>> groups(streams.size());
     for (size_t i = 0; i < ids.size(); ++i) groups[i % streams.size()].push_back(ids[i]);
-    std::vector<std::vector<HostTensor>> group_prefill(groups.size()), group_decode(groups.size());
+    std::vector<std::vector<HostTensor>> group_decode(groups.size());
     for (size_t g = 0; g < groups.size(); ++g) {
       const auto b = static_cast<int64_t>(groups[g].size());
-      for (int k = 0; k < 2 && prefill > 0; ++k) {
-        StatusOr<HostTensor> x = RandomTensor({b, prefill, dim}, dtype, rng);
-        if (!x.ok()) return x.status();
-        group_prefill[g].push_back(std::move(*x));
-      }
       for (int k = 0; k < 4; ++k) {
         StatusOr<HostTensor> x = RandomTensor({b, 1, dim}, dtype, rng);
         if (!x.ok()) return x.status();
         group_decode[g].push_back(std::move(*x));
       }
     }
-    if (prefill > 0) {
-      row.prefill = RunBatchedPhase(groups, streams, layers, group_prefill, step_timeout, 0, prefill, 1);
+    if (prefill > 0) {  // one step per session: a whole group's prefill may not fit one message
+      row.prefill = RunPhase(ids, streams, layers, prefill_inputs, step_timeout, 0, prefill, 1);
       if (row.prefill.first_error) return phase_error(row.prefill, "prefill");
     }
     BenchPhase warm = RunBatchedPhase(groups, streams, layers, group_decode, step_timeout, prefill, 1, warmup);
