@@ -357,11 +357,12 @@ void Engine::SubmitSteps(std::vector<StepRequest> requests, StepBatchCallback do
   answers->results.assign(requests.size(), StatusOr<StepResult>(Status(StatusCode::kUnknown, "not answered")));
   answers->left = requests.size() + 1;  // + 1: held until every entry is queued or refused
   answers->done = std::move(done);
-  auto arrive = [answers](size_t i, StatusOr<StepResult> result) {
+  // One arrival: entry i's answer, or (result null) the submitter's own hold released.
+  auto arrive = [answers](size_t i, StatusOr<StepResult>* result) {
     bool last;
     {
       std::lock_guard<std::mutex> lock(answers->mu);
-      if (i < answers->results.size()) answers->results[i] = std::move(result);
+      if (result != nullptr) answers->results[i] = std::move(*result);
       last = --answers->left == 0;
     }
     if (last) answers->done(std::move(answers->results));
@@ -371,11 +372,11 @@ void Engine::SubmitSteps(std::vector<StepRequest> requests, StepBatchCallback do
   std::map<std::string, std::vector<WorkItem>> by_device;
   for (size_t i = 0; i < requests.size(); ++i) {
     std::optional<WorkItem> item = impl_->PrepareStep(
-        std::move(requests[i]), [arrive, i](StatusOr<StepResult> result) { arrive(i, std::move(result)); });
+        std::move(requests[i]), [arrive, i](StatusOr<StepResult> result) { arrive(i, &result); });
     if (item) by_device[item->job->replica->device].push_back(std::move(*item));
   }
   for (auto& [device, items] : by_device) impl_->workers.at(device)->EnqueueAll(items);
-  arrive(requests.size(), Status());
+  arrive(requests.size(), nullptr);
 }
 
 void Engine::StopAcceptingSessions() { impl_->sessions->StopAccepting(); }
