@@ -371,8 +371,8 @@ void Engine::SubmitSteps(std::vector<StepRequest> requests, StepBatchCallback do
   // those of one replica and layer together and runs them in one pass (within the batching limits).
   std::map<std::string, std::vector<WorkItem>> by_device;
   for (size_t i = 0; i < requests.size(); ++i) {
-    std::optional<WorkItem> item = impl_->PrepareStep(
-        std::move(requests[i]), [arrive, i](StatusOr<StepResult> result) { arrive(i, &result); });
+    std::optional<WorkItem> item =
+        impl_->PrepareStep(std::move(requests[i]), [arrive, i](StatusOr<StepResult> result) { arrive(i, &result); });
     if (item) by_device[item->job->replica->device].push_back(std::move(*item));
   }
   for (auto& [device, items] : by_device) impl_->workers.at(device)->EnqueueAll(items);
