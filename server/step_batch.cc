@@ -117,8 +117,6 @@ grpc::ServerUnaryReactor* MqaServiceImpl::StepBatch(grpc::CallbackServerContext*
                                                     grpc::ByteBuffer* raw_resp) {
   auto* call = new UnaryCall<v1::StepBatchRequest, v1::StepBatchResponse>(ctx, raw, raw_resp, options_.metrics);
   if (!call->ok()) return call;
-  call->response.mutable_result()->set_layer(call->request.batch().layer());
-  call->response.mutable_result()->set_sequence(call->request.batch().sequence());
   auto batch = internal::ToStepBatch(call->request.mutable_batch(), call->steady_deadline(), call->cancel());
   if (!batch.ok()) {
     call->Reply(batch.status());

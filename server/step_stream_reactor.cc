@@ -159,10 +159,8 @@ class MqaServiceImpl::StepStreamReactor final : public grpc::ServerBidiReactor<g
     }
     const int32_t layer = input->layer();
     const uint64_t sequence = input->sequence();
-    StatusOr<internal::PreparedBatch> batch =
-        parsed->has_step() ? StatusOr<internal::PreparedBatch>(core::InvalidArgumentError(
-                                 "a StreamStepsRequest carries a step or a batch, not both; nothing of it was applied"))
-                           : StatusOr<internal::PreparedBatch>(core::InvalidArgumentError("unset"));
+    StatusOr<internal::PreparedBatch> batch = core::InvalidArgumentError(
+        "a StreamStepsRequest carries a step or a batch, not both; nothing of it was applied");
     if (!parsed->has_step()) {
       StatusOr<core::Clock::time_point> deadline = StepDeadline(input->timeout(), stream_deadline_);
       batch = deadline.ok() ? internal::ToStepBatch(input, *deadline, cancel_)

@@ -35,10 +35,6 @@ void SetTimestamp(std::chrono::system_clock::time_point t, google::protobuf::Tim
   *ts = google::protobuf::util::TimeUtil::NanosecondsToTimestamp(ns);
 }
 
-}  // namespace
-
-namespace {
-
 // Checks wire's dtype, shape and byte count; the shape comes back in *shape.
 core::StatusOr<DType> CheckWire(const v1::Tensor& wire, const std::string& name, std::vector<int64_t>* shape_out) {
   MQA_ASSIGN_OR_RETURN(DType dtype, FromWireDType(wire.dtype(), name));

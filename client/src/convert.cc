@@ -38,6 +38,11 @@ Status FromGrpc(const grpc::Status& status) {
   return Status(StatusCodeFromInt(static_cast<int>(status.error_code())), status.error_message());
 }
 
+Status StatusFromProto(const v1::StepStatus& proto) {
+  if (proto.code() == 0) return Status::Ok();
+  return Status(StatusCodeFromInt(proto.code()), proto.message());
+}
+
 void TensorToProto(const HostTensor& tensor, v1::Tensor* proto) {
   proto->set_dtype(static_cast<v1::DataType>(static_cast<int>(tensor.dtype)));
   proto->mutable_shape()->Assign(tensor.shape.begin(), tensor.shape.end());
@@ -160,9 +165,7 @@ StepBatchOutput StepBatchOutputFromProto(const v1::StepBatchResult& proto) {
   StepBatchOutput o;
   o.layer = proto.layer();
   o.sequence = proto.sequence();
-  for (const v1::StepStatus& st : proto.statuses()) {
-    o.statuses.push_back(st.code() == 0 ? Status::Ok() : Status(StatusCodeFromInt(st.code()), st.message()));
-  }
+  for (const v1::StepStatus& st : proto.statuses()) o.statuses.push_back(StatusFromProto(st));
   o.positions.assign(proto.positions().begin(), proto.positions().end());
   o.out = TensorFromProto(proto.out());
   for (const v1::StepTiming& t : proto.timings()) {

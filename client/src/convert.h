@@ -14,6 +14,9 @@ namespace mqa::client::internal {
 // Code and message unchanged.
 Status FromGrpc(const grpc::Status& status);
 
+// A streamed or batched step's status: OK for code 0, else the code and message.
+Status StatusFromProto(const v1::StepStatus& proto);
+
 void TensorToProto(const HostTensor& tensor, v1::Tensor* proto);
 HostTensor TensorFromProto(const v1::Tensor& proto);
 

@@ -49,34 +49,19 @@ class StepStream::Reactor final : public grpc::ClientBidiReactor<v1::StreamSteps
     Status valid = internal::StepInputToProto(request.session_id, request.layer, request.x, request.position,
                                               request.timeout, message->mutable_step());
     if (!valid.ok()) return valid;
-    uint64_t sequence = 0;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (Status refused = RefusalLocked(); !refused.ok()) return refused;
-      sequence = next_sequence_++;
-      message->mutable_step()->set_sequence(sequence);
-      pending_.emplace(sequence, std::move(done));
-      queue_.push_back(std::move(message));
-    }
-    Pump();
-    return sequence;
+    v1::StepInput* step = message->mutable_step();
+    return Queue(
+        std::move(message), [step](uint64_t sequence) { step->set_sequence(sequence); }, pending_, std::move(done));
   }
 
   StatusOr<uint64_t> SubmitBatch(StepBatchInput batch, StepBatchCallback done) {
     auto message = std::make_unique<v1::StreamStepsRequest>();
     Status valid = internal::StepBatchInputToProto(batch, message->mutable_batch());
     if (!valid.ok()) return valid;
-    uint64_t sequence = 0;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (Status refused = RefusalLocked(); !refused.ok()) return refused;
-      sequence = next_sequence_++;
-      message->mutable_batch()->set_sequence(sequence);
-      pending_batches_.emplace(sequence, std::move(done));
-      queue_.push_back(std::move(message));
-    }
-    Pump();
-    return sequence;
+    v1::StepBatchInput* input = message->mutable_batch();
+    return Queue(
+        std::move(message), [input](uint64_t sequence) { input->set_sequence(sequence); }, pending_batches_,
+        std::move(done));
   }
 
   Status Finish() {
@@ -138,25 +123,16 @@ class StepStream::Reactor final : public grpc::ClientBidiReactor<v1::StreamSteps
       Pump();
       return;
     }
-    if (response_.has_batch()) return ReadBatchAnswer();
-    const v1::StepResult& result = response_.result();
-    const uint64_t sequence = result.sequence();
-    StatusOr<StepOutput> outcome =
-        response_.status().code() == 0
-            ? StatusOr<StepOutput>(internal::StepOutputFromProto(result))
-            : StatusOr<StepOutput>(Status(StatusCodeFromInt(response_.status().code()), response_.status().message()));
-    StepCallback callback;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      auto it = pending_.find(sequence);
-      // An answer for a sequence we never sent (or sent twice) has no one to go to; dropping it is all we can do.
-      if (it != pending_.end()) {
-        callback = std::move(it->second);
-        pending_.erase(it);
-      }
+    const Status status = internal::StatusFromProto(response_.status());
+    if (response_.has_batch()) {
+      StatusOr<StepBatchOutput> outcome =
+          status.ok() ? StatusOr<StepBatchOutput>(internal::StepBatchOutputFromProto(response_.batch()))
+                      : StatusOr<StepBatchOutput>(status);
+      return Answer(pending_batches_, response_.batch().sequence(), std::move(outcome));
     }
-    StartRead(&response_);
-    if (callback) callback(std::move(outcome));
+    StatusOr<StepOutput> outcome = status.ok() ? StatusOr<StepOutput>(internal::StepOutputFromProto(response_.result()))
+                                               : StatusOr<StepOutput>(status);
+    Answer(pending_, response_.result().sequence(), std::move(outcome));
   }
 
   void OnDone(const grpc::Status& status) override {
@@ -202,20 +178,35 @@ class StepStream::Reactor final : public grpc::ClientBidiReactor<v1::StreamSteps
     return Status::Ok();
   }
 
-  void ReadBatchAnswer() {
-    const uint64_t sequence = response_.batch().sequence();
-    StatusOr<StepBatchOutput> outcome =
-        response_.status().code() == 0
-            ? StatusOr<StepBatchOutput>(internal::StepBatchOutputFromProto(response_.batch()))
-            : StatusOr<StepBatchOutput>(
-                  Status(StatusCodeFromInt(response_.status().code()), response_.status().message()));
-    StepBatchCallback callback;
+  // Queues message under the next sequence number (set_sequence writes it into the message) with done waiting
+  // for its answer in pending.
+  template <class Callback, class SetSequence>
+  StatusOr<uint64_t> Queue(std::unique_ptr<v1::StreamStepsRequest> message, SetSequence set_sequence,
+                           std::unordered_map<uint64_t, Callback>& pending, Callback done) {
+    uint64_t sequence = 0;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      auto it = pending_batches_.find(sequence);
-      if (it != pending_batches_.end()) {
+      if (Status refused = RefusalLocked(); !refused.ok()) return refused;
+      sequence = next_sequence_++;
+      set_sequence(sequence);
+      pending.emplace(sequence, std::move(done));
+      queue_.push_back(std::move(message));
+    }
+    Pump();
+    return sequence;
+  }
+
+  // Hands the answer for `sequence` to the callback waiting for it in pending, after starting the next read.
+  template <class Callback, class Outcome>
+  void Answer(std::unordered_map<uint64_t, Callback>& pending, uint64_t sequence, Outcome outcome) {
+    Callback callback;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = pending.find(sequence);
+      // An answer for a sequence we never sent (or sent twice) has no one to go to; dropping it is all we can do.
+      if (it != pending.end()) {
         callback = std::move(it->second);
-        pending_batches_.erase(it);
+        pending.erase(it);
       }
     }
     StartRead(&response_);

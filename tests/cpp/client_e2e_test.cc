@@ -199,12 +199,7 @@ TEST_F(ClientE2E, ADeadlinePassedInTheQueueIsDeadlineExceededAndNothingIsCompute
 // is answered (possibly with the kept answer of an attempt that ran after its client gave up), and it is
 // applied exactly once.
 TEST_F(ClientE2E, AStepWithAPositionIsRetriedAndAppliedOnce) {
-  ClientOptions o;
-  o.target = server_.target();
-  o.step_attempt_timeout = milliseconds(20);
-  o.max_retries = 1000;
-  o.retry_backoff = milliseconds(1);
-  auto client = Client::Connect(o).value();
+  auto client = ConnectRetryingSteps(server_.target());
   auto busy = client->CreateSession(ModelSession("slow")).value();
   auto victim = client->CreateSession(ModelSession("slow")).value();
   auto stream = client->OpenStream().value();

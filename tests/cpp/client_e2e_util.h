@@ -114,6 +114,19 @@ inline std::unique_ptr<Client> ConnectTo(const std::string& target) {
   return std::move(c).value();
 }
 
+// A client whose steps with a position get 20 ms per attempt and are sent again (up to 1000 times, 1 ms apart)
+// until one attempt is answered: for the exactly-once retry tests.
+inline std::unique_ptr<Client> ConnectRetryingSteps(const std::string& target) {
+  ClientOptions o;
+  o.target = target;
+  o.step_attempt_timeout = milliseconds(20);
+  o.max_retries = 1000;
+  o.retry_backoff = milliseconds(1);
+  auto c = Client::Connect(o);
+  EXPECT_TRUE(c.ok()) << c.status().ToString();
+  return std::move(c).value();
+}
+
 inline HostTensor RandomX(int64_t s, int64_t dim, uint64_t seed) {
   std::mt19937_64 g(seed);
   std::normal_distribution<float> n;

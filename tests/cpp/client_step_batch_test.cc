@@ -160,12 +160,7 @@ TEST_F(ClientStepBatch, ADeadlineOrACancellationInTheQueueAppliesNothing) {
 }
 
 TEST_F(ClientStepBatch, ABatchWhoseSessionsAllNameTheirPositionIsRetriedAndAppliedOnce) {
-  ClientOptions o;
-  o.target = server_.target();
-  o.step_attempt_timeout = milliseconds(20);
-  o.max_retries = 1000;
-  o.retry_backoff = milliseconds(1);
-  auto client = Client::Connect(o).value();
+  auto client = ConnectRetryingSteps(server_.target());
   auto busy = client->CreateSession(ModelSession("slow")).value();
   std::vector<Session> sessions;
   StepBatchInput batch;

@@ -157,36 +157,33 @@ StatusOr<BenchRow> RunBenchPoint(Client& client, const ModelInfo& model, int64_t
                                              " sessions: " + std::to_string(p.failed) +
                                              " step(s) failed, first: " + p.first_error->message());
   };
+  // Prefill is one step per session in both modes: a whole group's prefill may not fit one message.
+  if (prefill > 0) {
+    row.prefill = RunPhase(ids, streams, layers, prefill_inputs, step_timeout, 0, prefill, 1);
+    if (row.prefill.first_error) return phase_error(row.prefill, "prefill");
+  }
+  std::vector<std::vector<std::string>> groups;  // --batch-rpc: the sessions of each stream, one batch per step
+  std::vector<std::vector<HostTensor>> group_decode;
   if (batch_rpc) {
-    std::vector<std::vector<std::string>> groups(streams.size());
+    groups.resize(streams.size());
     for (size_t i = 0; i < ids.size(); ++i) groups[i % streams.size()].push_back(ids[i]);
-    std::vector<std::vector<HostTensor>> group_decode(groups.size());
+    group_decode.resize(groups.size());
     for (size_t g = 0; g < groups.size(); ++g) {
-      const auto b = static_cast<int64_t>(groups[g].size());
       for (int k = 0; k < 4; ++k) {
-        StatusOr<HostTensor> x = RandomTensor({b, 1, dim}, dtype, rng);
+        StatusOr<HostTensor> x = RandomTensor({static_cast<int64_t>(groups[g].size()), 1, dim}, dtype, rng);
         if (!x.ok()) return x.status();
         group_decode[g].push_back(std::move(*x));
       }
     }
-    if (prefill > 0) {  // one step per session: a whole group's prefill may not fit one message
-      row.prefill = RunPhase(ids, streams, layers, prefill_inputs, step_timeout, 0, prefill, 1);
-      if (row.prefill.first_error) return phase_error(row.prefill, "prefill");
-    }
-    BenchPhase warm = RunBatchedPhase(groups, streams, layers, group_decode, step_timeout, prefill, 1, warmup);
-    if (warm.first_error) return phase_error(warm, "warm-up");
-    row.decode = RunBatchedPhase(groups, streams, layers, group_decode, step_timeout, prefill + warmup, 1, tokens);
-    if (row.decode.first_error) return phase_error(row.decode, "decode");
-  } else {
-    if (prefill > 0) {
-      row.prefill = RunPhase(ids, streams, layers, prefill_inputs, step_timeout, 0, prefill, 1);
-      if (row.prefill.first_error) return phase_error(row.prefill, "prefill");
-    }
-    BenchPhase warm = RunPhase(ids, streams, layers, decode_inputs, step_timeout, prefill, 1, warmup);
-    if (warm.first_error) return phase_error(warm, "warm-up");
-    row.decode = RunPhase(ids, streams, layers, decode_inputs, step_timeout, prefill + warmup, 1, tokens);
-    if (row.decode.first_error) return phase_error(row.decode, "decode");
   }
+  auto decode_phase = [&](int64_t start, int64_t rounds) {
+    return batch_rpc ? RunBatchedPhase(groups, streams, layers, group_decode, step_timeout, start, 1, rounds)
+                     : RunPhase(ids, streams, layers, decode_inputs, step_timeout, start, 1, rounds);
+  };
+  BenchPhase warm = decode_phase(prefill, warmup);
+  if (warm.first_error) return phase_error(warm, "warm-up");
+  row.decode = decode_phase(prefill + warmup, tokens);
+  if (row.decode.first_error) return phase_error(row.decode, "decode");
   for (auto& stream : streams) {
     Status finished = stream->Finish();
     if (!finished.ok()) return finished;

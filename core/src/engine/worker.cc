@@ -2,7 +2,6 @@
 
 #include <c10/core/InferenceMode.h>
 
-#include <algorithm>
 #include <optional>
 #include <utility>
 
@@ -44,14 +43,19 @@ void Worker::Stop() {
   completer_.Stop();
 }
 
+Status Worker::RefusalLocked() const {
+  if (stopping_) return UnavailableError("the server is shutting down");
+  if (queue_.size() >= max_queue_) {
+    return ResourceExhaustedError("the queue of " + device_ + " is full (" + std::to_string(max_queue_) +
+                                  " requests waiting); retry later");
+  }
+  return Status();
+}
+
 Status Worker::Enqueue(WorkItem item) {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (stopping_) return UnavailableError("the server is shutting down");
-    if (queue_.size() >= max_queue_) {
-      return ResourceExhaustedError("the queue of " + device_ + " is full (" + std::to_string(max_queue_) +
-                                    " requests waiting); retry later");
-    }
+    MQA_RETURN_IF_ERROR(RefusalLocked());
     queue_.push_back(std::move(item));
   }
   cv_.notify_one();
@@ -63,16 +67,7 @@ void Worker::EnqueueAll(std::vector<WorkItem>& items) {
   Status refused;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (stopping_) {
-      refused = UnavailableError("the server is shutting down");
-    } else {
-      taken = std::min(items.size(), max_queue_ > queue_.size() ? max_queue_ - queue_.size() : size_t{0});
-      for (size_t i = 0; i < taken; ++i) queue_.push_back(std::move(items[i]));
-      if (taken < items.size()) {
-        refused = ResourceExhaustedError("the queue of " + device_ + " is full (" + std::to_string(max_queue_) +
-                                         " requests waiting); retry later");
-      }
-    }
+    for (; taken < items.size() && (refused = RefusalLocked()).ok(); ++taken) queue_.push_back(std::move(items[taken]));
   }
   if (taken > 0) cv_.notify_one();
   for (size_t i = taken; i < items.size(); ++i) items[i].fail(refused);

@@ -66,6 +66,8 @@ class Worker {
   // The policy's view of the queue; under mu_, on the worker thread (the only one that changes positions and
   // block tables, so what it reads stays true until the pass runs).
   SchedulerInput SnapshotLocked() const;
+  // Why the queue takes no more items now (stopping, full), if so; under mu_.
+  Status RefusalLocked() const;
   void Loop();
 
   const std::string device_;
