@@ -286,6 +286,7 @@ std::string RowJson(const BenchConfig& c, const Row& r) {
      << HistogramJson(r.decode_stats_after.batch_size_histogram, r.decode_stats_before.batch_size_histogram)
      << ",\"pass_gather_us\":" << JsonNumber(r.pass_us(&mqa::core::PassTimes::gather_us))
      << ",\"pass_compute_us\":" << JsonNumber(r.pass_us(&mqa::core::PassTimes::compute_us))
+     << ",\"pass_wait_us\":" << JsonNumber(r.pass_us(&mqa::core::PassTimes::wait_us))
      << ",\"pass_scatter_us\":" << JsonNumber(r.pass_us(&mqa::core::PassTimes::scatter_us))
      << ",\"kv_blocks_total\":" << r.decode_stats_after.kv_blocks_total
      << ",\"kv_blocks_used\":" << r.decode_stats_after.kv_blocks_used
@@ -415,8 +416,8 @@ int main(int argc, char** argv) {
     }
   }
 
-  std::printf("\n%-9s %5s %12s %10s %10s %10s %11s %10s %8s %9s %9s %9s %9s\n", "mode", "N", "tokens/s", "p50_ms",
-              "p99_ms", "batch", "prefill_s", "prefill/s", "speedup", "gather_us", "device_us", "scatter_us",
+  std::printf("\n%-9s %5s %12s %10s %10s %10s %11s %10s %8s %9s %9s %9s %9s %9s\n", "mode", "N", "tokens/s", "p50_ms",
+              "p99_ms", "batch", "prefill_s", "prefill/s", "speedup", "gather_us", "launch_us", "wait_us", "scatter_us",
               "host/step");
   for (const Row& r : rows) {
     const uint64_t batches = r.decode_batches();
@@ -432,16 +433,18 @@ int main(int argc, char** argv) {
     const double per_step =
         batches > 0 ? (gather + scatter) * static_cast<double>(batches) / static_cast<double>(r.decode_batched_steps())
                     : 0.0;
-    std::printf("%-9s %5" PRId64 " %12.1f %10.3f %10.3f %10s %11.3f %10.0f %8s %9.1f %9.1f %9.1f %9.2f\n",
+    std::printf("%-9s %5" PRId64 " %12.1f %10.3f %10.3f %10s %11.3f %10.0f %8s %9.1f %9.1f %9.1f %9.1f %9.2f\n",
                 r.mode.c_str(), r.sessions, r.tokens_per_s(c), Percentile(r.decode.latency_ms, 50),
                 Percentile(r.decode.latency_ms, 99), batch, r.prefill.seconds, r.prefill_tokens_per_s(c), speedup,
-                gather, r.pass_us(&mqa::core::PassTimes::compute_us), scatter, per_step);
+                gather, r.pass_us(&mqa::core::PassTimes::compute_us), r.pass_us(&mqa::core::PassTimes::wait_us),
+                scatter, per_step);
   }
   std::printf(
       "(tokens/s: decode tokens through all %d layers per wall second; p50/p99: one layer step, submit to "
       "callback; batch: mean steps per pass, '-' when the engine does not count passes;\n"
-      " gather/device/scatter_us: the mean decode pass's worker time (inputs joined; copy in, layer, copy out; "
-      "outputs cut and completed); host/step: gather + scatter per step, in us)\n",
+      " gather/launch/wait/scatter_us: the mean decode pass's worker time (inputs joined; copy in, layer and copy "
+      "out launched, or run where the pass synchronises; blocked for a launched pass's outputs; outputs cut and "
+      "completed); host/step: gather + scatter per step, in us)\n",
       c.layers);
 
   if (!json_path.empty()) {

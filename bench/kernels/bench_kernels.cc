@@ -10,6 +10,7 @@
 //     (weights + K/V bytes) / copy bandwidth.
 //
 // Usage: mqa-bench-kernels [--json FILE] [--heads 32] [--head-dim 128] [--iters N] [--quick]
+//          [--batches 1,8,64,256] [--lengths 1024,8192] [--layer-only]
 //        mqa-bench-kernels --profile-decode B,L[,SPLITS] | --profile-layer B,L
 //        mqa-bench-kernels --help | --version
 //   The profile modes run one case a few times and exit, for a profiler (ncu -k ...): the decode kernel eagerly
@@ -172,12 +173,20 @@ int main(int argc, char** argv) {
   int iters = 0;
   std::string profile_decode_text;
   std::string profile_layer_text;
+  std::string batches_text, lengths_text;
+  bool layer_only = false;
   app.add_option("--json", json_path, "also write the results as JSON to FILE")->type_name("FILE");
   mqa::command_line::AddInt(app, "--heads", &H, 1, "query heads")->capture_default_str();
   mqa::command_line::AddInt(app, "--head-dim", &D, 1, "head dimension")->capture_default_str();
   CLI::Option* iters_flag =
       mqa::command_line::AddInt(app, "--iters", &iters, 1, "calls per timing (default: 20, 5 with --quick)");
   app.add_flag("--quick", quick, "fewer cases and iterations, for a smoke run");
+  mqa::command_line::AddIntList(app, "--batches", &batches_text, 1, "the sessions per step B (default: 1,8,64,256)")
+      ->type_name("B,...");
+  mqa::command_line::AddIntList(app, "--lengths", &lengths_text, 1, "the cached tokens L (default: 1024,8192)")
+      ->type_name("L,...");
+  app.add_flag("--layer-only", layer_only,
+               "only the layer step (part 2): the bound an engine benchmark prints beside its own figures");
   mqa::command_line::AddIntList(app, "--profile-decode", &profile_decode_text, 1,
                                 "run the decode kernel on B sessions x L tokens (SPLITS: its split count) a few times "
                                 "and exit, for a profiler")
@@ -214,6 +223,8 @@ int main(int argc, char** argv) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   std::vector<int64_t> Bs = quick ? std::vector<int64_t>{1, 8} : std::vector<int64_t>{1, 8, 64, 256};
   std::vector<int64_t> Ls = quick ? std::vector<int64_t>{1024} : std::vector<int64_t>{1024, 8192};
+  if (!batches_text.empty()) Bs = mqa::command_line::IntList(batches_text);
+  if (!lengths_text.empty()) Ls = mqa::command_line::IntList(lengths_text);
   if (!profile_decode.empty()) {
     DecodeCase c(profile_decode[0], profile_decode[1], H, D, sms, rng);
     mqa::core::cuda::PagedDecodeParams& p = c.p;
@@ -251,7 +262,7 @@ int main(int argc, char** argv) {
       static_cast<long long>(H), static_cast<long long>(D));
   std::printf("%5s %6s %10s | %-28s %10s %9s %7s %9s\n", "B", "L", "KV MB", "implementation", "time us", "GB/s",
               "% copy", "vs ours");
-  for (int64_t L : profiling ? std::vector<int64_t>{} : Ls) {
+  for (int64_t L : profiling || layer_only ? std::vector<int64_t>{} : Ls) {
     for (int64_t B : Bs) {
       DecodeCase c(B, L, H, D, sms, rng);
       const PagedCache& cache = c.cache;

@@ -11,6 +11,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace mqa::core {
@@ -61,16 +62,20 @@ struct Row {
   std::optional<size_t> alone;
 };
 
+using Keys = std::vector<std::pair<uintptr_t, int>>;  // (session, layer)
+
 SchedulerLimits Limits(int64_t sessions, int64_t tokens, int64_t chunk) { return {sessions, tokens, chunk}; }
 const SchedulerLimits kDefault = Limits(256, 4096, 512);
 
-void RunRow(const Row& row) {
+// running: the keys of the pass the device is still running (SchedulerInput::running).
+void RunRow(const Row& row, const Keys& running = {}) {
   SCOPED_TRACE(row.name);
   SchedulerInput in;
   in.queue = row.queue;
   in.limits = row.limits;
   in.pools = row.pools.empty() ? std::vector<PoolView>{{1000, 1000, 16}} : row.pools;
   in.now = kNow;
+  in.running = running;
   const PassPlan plan = SchedulePass(in);
   ASSERT_EQ(plan.pass.size(), row.pass.size());
   for (size_t i = 0; i < row.pass.size(); ++i) {
@@ -352,6 +357,79 @@ TEST(BatchPolicy, DecodeFirst) {
        std::nullopt},
   };
   for (const Row& row : rows) RunRow(row);
+}
+
+// The worker launches a pass before it completes the one before; steps of the (session, layer)s of that running
+// pass must wait for it (the layer's position moves only when it completes), whatever else they would be.
+TEST(BatchPolicy, StepsOfTheRunningPassWait) {
+  const std::vector<std::pair<Row, Keys>> rows = {
+      {{"a decode step of a running key waits; the others form the pass",
+        {Step(1, 0, 1), Step(2, 0, 1), Step(3, 0, 1)},
+        kDefault,
+        {},
+        {{1, 1}, {2, 1}},
+        {},
+        std::nullopt},
+       Keys{{1, 0}}},
+      {{"the same session at another layer runs", {Step(1, 1, 1)}, kDefault, {}, {{0, 1}}, {}, std::nullopt},
+       Keys{{1, 0}}},
+      {{"a prefill of a running key does not lead in queue order",
+        {Step(1, 0, 100), Step(2, 0, 100)},
+        kDefault,
+        {},
+        {{1, 100}},
+        {},
+        std::nullopt},
+       Keys{{1, 0}}},
+      {{"a step that would be refused is not settled while its key runs (its position is about to move)",
+        {With(Step(1, 0, 1), Naming(3)), With(Step(1, 0, 1), Naming(4))},
+        kDefault,
+        {},
+        {},
+        {},
+        std::nullopt},
+       Keys{{1, 0}}},
+      {{"a retry of a step of the running pass is not replayed yet",
+        {With(With(Step(1, 0, 1), Naming(7)),
+              [](QueuedWork& w) {
+                w.layer_position = 8;
+                w.last_position = 7;
+                w.last_tokens = 1;
+                w.same_input_as_last = true;
+                w.last_answer_kept = true;
+              })},
+        kDefault,
+        {},
+        {},
+        {},
+        std::nullopt},
+       Keys{{1, 0}}},
+      {{"a cancelled step of a running key is still dropped",
+        {With(Step(1, 0, 1), Cancelled), Step(2, 0, 1)},
+        kDefault,
+        {},
+        {{1, 1}},
+        {{0, Verdict::kDrop, StatusCode::kCancelled}},
+        std::nullopt},
+       Keys{{1, 0}}},
+      {{"waiting steps do not hold back a stateless request behind them",
+        {Step(1, 0, 1), Forward()},
+        kDefault,
+        {},
+        {},
+        {},
+        size_t{1}},
+       Keys{{1, 0}}},
+      {{"a waiting key does not count against the pass's session limit",
+        {Step(1, 0, 1), Step(2, 0, 1), Step(3, 0, 1)},
+        Limits(2, 4096, 512),
+        {},
+        {{1, 1}, {2, 1}},
+        {},
+        std::nullopt},
+       Keys{{1, 0}, {9, 0}}},
+  };
+  for (const auto& [row, running] : rows) RunRow(row, running);
 }
 
 TEST(BatchPolicy, AdmissionRefusals) {

@@ -9,6 +9,11 @@
 #include "paged/paged_layer.h"
 #include "tensor_impl.h"
 
+#ifdef MQA_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
+#endif
+
 namespace mqa::core {
 
 std::vector<PoolView> Engine::Impl::Pools() const {
@@ -51,15 +56,34 @@ void Engine::Impl::Settle(WorkItem& item, const Decision& d) {
   job.finish(std::move(r));
 }
 
-void Engine::Impl::RunPass(std::vector<WorkItem>& pass, const std::vector<Decision>& plan,
-                           std::vector<WorkItem>* unfinished) {
+namespace {
+
+// A batched pass on its way: the members that run (indices into items), their rows, and the output: on the host
+// already, or being copied into `out` (pinned) until `copied` fires.
+class StepPass : public LaunchedPass {
+ public:
+  std::vector<size_t> run;
+  std::vector<PagedSeq> seqs;
+  std::vector<int64_t> chunk;
+  StatusOr<at::Tensor> out = Status(StatusCode::kInternal, "the pass did not run");
+#ifdef MQA_WITH_CUDA
+  std::optional<at::cuda::CUDAEvent> copied;
+#endif
+};
+
+}  // namespace
+
+std::unique_ptr<LaunchedPass> Engine::Impl::LaunchPass(std::vector<WorkItem> items, const std::vector<Decision>& plan) {
+  auto launched = std::make_unique<StepPass>();
+  launched->items = std::move(items);
+  std::vector<WorkItem>& pass = launched->items;
   const Replica& replica = *pass[0].job->replica;
   const MqaOptions& o = replica.model->info.options;
   const int layer = pass[0].job->request.layer;
   const int32_t bs = replica.pool->block_size();
   const auto start = Clock::now();
   // A first chunk was admitted by the policy against the session's state; here it takes its blocks.
-  std::vector<size_t> run;  // indices into pass
+  std::vector<size_t>& run = launched->run;  // indices into pass
   for (size_t i = 0; i < pass.size(); ++i) {
     WorkItem& item = pass[i];
     StepJob& job = *item.job;
@@ -109,7 +133,7 @@ void Engine::Impl::RunPass(std::vector<WorkItem>& pass, const std::vector<Decisi
     }
     run.push_back(i);
   }
-  if (run.empty()) return;
+  if (run.empty()) return launched;
 
   // One pass over the next chunk of every step. The staging buffer holds the callers' dtype when they share one
   // (then the pass's output comes back in it too, converted on the device), else the layer's.
@@ -118,9 +142,10 @@ void Engine::Impl::RunPass(std::vector<WorkItem>& pass, const std::vector<Decisi
   for (size_t i : run) {
     if (pass[i].job->x.scalar_type() != staged_type) staged_type = layer_type;
   }
-  std::vector<PagedSeq> seqs;
+  std::vector<PagedSeq>& seqs = launched->seqs;
   seqs.reserve(run.size());
-  std::vector<int64_t> chunk(run.size());
+  std::vector<int64_t>& chunk = launched->chunk;
+  chunk.assign(run.size(), 0);
   int64_t rows = 0;
   for (size_t i = 0; i < run.size(); ++i) {
     StepJob& job = *pass[run[i]].job;
@@ -136,13 +161,14 @@ void Engine::Impl::RunPass(std::vector<WorkItem>& pass, const std::vector<Decisi
     rows += chunk[i];
   }
   auto gathered = Clock::now();
-  StatusOr<at::Tensor> out = CatchAll("batched pass", [&]() -> StatusOr<at::Tensor> {
+  launched->out = CatchAll("batched pass", [&]() -> StatusOr<at::Tensor> {
     PagedLayer& paged = *replica.paged[static_cast<size_t>(layer)];
     const bool on_cuda = paged.device().is_cuda();
-    // Pinned for a CUDA layer's larger passes, so the copy in is one asynchronous transfer (LibTorch's host
-    // allocator keeps the buffer until that copy is done). A small pass stays in pageable memory: taking a pinned
-    // block costs the host allocator's event bookkeeping (~20 us on the H200's host at one session, where the
-    // whole gather took ~1 us before), more than the copy of a few rows saves.
+    // Pinned for a CUDA layer's larger passes, so the copies in and out are asynchronous transfers (LibTorch's
+    // host allocator keeps a buffer until its copy is done) and the worker goes on while the device computes. A
+    // small pass stays in pageable memory and synchronises: taking a pinned block costs the host allocator's event
+    // bookkeeping (~20 us on the H200's host at one session, where the whole gather took ~1 us before), more than
+    // the copy of a few rows saves, and with one or a few sessions there is no other pass to overlap with.
     constexpr int64_t kPinnedFromBytes = int64_t{256} << 10;
     const int64_t row_bytes = o.dim * static_cast<int64_t>(c10::elementSize(staged_type));
     const bool pinned = on_cuda && rows * row_bytes >= kPinnedFromBytes;
@@ -161,18 +187,58 @@ void Engine::Impl::RunPass(std::vector<WorkItem>& pass, const std::vector<Decisi
     if (x.scalar_type() != layer_type) x = x.to(layer_type);
     gathered = Clock::now();
     MQA_ASSIGN_OR_RETURN(at::Tensor y, paged.Forward(x, seqs, bs));
-    // In the callers' dtype on the device, then one copy back for the whole pass (one synchronisation).
+    // In the callers' dtype on the device, then one copy back for the whole pass.
     if (y.scalar_type() != staged_type) y = y.to(staged_type);
-    return y.is_cpu() ? y.contiguous() : y.to(at::kCPU);  // steps' outputs are views of it (as_strided below)
+    if (y.is_cpu()) return y.contiguous();  // steps' outputs are views of it (as_strided in FinishPass)
+#ifdef MQA_WITH_CUDA
+    if (pinned) {
+      at::Tensor host = at::empty(y.sizes(), at::TensorOptions().dtype(staged_type).pinned_memory(true));
+      host.copy_(y, /*non_blocking=*/true);
+      launched->copied.emplace();
+      launched->copied->record(at::cuda::getCurrentCUDAStream());
+      launched->on_device = true;
+      return host;
+    }
+#endif
+    return y.to(at::kCPU);  // one synchronisation
   });
+  const auto launched_at = Clock::now();
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    counters.pass_times.gather_us += static_cast<uint64_t>(MicrosBetween(start, gathered));
+    counters.pass_times.compute_us += static_cast<uint64_t>(MicrosBetween(gathered, launched_at));
+  }
+  if (!launched->out.ok()) launched->on_device = false;
+  return launched;
+}
+
+void Engine::Impl::FinishPass(LaunchedPass& done, std::vector<WorkItem>* unfinished) {
+  auto& launched = static_cast<StepPass&>(done);
+  const std::vector<size_t>& run = launched.run;
+  if (run.empty()) return;
+  std::vector<WorkItem>& pass = launched.items;
+  const MqaOptions& o = pass[0].job->replica->model->info.options;
+  const int layer = pass[0].job->request.layer;
+  const std::vector<PagedSeq>& seqs = launched.seqs;
+  const std::vector<int64_t>& chunk = launched.chunk;
+  StatusOr<at::Tensor>& out = launched.out;
+  const auto waiting = Clock::now();
+#ifdef MQA_WITH_CUDA
+  if (launched.copied) {
+    Status arrived = CatchAll("the pass's copy back", [&]() -> Status {
+      launched.copied->synchronize();
+      return Status();
+    });
+    if (!arrived.ok()) out = arrived;
+  }
+#endif
   const auto computed = Clock::now();
   {
     // Counted before any completion, so a caller holding its answer sees its pass in stats().
     std::lock_guard<std::mutex> lock(mu);
     ++counters.batches;
     counters.batched_steps += run.size();
-    counters.pass_times.gather_us += static_cast<uint64_t>(MicrosBetween(start, gathered));
-    counters.pass_times.compute_us += static_cast<uint64_t>(MicrosBetween(gathered, computed));
+    counters.pass_times.wait_us += static_cast<uint64_t>(MicrosBetween(waiting, computed));
     size_t bucket = 0;
     while ((size_t{1} << bucket) < run.size() && bucket + 1 < batch_histogram.size()) ++bucket;
     ++batch_histogram[bucket];

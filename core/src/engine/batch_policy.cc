@@ -131,6 +131,9 @@ PassPlan SchedulePass(const SchedulerInput& in) {
     plan.pass.push_back(std::move(d));
   };
 
+  const std::set<Key> running(in.running.begin(), in.running.end());
+  auto waits = [&](const QueuedWork& w) { return w.is_step && running.count({w.session, w.layer}) > 0; };
+
   // Drops first, anywhere in the queue: nothing waits behind them and nothing is computed for them.
   for (size_t i = 0; i < n; ++i) {
     if (std::optional<Decision> drop = Dropped(i, in.queue[i], in.now)) settle(std::move(*drop));
@@ -149,7 +152,7 @@ PassPlan SchedulePass(const SchedulerInput& in) {
       if (gone[i]) continue;
       if (!w.is_step) break;  // decode steps overtake prefills, not a stateless request: it keeps its turn
       const Key key = {w.session, w.layer};
-      if (!IsDecode(w, limits) || seen.count(key)) {
+      if (!IsDecode(w, limits) || seen.count(key) || waits(w)) {
         seen.insert(key);
         continue;
       }
@@ -165,6 +168,7 @@ PassPlan SchedulePass(const SchedulerInput& in) {
   for (size_t i = 0; i < n && !front && !plan.alone; ++i) {  // queue order
     if (gone[i]) continue;
     const QueuedWork& w = in.queue[i];
+    if (waits(w)) continue;
     if (!w.is_step) {
       plan.alone = i;
       break;
@@ -183,8 +187,9 @@ PassPlan SchedulePass(const SchedulerInput& in) {
     const int64_t max_sessions = std::max<int64_t>(1, limits.max_batch_sessions);
     const int64_t max_tokens = std::max<int64_t>(1, limits.max_batch_tokens);
     int64_t tokens = plan.pass[0].chunk;
-    std::set<Key> blocked = {{lead.session, lead.layer}};  // in the pass, or one of them stays queued ahead
-    std::vector<size_t> prefills;                          // the first queued step of their key, in queue order
+    std::set<Key> blocked = running;  // in the pass, running, or one of them stays queued ahead
+    blocked.insert({lead.session, lead.layer});
+    std::vector<size_t> prefills;  // the first queued step of their key, in queue order
     auto full = [&] { return static_cast<int64_t>(plan.pass.size()) >= max_sessions; };
     for (size_t i = 0; i < n && !full(); ++i) {
       const QueuedWork& w = in.queue[i];

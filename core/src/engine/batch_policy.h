@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <optional>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "mqa/core/status.h"
@@ -74,7 +75,11 @@ struct SchedulerLimits {
 
 struct SchedulerInput {
   std::vector<QueuedWork> queue;  // queue order
-  std::vector<PoolView> pools;    // by QueuedWork::replica
+  // (session, layer) keys of the steps in the pass the device is still running (the worker launches a pass before
+  // it completes the one before, so the GPU never waits for the host): their queued steps wait for it, since the
+  // layer's position moves only when that pass completes. Any order; QueuedWork::session values.
+  std::vector<std::pair<uintptr_t, int>> running;
+  std::vector<PoolView> pools;  // by QueuedWork::replica
   SchedulerLimits limits;
   QueuedWork::TimePoint now{};
 };
@@ -112,7 +117,9 @@ struct PassPlan {
 // front's (replica, layer) join while the session and token limits allow: decode steps first, then the others
 // (prefill chunks), each in queue order and admitted against its session's state and the free blocks left by the
 // members before it. Items of other (replica, layer)s are left queued, as is every step of a (session, layer)
-// behind one that stays queued. A step that has started (done > 0) is never dropped or re-admitted: it
+// behind one that stays queued. Steps of a running key (SchedulerInput::running) are left queued, neither
+// admitted nor settled (a retry of a step in that pass is recognised once it completes); only drops reach them.
+// A step that has started (done > 0) is never dropped or re-admitted: it
 // continues.
 PassPlan SchedulePass(const SchedulerInput& in);
 

@@ -41,6 +41,11 @@ bool Completer::idle() const {
   return pending_.empty() && !running_;
 }
 
+bool Completer::WaitIdleFor(std::chrono::microseconds limit) const {
+  std::unique_lock<std::mutex> lock(mu_);
+  return idle_cv_.wait_for(lock, limit, [this] { return pending_.empty() && !running_; });
+}
+
 void Completer::Post(std::vector<Callback> batch) {
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -68,6 +73,7 @@ void Completer::Loop() {
     batch.clear();  // the callbacks' captures go before the batch counts as done
     std::lock_guard<std::mutex> lock(mu_);
     running_ = false;
+    if (pending_.empty()) idle_cv_.notify_all();
   }
 }
 

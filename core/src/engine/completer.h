@@ -6,10 +6,12 @@
 // (a gRPC thread refusing a request, a shutdown) run at once, on the caller's thread. Callbacks run in the order
 // they were produced. Private to core.
 //
-// Thread-safety: Complete from any thread; Batch on the worker thread; idle from any thread; Stop from the owner.
+// Thread-safety: Complete from any thread; Batch on the worker thread; idle and WaitIdleFor from any thread but
+// the completer's own; Stop from the owner.
 #ifndef MQA_CORE_SRC_ENGINE_COMPLETER_H_
 #define MQA_CORE_SRC_ENGINE_COMPLETER_H_
 
+#include <chrono>
 #include <condition_variable>
 #include <deque>
 #include <functional>
@@ -47,6 +49,8 @@ class Completer {
 
   // Nothing posted that has not returned.
   bool idle() const;
+  // Waits until idle() or for at most `limit`; returns idle(). Not from a callback (it would wait for itself).
+  bool WaitIdleFor(std::chrono::microseconds limit) const;
   // Runs what was posted, then joins the thread. Idempotent; later batches run on the posting thread.
   void Stop();
 
@@ -56,6 +60,7 @@ class Completer {
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
+  mutable std::condition_variable idle_cv_;  // notified when the last posted batch has run
   std::deque<std::vector<Callback>> pending_;
   bool running_ = false;  // a batch taken and not yet done
   bool stopping_ = false;

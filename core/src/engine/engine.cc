@@ -159,8 +159,13 @@ StatusOr<std::unique_ptr<Engine>> Engine::Create(EngineOptions options) {
     item.fail(std::move(status));
   };
   hooks.settle = [raw](WorkItem& item, const Decision& d) { raw->Settle(item, d); };
-  hooks.run_pass = [raw](std::vector<WorkItem>& pass, const std::vector<Decision>& plan,
-                         std::vector<WorkItem>* unfinished) { raw->RunPass(pass, plan, unfinished); };
+  hooks.launch_pass = [raw](std::vector<WorkItem> pass, const std::vector<Decision>& plan, bool behind) {
+    if (behind) raw->Count([](EngineStats& c) { ++c.passes_overlapped; });
+    return raw->LaunchPass(std::move(pass), plan);
+  };
+  hooks.finish_pass = [raw](LaunchedPass& pass, std::vector<WorkItem>* unfinished) {
+    raw->FinishPass(pass, unfinished);
+  };
   hooks.pools = [raw] { return raw->Pools(); };
   for (auto& [device, worker] : impl->workers) worker->Start(hooks);
   impl->sessions->StartReaper();

@@ -54,10 +54,12 @@ struct Engine::Impl {
   std::optional<WorkItem> PrepareStep(StepRequest request, StepCallback done);
 
   // The worker's hooks (Worker::Hooks): answers a step the policy settled without running it, and runs one
-  // pass: the next chunk of every step in pass (all of one replica and layer). Finished steps are completed;
-  // steps with prefill left go to *unfinished.
+  // pass in two halves: LaunchPass admits the next chunk of every step in pass (all of one replica and layer),
+  // gathers their rows and launches the layer and the copy back; FinishPass waits for that copy if it is still on
+  // its way, completes the finished steps and hands those with prefill left to *unfinished.
   void Settle(WorkItem& item, const Decision& decision);
-  void RunPass(std::vector<WorkItem>& pass, const std::vector<Decision>& plan, std::vector<WorkItem>* unfinished);
+  std::unique_ptr<LaunchedPass> LaunchPass(std::vector<WorkItem> pass, const std::vector<Decision>& plan);
+  void FinishPass(LaunchedPass& pass, std::vector<WorkItem>* unfinished);
   std::vector<PoolView> Pools() const;
 
   void RunForward(const Replica& replica, const ForwardRequest& req, const ForwardCallback& done);

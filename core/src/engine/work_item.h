@@ -57,6 +57,17 @@ struct WorkItem {
   std::shared_ptr<StepJob> job;
 };
 
+// A pass launched on its device and not yet completed: the worker launches pass k + 1 before it completes pass k,
+// so the host's work for one (forming it, completing the other) runs while the device computes. The pass's steps
+// are owned here until it completes. What the device still holds (the copy of the outputs on its way back, the
+// event that says it arrived) belongs to the subclass that launched it (batch_pass.cc).
+class LaunchedPass {
+ public:
+  virtual ~LaunchedPass() = default;
+  std::vector<WorkItem> items;  // the pass's steps, in the policy's order; those refused at launch already failed
+  bool on_device = false;       // device work may still be running: the worker may launch another pass first
+};
+
 // A 64-bit digest of a step's input (dtype, shape and bytes), to recognise a retry of an applied step without
 // keeping its input. Not cryptographic: a caller can only collide with its own steps, in its own session.
 uint64_t InputHash(const Tensor& x);

@@ -86,8 +86,14 @@ bool Worker::idle() const {
   return completer_.idle();  // a round posts its completions before it stops being busy
 }
 
-SchedulerInput Worker::SnapshotLocked() const {
+SchedulerInput Worker::SnapshotLocked(const LaunchedPass* running) const {
   SchedulerInput in;
+  if (running != nullptr) {
+    for (const WorkItem& item : running->items) {
+      if (item.job)
+        in.running.emplace_back(reinterpret_cast<uintptr_t>(item.job->session.get()), item.job->request.layer);
+    }
+  }
   in.pools = hooks_.pools();
   in.limits.max_batch_sessions = batching_.max_batch_sessions;
   in.limits.max_batch_tokens = batching_.max_batch_tokens;
@@ -145,44 +151,61 @@ void Worker::Loop() {
     if (device.ok()) stream_guard.emplace(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device->index()));
   }
 #endif
+  // The pass launched last round whose device work may still run; completed after this round's launch.
+  std::unique_ptr<LaunchedPass> running;
+  auto leave = [](std::vector<WorkItem>& items) {
+    for (WorkItem& item : items) {
+      if (item.in_flight) item.in_flight->Leave();
+    }
+  };
   for (;;) {
     PassPlan plan;
     std::vector<WorkItem> pass;
     std::vector<WorkItem> settled;
     std::optional<WorkItem> alone;
+    if (running) {
+      // The device is busy: let the completions of the last pass reach their callbacks first (a caller's next
+      // steps, submitted from them, then join the next pass rather than trickle into small ones). Bounded, so a
+      // callback that blocks only costs overlap.
+      completer_.WaitIdleFor(std::chrono::milliseconds(2));
+    }
     {
       std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
-      if (stopping_) return;
-      if (batching_.max_queue_delay.count() > 0 && batching_.max_batch_sessions > 1) {
-        // Let a pass fill up to its session limit for at most max_queue_delay.
-        cv_.wait_for(lock, batching_.max_queue_delay, [this] {
-          return stopping_ || static_cast<int64_t>(queue_.size()) >= batching_.max_batch_sessions;
-        });
+      if (!running) {
+        cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
         if (stopping_) return;
+        if (batching_.max_queue_delay.count() > 0 && batching_.max_batch_sessions > 1) {
+          // Let a pass fill up to its session limit for at most max_queue_delay.
+          cv_.wait_for(lock, batching_.max_queue_delay, [this] {
+            return stopping_ || static_cast<int64_t>(queue_.size()) >= batching_.max_batch_sessions;
+          });
+          if (stopping_) return;
+        }
       }
-      SchedulerInput in = SnapshotLocked();
-      in.now = Clock::now();
-      plan = SchedulePass(in);
-      std::vector<bool> taken(queue_.size(), false);
-      for (const Decision& d : plan.pass) {
-        taken[d.index] = true;
-        pass.push_back(std::move(queue_[d.index]));
+      if (!stopping_) {
+        SchedulerInput in = SnapshotLocked(running.get());
+        in.now = Clock::now();
+        plan = SchedulePass(in);
+        std::vector<bool> taken(queue_.size(), false);
+        for (const Decision& d : plan.pass) {
+          taken[d.index] = true;
+          pass.push_back(std::move(queue_[d.index]));
+        }
+        for (const Decision& d : plan.settled) {
+          taken[d.index] = true;
+          settled.push_back(std::move(queue_[d.index]));
+        }
+        if (plan.alone) {
+          taken[*plan.alone] = true;
+          alone = std::move(queue_[*plan.alone]);
+        }
+        std::deque<WorkItem> rest;
+        for (size_t i = 0; i < queue_.size(); ++i) {
+          if (!taken[i]) rest.push_back(std::move(queue_[i]));
+        }
+        queue_.swap(rest);
       }
-      for (const Decision& d : plan.settled) {
-        taken[d.index] = true;
-        settled.push_back(std::move(queue_[d.index]));
-      }
-      if (plan.alone) {
-        taken[*plan.alone] = true;
-        alone = std::move(queue_[*plan.alone]);
-      }
-      std::deque<WorkItem> rest;
-      for (size_t i = 0; i < queue_.size(); ++i) {
-        if (!taken[i]) rest.push_back(std::move(queue_[i]));
-      }
-      queue_.swap(rest);
-      busy_ = !pass.empty() || !settled.empty() || alone.has_value();
+      busy_ = running || !pass.empty() || !settled.empty() || alone.has_value();
       for (WorkItem& item : pass) {
         if (item.in_flight) item.in_flight->counter.store(&running_);
       }
@@ -202,25 +225,31 @@ void Worker::Loop() {
           hooks_.settle(settled[i], d);
         }
       }
+      auto complete = [&](std::unique_ptr<LaunchedPass> done) {
+        hooks_.finish_pass(*done, &unfinished);
+        // Replies are on their way; unfinished prefills are queued again, not running.
+        leave(done->items);
+      };
       if (alone) {
+        if (running) complete(std::move(running));  // a request run alone runs after the pass ahead of it
         alone->run(alone->enqueued);
         if (alone->in_flight) alone->in_flight->Leave();
       }
-      if (!pass.empty()) {
-        hooks_.run_pass(pass, plan.pass, &unfinished);
-        // Replies are on their way; unfinished prefills are queued again, not running.
-        for (WorkItem& item : pass) {
-          if (item.in_flight) item.in_flight->Leave();
-        }
-        for (WorkItem& item : unfinished) {
-          if (item.in_flight) item.in_flight->Leave();
-        }
+      std::unique_ptr<LaunchedPass> launched;
+      if (!pass.empty()) launched = hooks_.launch_pass(std::move(pass), plan.pass, running != nullptr);
+      if (running) complete(std::move(running));
+      if (launched && launched->on_device) {
+        running = std::move(launched);
+      } else if (launched) {
+        complete(std::move(launched));
       }
+      leave(unfinished);
     }
     std::lock_guard<std::mutex> lock(mu_);
     // Unfinished prefills go back to the front, in order, ahead of later steps of their sessions.
     for (auto it = unfinished.rbegin(); it != unfinished.rend(); ++it) queue_.push_front(std::move(*it));
-    busy_ = false;
+    busy_ = running != nullptr;
+    if (stopping_ && !running) return;
   }
 }
 

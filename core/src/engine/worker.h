@@ -1,7 +1,10 @@
 // A worker: the one thread that runs everything for one device. It keeps that device's queue; each round it
 // snapshots the queue, asks the scheduler policy (SchedulePass) for the next pass, and executes the answer:
 // drops, settled steps, then the pass itself (or one non-step item alone). Steps of one (replica, layer)
-// waiting together run as one pass (continuous batching). Private to core.
+// waiting together run as one pass (continuous batching). Passes overlap: a round launches its pass, then
+// completes the one the round before launched (whose device work ran meanwhile), so the device never waits for
+// the host's forming or completing of a pass; only a pass whose device work is done in the launch (the CPU, small
+// copies) completes in its own round. Private to core.
 //
 // Thread-safety: Enqueue, queued, running and idle may be called from any thread; Start and Stop from the
 // owner. The hooks run on the worker thread, never under the queue lock.
@@ -13,6 +16,7 @@
 #include <cstddef>
 #include <deque>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -32,11 +36,14 @@ class Worker {
     std::function<void(WorkItem& item, Status status)> drop;
     // A step the policy answered without running it (refused, replayed, empty).
     std::function<void(WorkItem& item, const Decision& decision)> settle;
-    // Runs one pass; plan[i] is pass[i]'s decision. Steps with tokens left go to *unfinished (queued again, at
-    // the front, in order).
-    std::function<void(std::vector<WorkItem>& pass, const std::vector<Decision>& plan,
-                       std::vector<WorkItem>* unfinished)>
-        run_pass;
+    // Launches one pass (plan[i] is pass[i]'s decision): steps refused at launch are failed, the rest computed or
+    // on their way (LaunchedPass::on_device). behind: another pass is still on the device. Never null.
+    std::function<std::unique_ptr<LaunchedPass>(std::vector<WorkItem> pass, const std::vector<Decision>& plan,
+                                                bool behind)>
+        launch_pass;
+    // Completes a launched pass, waiting for its device work if needed. Steps with tokens left go to *unfinished
+    // (queued again, at the front, in order).
+    std::function<void(LaunchedPass& pass, std::vector<WorkItem>* unfinished)> finish_pass;
     // Every replica's KV pool, by Replica::index, read once per round under the queue lock.
     std::function<std::vector<PoolView>()> pools;
   };
@@ -65,7 +72,7 @@ class Worker {
  private:
   // The policy's view of the queue; under mu_, on the worker thread (the only one that changes positions and
   // block tables, so what it reads stays true until the pass runs).
-  SchedulerInput SnapshotLocked() const;
+  SchedulerInput SnapshotLocked(const LaunchedPass* running) const;
   // Why the queue takes no more items now (stopping, full), if so; under mu_.
   Status RefusalLocked() const;
   void Loop();

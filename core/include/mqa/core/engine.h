@@ -217,10 +217,15 @@ struct ExecutionStats {
 
 // Where the worker's time goes in the batched passes, summed over all passes since start (microseconds of wall
 // time on the worker thread). Divided by EngineStats::batches: the mean pass. gather and scatter are host work
-// that grows with the sessions in a pass; compute is the device work plus what the host does to launch it.
+// that grows with the sessions in a pass; compute is what the host spends launching the device work (all of it,
+// device time included, where the pass synchronises: the CPU, small CUDA passes); wait is the time the worker
+// blocked for a launched pass's outputs. A CUDA pass is launched before the one ahead of it completes, so the
+// device computes while the host gathers and scatters; the four add up to the worker's busy time, not the
+// device's.
 struct PassTimes {
-  uint64_t gather_us = 0;   // admission (blocks taken), inputs converted and joined into one batch
-  uint64_t compute_us = 0;  // the copy to the device, the layer's paged pass, the copy back (one synchronisation)
+  uint64_t gather_us = 0;   // admission (blocks taken), inputs joined into one staging buffer
+  uint64_t compute_us = 0;  // the copy to the device, the layer's paged pass, the copy back: launched or done
+  uint64_t wait_us = 0;     // waiting for the copy back of a pass launched earlier
   uint64_t scatter_us = 0;  // outputs cut per step, converted to the caller's dtype, sessions moved, completions
 };
 
@@ -234,6 +239,7 @@ struct EngineStats {
   uint64_t batched_steps = 0;  // steps (or prefill chunks) in those passes: batched_steps / batches = mean size
   std::vector<uint64_t> batch_size_histogram;  // [i]: passes of size in (2^(i-1), 2^i]; [0]: size 1
   PassTimes pass_times;                        // summed over those passes
+  uint64_t passes_overlapped = 0;              // passes launched while the one before was still on the device
   int64_t kv_block_size = 0;                   // tokens per block
   int64_t kv_blocks_total = 0;                 // allocatable blocks, all devices and models
   int64_t kv_blocks_used = 0;
