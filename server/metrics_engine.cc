@@ -2,6 +2,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 
 namespace mqa::server {
 
@@ -23,6 +24,22 @@ void RenderBatchSizes(const core::EngineStats& st, Writer& w) {
   // The count is the +Inf bucket by definition; taking it from the same array keeps the two equal even when a
   // pass completes between the engine's updates of `batches` and of the histogram.
   w.Sample("mqa_batch_size_count", "", cumulative);
+  // Where the workers' time in those passes went (EngineStats::pass_times), so a dashboard shows host time per
+  // pass beside the batch size: rate(..._seconds_total[5m]) / rate(mqa_batch_size_count[5m]).
+  const char* time_name = "mqa_pass_worker_seconds_total";
+  w.Header(time_name, "counter",
+           "Worker-thread time in batched passes by phase: gather (inputs joined), launch (device work launched, or "
+           "run where the pass synchronises), wait (blocked for a launched pass's outputs), scatter (outputs cut "
+           "and completed).");
+  const core::PassTimes& t = st.pass_times;
+  const std::pair<const char*, uint64_t> phases[] = {
+      {"gather", t.gather_us}, {"launch", t.compute_us}, {"wait", t.wait_us}, {"scatter", t.scatter_us}};
+  for (const auto& [phase, us] : phases) {
+    w.SampleDouble(time_name, std::string("phase=\"") + phase + "\"", static_cast<double>(us) / 1e6);
+  }
+  w.Counter("mqa_passes_overlapped_total",
+            "Batched passes launched while the pass before was still on the device (its copy back on its way).",
+            st.passes_overlapped);
 }
 
 // Each device's worker, pools and sessions. The

@@ -112,6 +112,12 @@ def test_metrics_after_traffic_pass_promtool_and_reach_prometheus(pb, start_serv
     assert value(s, "mqa_batch_size_count") >= 1
     assert value(s, "mqa_batch_size_bucket", le="+Inf") == value(s, "mqa_batch_size_count")
     assert value(s, "mqa_batch_size_sum") >= 12
+    # The workers' time in those passes, by phase; on the CPU every pass synchronises, so none overlapped.
+    assert value(s, "mqa_pass_worker_seconds_total", phase="launch") > 0
+    for phase in ("gather", "wait", "scatter"):
+        assert value(s, "mqa_pass_worker_seconds_total", phase=phase) >= 0
+    assert value(s, "mqa_pass_worker_seconds_total", phase="wait") == 0
+    assert value(s, "mqa_passes_overlapped_total") == 0
     assert 0 < value(s, "mqa_kv_cache_usage_ratio") <= 1
     used, total = value(s, "mqa_kv_cache_blocks_used"), value(s, "mqa_kv_cache_blocks")
     assert used > 0 and math.isclose(value(s, "mqa_kv_cache_usage_ratio"), used / total)
