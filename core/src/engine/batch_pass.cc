@@ -41,15 +41,17 @@ void Engine::Impl::Settle(WorkItem& item, const Decision& d) {
     return job.finish(std::move(r));
   }
   // kReplay: the kept answer, unless the session was closed since the policy looked (which lets it go).
-  std::optional<Tensor> kept;
+  std::optional<StatusOr<Tensor>> kept;
   {
     std::lock_guard<std::mutex> slock(session.mu);
-    kept = session.last[static_cast<size_t>(layer)].out;
+    const LastStep& last = session.last[static_cast<size_t>(layer)];
+    if (last.kept) kept = last.KeptAnswer();
   }
   if (!kept) {
     return item.fail(NotFoundError("session " + session.id + " was closed before this step ran; nothing was computed"));
   }
-  r.out = std::move(*kept);
+  if (!kept->ok()) return item.fail(kept->status());
+  r.out = std::move(*kept).value();
   r.num_tokens = job.tokens();
   r.replayed = true;
   Count([](EngineStats& c) { ++c.steps_replayed; });
@@ -275,17 +277,9 @@ void Engine::Impl::FinishPass(LaunchedPass& done, std::vector<WorkItem>* unfinis
     r.out = std::move(result).value();
     r.position = job.start;
     r.num_tokens = job.request.x.size(1);
-    // Only a step that names its position can be retried, so only its answer is worth keeping. The kept copy owns
-    // its bytes: the answer is a view of the pass's whole output, which the replay budget would not count (an idle
-    // session would pin a pass's worth of memory). A copy that cannot be made is not kept (the retry says so).
-    std::optional<Tensor> keep;
-    if (job.request.position) {
-      StatusOr<Tensor> own = CatchAll("kept answer", [&]() -> StatusOr<Tensor> {
-        const at::Tensor& t = Unwrap(r.out);
-        return t.storage().nbytes() > t.nbytes() ? Wrap(t.clone()) : r.out;
-      });
-      if (own.ok()) keep = std::move(own).value();
-    }
+    // Only a step that names its position can be retried, so only its answer is worth keeping: a copy of its bytes
+    // in the layer's own buffer (Session::KeepAnswerLocked), not a view of the pass's whole output, which the
+    // replay budget would not count (an idle session would pin a pass's worth of memory).
     {
       std::lock_guard<std::mutex> slock(job.session->mu);
       job.session->positions[static_cast<size_t>(layer)] = job.start + job.done;
@@ -294,7 +288,7 @@ void Engine::Impl::FinishPass(LaunchedPass& done, std::vector<WorkItem>* unfinis
       last.tokens = r.num_tokens;
       last.dtype = job.request.x.dtype();
       last.x_hash = job.x_hash;
-      job.session->KeepAnswerLocked(last, std::move(keep));
+      job.session->KeepAnswerLocked(last, job.request.position ? &r.out : nullptr);
     }
     r.queue_us = MicrosBetween(item.enqueued, job.started);
     r.compute_us = MicrosBetween(job.started, Clock::now());
