@@ -104,7 +104,7 @@ TEST(EngineOverlap, PassesOfTwoLayersOverlapAndEveryAnswerIsTheLayers) {
       const auto& x = inputs[i][layer];
       const int64_t tokens = static_cast<int64_t>(x.size()) / dim;
       ForwardArgs args;
-      args.x = Unwrap(Tensor::FromFloats(DType::kBFloat16, {1, tokens, dim}, x));
+      args.x = Unwrap(Unwrap(Tensor::FromFloats(DType::kBFloat16, {1, tokens, dim}, x)).To("cuda"));
       const std::vector<float> want = Floats(Unwrap(stack->layer(layer).Forward(args)).out);
       EXPECT_LT(RelativeError(outputs[i][layer], want), 2e-2) << "session " << i << " layer " << layer;
     }
