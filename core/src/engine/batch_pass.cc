@@ -64,6 +64,12 @@ namespace {
 // already, or being copied into `out` (pinned) until `copied` fires.
 class StepPass : public LaunchedPass {
  public:
+  bool device_done() const override {
+#ifdef MQA_WITH_CUDA
+    if (copied) return copied->query();
+#endif
+    return true;
+  }
   std::vector<size_t> run;
   std::vector<PagedSeq> seqs;
   std::vector<int64_t> chunk;

@@ -1,5 +1,7 @@
 #include "engine/completer.h"
 
+#include <pthread.h>
+
 #include <utility>
 
 namespace mqa::core {
@@ -59,6 +61,7 @@ void Completer::Post(std::vector<Callback> batch) {
 }
 
 void Completer::Loop() {
+  pthread_setname_np(pthread_self(), "mqa-completer");
   for (;;) {
     std::vector<Callback> batch;
     {

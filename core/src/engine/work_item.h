@@ -64,6 +64,8 @@ struct WorkItem {
 class LaunchedPass {
  public:
   virtual ~LaunchedPass() = default;
+  // Whether its device work is done (its outputs have arrived); never blocks.
+  virtual bool device_done() const { return true; }
   std::vector<WorkItem> items;  // the pass's steps, in the policy's order; those refused at launch already failed
   bool on_device = false;       // device work may still be running: the worker may launch another pass first
 };

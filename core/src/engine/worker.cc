@@ -2,6 +2,8 @@
 
 #include <c10/core/InferenceMode.h>
 
+#include <pthread.h>
+
 #include <optional>
 #include <utility>
 
@@ -137,6 +139,7 @@ SchedulerInput Worker::SnapshotLocked(const LaunchedPass* running) const {
 }
 
 void Worker::Loop() {
+  pthread_setname_np(pthread_self(), "mqa-worker");  // top -H, perf, gdb: which thread is the device's
   // No gradients are ever taken here: inference mode skips LibTorch's autograd and view-tracking dispatch,
   // which is much of the host time of the small per-step operators (slicing a pass's rows per session,
   // dtype conversions) and caps a pass's throughput when the GPU work is short. Tensors made here are
@@ -163,11 +166,13 @@ void Worker::Loop() {
     std::vector<WorkItem> pass;
     std::vector<WorkItem> settled;
     std::optional<WorkItem> alone;
-    if (running) {
-      // The device is busy: let the completions of the last pass reach their callbacks first (a caller's next
-      // steps, submitted from them, then join the next pass rather than trickle into small ones). Bounded, so a
-      // callback that blocks only costs overlap.
-      completer_.WaitIdleFor(std::chrono::milliseconds(2));
+    // While the device is still busy with the running pass, waiting costs nothing: let the completions of the
+    // pass before reach their callbacks (a caller's next steps, submitted from them, then join the next pass rather
+    // than trickle into small ones), until they have or the device is done. Bounded, so a callback that blocks
+    // only costs overlap.
+    const auto wait_until = Clock::now() + std::chrono::milliseconds(2);
+    while (running && !running->device_done() && Clock::now() < wait_until &&
+           !completer_.WaitIdleFor(std::chrono::microseconds(20))) {
     }
     {
       std::unique_lock<std::mutex> lock(mu_);
