@@ -41,17 +41,15 @@ void Engine::Impl::Settle(WorkItem& item, const Decision& d) {
     return job.finish(std::move(r));
   }
   // kReplay: the kept answer, unless the session was closed since the policy looked (which lets it go).
-  std::optional<StatusOr<Tensor>> kept;
+  std::optional<Tensor> kept;
   {
     std::lock_guard<std::mutex> slock(session.mu);
-    const LastStep& last = session.last[static_cast<size_t>(layer)];
-    if (last.kept) kept = last.KeptAnswer();
+    kept = session.last[static_cast<size_t>(layer)].out;
   }
   if (!kept) {
     return item.fail(NotFoundError("session " + session.id + " was closed before this step ran; nothing was computed"));
   }
-  if (!kept->ok()) return item.fail(kept->status());
-  r.out = std::move(*kept).value();
+  r.out = std::move(*kept);
   r.num_tokens = job.tokens();
   r.replayed = true;
   Count([](EngineStats& c) { ++c.steps_replayed; });
@@ -61,7 +59,7 @@ void Engine::Impl::Settle(WorkItem& item, const Decision& d) {
 namespace {
 
 // A batched pass on its way: the members that run (indices into items), their rows, and the output: on the host
-// already, or being copied into `out` (pinned) until `copied` fires.
+// already (the CPU), or being copied into the device's pinned output buffer (PassBuffers) until `copied` fires.
 class StepPass : public LaunchedPass {
  public:
   bool device_done() const override {
@@ -172,15 +170,12 @@ std::unique_ptr<LaunchedPass> Engine::Impl::LaunchPass(std::vector<WorkItem> ite
   launched->out = CatchAll("batched pass", [&]() -> StatusOr<at::Tensor> {
     PagedLayer& paged = *replica.paged[static_cast<size_t>(layer)];
     const bool on_cuda = paged.device().is_cuda();
-    // Pinned for a CUDA layer's larger passes, so the copies in and out are asynchronous transfers (LibTorch's
-    // host allocator keeps a buffer until its copy is done) and the worker goes on while the device computes. A
-    // small pass stays in pageable memory and synchronises: taking a pinned block costs the host allocator's event
-    // bookkeeping (~20 us on the H200's host at one session, where the whole gather took ~1 us before), more than
-    // the copy of a few rows saves, and with one or a few sessions there is no other pass to overlap with.
-    constexpr int64_t kPinnedFromBytes = int64_t{256} << 10;
+    // On CUDA the rows go through the device's pinned buffers (PassBuffers): the copies in and out are
+    // asynchronous, the worker goes on while the device computes and completes the pass later (FinishPass).
     const int64_t row_bytes = o.dim * static_cast<int64_t>(c10::elementSize(staged_type));
-    const bool pinned = on_cuda && rows * row_bytes >= kPinnedFromBytes;
-    at::Tensor staged = at::empty({rows, o.dim}, at::TensorOptions().dtype(staged_type).pinned_memory(pinned));
+    PassBuffers::Pair buffers;
+    if (on_cuda) buffers = pass_buffers.at(replica.device)->Next(rows, o.dim, staged_type);
+    at::Tensor staged = on_cuda ? buffers.in : at::empty({rows, o.dim}, at::TensorOptions().dtype(staged_type));
     uint8_t* dst = static_cast<uint8_t*>(staged.data_ptr());
     for (size_t i = 0; i < run.size(); ++i) {
       const StepJob& job = *pass[run[i]].job;
@@ -191,24 +186,22 @@ std::unique_ptr<LaunchedPass> Engine::Impl::LaunchPass(std::vector<WorkItem> ite
         staged.narrow(0, seqs[i].row, chunk[i]).copy_(job.x.view({job.tokens(), o.dim}).narrow(0, job.done, chunk[i]));
       }
     }
-    at::Tensor x = on_cuda ? staged.to(paged.device(), /*non_blocking=*/pinned) : staged;
+    at::Tensor x = on_cuda ? staged.to(paged.device(), /*non_blocking=*/true) : staged;
     if (x.scalar_type() != layer_type) x = x.to(layer_type);
     gathered = Clock::now();
     MQA_ASSIGN_OR_RETURN(at::Tensor y, paged.Forward(x, seqs, bs));
     // In the callers' dtype on the device, then one copy back for the whole pass.
     if (y.scalar_type() != staged_type) y = y.to(staged_type);
-    if (y.is_cpu()) return y.contiguous();  // steps' outputs are views of it (as_strided in FinishPass)
+    if (y.is_cpu()) return y.contiguous();
 #ifdef MQA_WITH_CUDA
-    if (pinned) {
-      at::Tensor host = at::empty(y.sizes(), at::TensorOptions().dtype(staged_type).pinned_memory(true));
-      host.copy_(y, /*non_blocking=*/true);
-      launched->copied.emplace();
-      launched->copied->record(at::cuda::getCurrentCUDAStream());
-      launched->on_device = true;
-      return host;
-    }
+    buffers.out.copy_(y, /*non_blocking=*/true);
+    launched->copied.emplace();
+    launched->copied->record(at::cuda::getCurrentCUDAStream());
+    launched->on_device = true;
+    return buffers.out;
+#else
+    return y.to(at::kCPU);
 #endif
-    return y.to(at::kCPU);  // one synchronisation
   });
   const auto launched_at = Clock::now();
   {
@@ -216,7 +209,18 @@ std::unique_ptr<LaunchedPass> Engine::Impl::LaunchPass(std::vector<WorkItem> ite
     counters.pass_times.gather_us += static_cast<uint64_t>(MicrosBetween(start, gathered));
     counters.pass_times.compute_us += static_cast<uint64_t>(MicrosBetween(gathered, launched_at));
   }
-  if (!launched->out.ok()) launched->on_device = false;
+  if (!launched->out.ok()) {
+    launched->on_device = false;
+#ifdef MQA_WITH_CUDA
+    // What the failed pass queued may still read its staging buffer, which the pass after next writes again.
+    if (pass_buffers.count(replica.device)) {
+      (void)CatchAll("after a failed pass", [] {
+        at::cuda::getCurrentCUDAStream().synchronize();
+        return Status();
+      });
+    }
+#endif
+  }
   return launched;
 }
 
@@ -258,8 +262,26 @@ void Engine::Impl::FinishPass(LaunchedPass& done, std::vector<WorkItem>* unfinis
       item.fail(out.status());
       continue;
     }
+    // Each step's rows are copied out of the pass's output: on CUDA that is a pinned buffer the pass after next
+    // reuses, and an answer that owns exactly its bytes is also what the session keeps for a retry of the step
+    // (the replay budget counts those bytes, and an idle session pins nothing more).
     const bool whole = job.done == 0 && chunk[i] == job.tokens();
-    if (!whole) job.outs.push_back(out->narrow(0, seqs[i].row, chunk[i]));
+    auto rows_of = [&](int64_t row, int64_t n, at::ScalarType dtype) {
+      const at::Tensor src = out->narrow(0, row, n);
+      if (dtype != src.scalar_type()) return src.to(dtype);
+      at::Tensor t = at::empty({n, o.dim}, at::TensorOptions().dtype(dtype));
+      std::memcpy(t.data_ptr(), src.data_ptr(), t.nbytes());
+      return t;
+    };
+    const at::ScalarType caller = ToScalarType(job.request.x.dtype());
+    StatusOr<at::Tensor> mine = CatchAll("step output", [&]() -> StatusOr<at::Tensor> {
+      return rows_of(seqs[i].row, chunk[i], whole ? caller : out->scalar_type());
+    });
+    if (!mine.ok()) {
+      item.fail(mine.status());
+      continue;
+    }
+    if (!whole) job.outs.push_back(std::move(mine).value());
     job.done += chunk[i];
     // The session's position moves only when the whole step is done: a step whose later chunk fails leaves the
     // session where it was (the chunks' keys past that position are overwritten by the next step).
@@ -268,11 +290,8 @@ void Engine::Impl::FinishPass(LaunchedPass& done, std::vector<WorkItem>* unfinis
       continue;
     }
     StatusOr<Tensor> result = CatchAll("step output", [&]() -> StatusOr<Tensor> {
-      // A step in one chunk (every decode step) is a view of the pass's output: one operation, no copy.
-      at::Tensor all = whole ? out->as_strided({1, chunk[i], o.dim}, {chunk[i] * o.dim, o.dim, 1},
-                                               out->storage_offset() + seqs[i].row * o.dim)
-                             : at::cat(job.outs, 0).view({1, job.tokens(), o.dim});
-      const at::ScalarType caller = ToScalarType(job.request.x.dtype());
+      if (whole) return Wrap(mine->view({1, chunk[i], o.dim}));
+      at::Tensor all = at::cat(job.outs, 0).view({1, job.tokens(), o.dim});
       return Wrap(all.scalar_type() == caller ? all : all.to(caller));
     });
     if (!result.ok()) {
@@ -283,9 +302,8 @@ void Engine::Impl::FinishPass(LaunchedPass& done, std::vector<WorkItem>* unfinis
     r.out = std::move(result).value();
     r.position = job.start;
     r.num_tokens = job.request.x.size(1);
-    // Only a step that names its position can be retried, so only its answer is worth keeping: a copy of its bytes
-    // in the layer's own buffer (Session::KeepAnswerLocked), not a view of the pass's whole output, which the
-    // replay budget would not count (an idle session would pin a pass's worth of memory).
+    // Only a step that names its position can be retried, so only its answer is worth keeping (the caller's own
+    // tensor: no copy).
     {
       std::lock_guard<std::mutex> slock(job.session->mu);
       job.session->positions[static_cast<size_t>(layer)] = job.start + job.done;

@@ -145,6 +145,7 @@ StatusOr<std::unique_ptr<Engine>> Engine::Create(EngineOptions options) {
       impl->replicas.push_back(r.get());
       if (!impl->workers.count(r->device)) {
         impl->workers[r->device] = std::make_unique<Worker>(r->device, options.max_queue, options.batching);
+        if (r->device.rfind("cuda", 0) == 0) impl->pass_buffers[r->device] = std::make_unique<PassBuffers>();
       }
     }
     impl->models[mc.name] = std::move(model);

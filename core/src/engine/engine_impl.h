@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "engine/batch_policy.h"
+#include "engine/pass_buffers.h"
 #include "engine/replica.h"
 #include "engine/session_registry.h"
 #include "engine/work_item.h"
@@ -28,8 +29,9 @@ struct Engine::Impl {
   EngineOptions options;
   // Destroyed in reverse order: the sessions (returning their blocks) before the workers and the pools.
   std::map<std::string, std::unique_ptr<Model>> models;
-  std::vector<Replica*> replicas;                          // all models' replicas, by Replica::index
-  std::map<std::string, std::unique_ptr<Worker>> workers;  // by device
+  std::vector<Replica*> replicas;                                    // all models' replicas, by Replica::index
+  std::map<std::string, std::unique_ptr<Worker>> workers;            // by device
+  std::map<std::string, std::unique_ptr<PassBuffers>> pass_buffers;  // by CUDA device: its worker's alone
   std::unique_ptr<SessionRegistry> sessions;
 
   mutable std::mutex mu;  // guards counters and batch_histogram

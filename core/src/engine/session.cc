@@ -34,35 +34,20 @@ void Session::ReleaseBlocksIfIdleLocked() {
   }
 }
 
-StatusOr<Tensor> LastStep::KeptAnswer() const {
-  return Tensor::FromBytes(out_dtype, out_shape, out_bytes.data(), out_bytes.size());
-}
-
 void Session::KeepAnswerLocked(LastStep& l, const Tensor* out) {
-  if (l.kept) replay_bytes->fetch_sub(static_cast<int64_t>(l.out_bytes.size()));
-  l.kept = false;
-  auto release = [&l] {
-    l.out_bytes = std::vector<uint8_t>();
-    l.out_shape.clear();
-  };
+  if (l.out) replay_bytes->fetch_sub(static_cast<int64_t>(l.out->nbytes()));
+  l.out.reset();
   // A closed session's answers are let go (ReleaseBlocksIfIdleLocked, again when its last step finishes); one
   // finishing after the close is not kept at all, so nobody's budget holds it even for a moment.
-  if (out == nullptr || closed) return release();
+  if (out == nullptr || closed) return;
   const auto n = static_cast<int64_t>(out->nbytes());
   int64_t used = replay_bytes->load();
-  bool fits = false;
-  while (!fits && used + n <= replay_budget) fits = replay_bytes->compare_exchange_weak(used, used + n);
-  if (!fits) return release();
-  // The budget counts the bytes an answer needs; a buffer left larger by a longer step is shrunk to it.
-  if (l.out_bytes.capacity() > static_cast<size_t>(n)) l.out_bytes = std::vector<uint8_t>();
-  l.out_bytes.resize(static_cast<size_t>(n));
-  if (!out->CopyBytesTo(l.out_bytes.data(), l.out_bytes.size()).ok()) {
-    replay_bytes->fetch_sub(n);
-    return release();
+  while (used + n <= replay_budget) {
+    if (replay_bytes->compare_exchange_weak(used, used + n)) {
+      l.out = *out;
+      return;
+    }
   }
-  l.out_dtype = out->dtype();
-  l.out_shape = out->shape();
-  l.kept = true;
 }
 
 }  // namespace mqa::core

@@ -28,16 +28,10 @@ struct LastStep {
   int64_t tokens = 0;
   DType dtype = DType::kFloat32;  // x's
   uint64_t x_hash = 0;
-  // Its answer, when it fitted the replay budget: out_bytes hold a tensor of out_dtype and out_shape. The buffer
-  // is reused from one step to the next (keeping an answer is a copy, not an allocation) and released when the
-  // layer keeps nothing, so what it holds is what the budget counts.
-  bool kept = false;
-  DType out_dtype = DType::kFloat32;
-  std::vector<int64_t> out_shape;
-  std::vector<uint8_t> out_bytes;
-
-  // A tensor of its own bytes with the kept answer (kept must be true).
-  StatusOr<Tensor> KeptAnswer() const;
+  // Its answer, when it fitted the replay budget: the very tensor the step's caller got (tensors are read-only),
+  // which owns exactly its bytes (FinishPass copies each answer out of its pass), so the budget counts what it
+  // holds.
+  std::optional<Tensor> out;
 };
 
 struct Session {
@@ -73,8 +67,8 @@ struct Session {
   // touches the table only for queued or running steps, so nothing reads it after this).
   void ReleaseBlocksIfIdleLocked();
 
-  // Replaces the answer kept in l by a copy of *out (or by none: null), within the engine's replay budget: an
-  // answer that does not fit next to the others is not kept.
+  // Replaces the answer kept in l by *out (or by none: null), within the engine's replay budget: an answer that
+  // does not fit next to the others is not kept.
   void KeepAnswerLocked(LastStep& l, const Tensor* out);
 
   bool busy() const {

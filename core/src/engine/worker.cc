@@ -130,7 +130,7 @@ SchedulerInput Worker::SnapshotLocked(const LaunchedPass* running) const {
         w.last_position = last.position;
         w.last_tokens = last.tokens;
         w.same_input_as_last = last.dtype == job.request.x.dtype() && last.x_hash == job.x_hash;
-        w.last_answer_kept = last.kept;
+        w.last_answer_kept = last.out.has_value();
       }
     }
     in.queue.push_back(w);
