@@ -19,8 +19,8 @@ namespace {
 using ::mqa::testing::Floats;
 using ::mqa::testing::RelativeError;
 
-// dim 4096 in bf16: a pass of 32 or more sessions moves >= 256 KiB each way, enough for the asynchronous copies
-// (smaller passes synchronise; see LaunchPass).
+// dim 4096 in bf16: the passes' copies are large enough (a few hundred KiB) that they are still under way when
+// the next pass is launched.
 ModelConfig WideModel() {
   ModelConfig m = SmallModel("wide", /*layers=*/2, /*max_tokens=*/64);
   m.options.dim = 4096;

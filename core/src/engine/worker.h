@@ -2,9 +2,9 @@
 // snapshots the queue, asks the scheduler policy (SchedulePass) for the next pass, and executes the answer:
 // drops, settled steps, then the pass itself (or one non-step item alone). Steps of one (replica, layer)
 // waiting together run as one pass (continuous batching). Passes overlap: a round launches its pass, then
-// completes the one the round before launched (whose device work ran meanwhile), so the device never waits for
-// the host's forming or completing of a pass; only a pass whose device work is done in the launch (the CPU, small
-// copies) completes in its own round. Private to core.
+// completes the one the round before launched (whose device work ran meanwhile), so the host forms and completes
+// passes while the device computes; only a pass whose device work is done in the launch (on the CPU)
+// completes in its own round. Private to core.
 //
 // Thread-safety: Enqueue, queued, running and idle may be called from any thread; Start and Stop from the
 // owner. The hooks run on the worker thread, never under the queue lock.

@@ -218,7 +218,7 @@ struct ExecutionStats {
 // Where the worker's time goes in the batched passes, summed over all passes since start (microseconds of wall
 // time on the worker thread). Divided by EngineStats::batches: the mean pass. gather and scatter are host work
 // that grows with the sessions in a pass; compute is what the host spends launching the device work (all of it,
-// device time included, where the pass synchronises: the CPU, small CUDA passes); wait is the time the worker
+// device time included, where the pass synchronises: on the CPU); wait is the time the worker
 // blocked for a launched pass's outputs. A CUDA pass is launched before the one ahead of it completes, so the
 // device computes while the host gathers and scatters; the four add up to the worker's busy time, not the
 // device's.
