@@ -6,7 +6,8 @@
 // sessions of P + W + T tokens), N sessions, then three phases, each a closed loop per session driven from the
 // completion callbacks (no thread per session): a session submits its step for layer 0, submits layer 1 when
 // that completes (the output of layer l is the input of layer l + 1), ... and then its next token, so N steps are
-// in flight at once, one per session.
+// in flight at once, one per session. Mode `waves` is the batched engine driven as a batching client drives it:
+// each layer's steps of all N sessions in one SubmitSteps, the next layer's when all are answered.
 //   prefill: one step of P tokens per layer and session (timed separately);
 //   warm-up: W decode tokens per session (untimed);
 //   decode:  T decode tokens per session (timed): tokens/s = N * T / wall seconds (a token has passed every
@@ -17,7 +18,7 @@
 // Usage: mqa-bench-engine [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--dim 4096] [--heads 32]
 //          [--layers 4] [--sessions 1,8,64,256] [--prefill 128] [--tokens 64] [--warmup 4]
 //          [--attn-impl torch|flash|triton] [--max-batch-sessions 256] [--max-batch-tokens 4096]
-//          [--max-queue-delay-us 0] [--kv-block-size 16] [--modes batched,unbatched] [--seed 0] [--json FILE]
+//          [--max-queue-delay-us 0] [--kv-block-size 16] [--modes batched,unbatched,waves] [--seed 0] [--json FILE]
 //        mqa-bench-engine --help | --version
 #include <algorithm>
 #include <chrono>
@@ -27,6 +28,7 @@
 #include <cstdlib>
 #include <ctime>
 #include <fstream>
+#include <future>
 #include <memory>
 #include <optional>
 #include <sstream>
@@ -128,6 +130,49 @@ PhaseResult RunPhase(Engine& engine, const std::vector<std::string>& ids, int la
   });
 }
 
+// Runs one phase as a batching client would (attention offloading from a model that runs batched): each layer's
+// steps of all sessions in one Engine::SubmitSteps, the next layer's when every answer is back (its inputs are
+// those answers), round after round. Every step's latency is its wave's.
+PhaseResult RunWaves(Engine& engine, const std::vector<std::string>& ids, int layers, const std::vector<Tensor>& inputs,
+                     int64_t start_position, int64_t step_tokens, int64_t rounds) {
+  PhaseResult result;
+  const auto start = Clock::now();
+  std::vector<Tensor> x(ids.size());
+  for (int64_t round = 0; round < rounds; ++round) {
+    for (size_t i = 0; i < ids.size(); ++i) x[i] = inputs[(i + static_cast<size_t>(round)) % inputs.size()];
+    for (int layer = 0; layer < layers; ++layer) {
+      std::vector<mqa::core::StepRequest> requests(ids.size());
+      for (size_t i = 0; i < ids.size(); ++i) {
+        requests[i].session_id = ids[i];
+        requests[i].layer = layer;
+        requests[i].position = start_position + round * step_tokens;
+        requests[i].x = std::move(x[i]);
+      }
+      std::promise<std::vector<StatusOr<mqa::core::StepResult>>> done;
+      auto answers = done.get_future();
+      const auto sent = Clock::now();
+      engine.SubmitSteps(std::move(requests),
+                         [&done](std::vector<StatusOr<mqa::core::StepResult>> r) { done.set_value(std::move(r)); });
+      std::vector<StatusOr<mqa::core::StepResult>> got = answers.get();
+      const double ms = std::chrono::duration<double, std::milli>(Clock::now() - sent).count();
+      for (size_t i = 0; i < got.size(); ++i) {
+        if (!got[i].ok()) {
+          ++result.failed;
+          if (!result.first_error) result.first_error = got[i].status();
+          continue;
+        }
+        result.latency_ms.push_back(ms);
+        result.server_queue_ms.push_back(static_cast<double>(got[i]->queue_us) / 1e3);
+        result.server_compute_ms.push_back(static_cast<double>(got[i]->compute_us) / 1e3);
+        x[i] = std::move(got[i]->out);
+      }
+      if (result.first_error) return result;
+    }
+  }
+  result.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  return result;
+}
+
 struct Row {
   std::string mode;
   int64_t sessions = 0;
@@ -225,14 +270,15 @@ Row RunOne(const BenchConfig& c, const std::string& mode, int64_t n) {
           " step(s) failed, first: " + p.first_error->ToString());
     }
   };
+  auto phase = mode == "waves" ? RunWaves : RunPhase;
   if (c.prefill > 0) {
-    row.prefill = RunPhase(*engine, ids, c.layers, prefill_inputs, 0, c.prefill, 1);
+    row.prefill = phase(*engine, ids, c.layers, prefill_inputs, 0, c.prefill, 1);
     check_phase(row.prefill, "prefill");
   }
-  check_phase(RunPhase(*engine, ids, c.layers, decode_inputs, c.prefill, 1, c.warmup), "warm-up");
+  check_phase(phase(*engine, ids, c.layers, decode_inputs, c.prefill, 1, c.warmup), "warm-up");
   Check(mqa::core::Synchronize(c.device), "sync");
   row.decode_stats_before = engine->stats();
-  row.decode = RunPhase(*engine, ids, c.layers, decode_inputs, c.prefill + c.warmup, 1, c.tokens);
+  row.decode = phase(*engine, ids, c.layers, decode_inputs, c.prefill + c.warmup, 1, c.tokens);
   row.decode_stats_after = engine->stats();
   check_phase(row.decode, "decode");
   // The engine's own positions confirm that every step was applied exactly once.
@@ -342,7 +388,9 @@ int main(int argc, char** argv) {
         int count = 0;
         for (std::string m; std::getline(ss, m, ',');) {
           if (m.empty()) continue;
-          if (m != "batched" && m != "unbatched") return "takes batched and/or unbatched, got '" + m + "'";
+          if (m != "batched" && m != "unbatched" && m != "waves") {
+            return "takes batched, unbatched and/or waves, got '" + m + "'";
+          }
           ++count;
         }
         return count > 0 ? std::string() : "needs at least one mode";
@@ -408,7 +456,7 @@ int main(int argc, char** argv) {
   }
   // Speedup of each batched row over the unbatched row of the same N, measured in this run.
   for (Row& r : rows) {
-    if (r.mode != "batched") continue;
+    if (r.mode == "unbatched") continue;
     for (const Row& u : rows) {
       if (u.mode == "unbatched" && u.sessions == r.sessions && u.tokens_per_s(c) > 0) {
         r.speedup = r.tokens_per_s(c) / u.tokens_per_s(c);

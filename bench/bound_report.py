@@ -2,7 +2,7 @@
 """The engine and the service against the speed of their kernels, from the JSON of one run: the bound is the
 graph-replayed layer step of mqa-bench-kernels (--layer-only --batches N,... --lengths L) at B = N sessions,
 times the model's layers: N tokens every layers x step_us. Beside it the in-process engine (mqa-bench-engine,
-batched rows) as a share of that bound, and each service run (mqa-cli bench) as a share of the engine in
+batched rows, and waves rows when run) as a share of that bound, and each service run (mqa-cli bench) as a share of the engine in
 process at the same N. Prints one table and writes it as JSON.
 
 Usage: bound_report.py --kernels K.json --engine E.json [--service NAME=S.json ...] [--length L] [--json OUT]
@@ -45,6 +45,7 @@ def main():
     length = args.length or engine["prefill"] + engine["warmup"] + engine["tokens"] // 2
     steps = layer_step_us(kernels, length)
     batched = {r["sessions"]: r for r in engine["rows"] if r["mode"] == "batched"}
+    waves = {r["sessions"]: r for r in engine["rows"] if r["mode"] == "waves"}
     services = []
     for spec in args.service:
         name, _, path = spec.partition("=")
@@ -54,6 +55,8 @@ def main():
     print(f"card: {kernels.get('card', '?')}; {engine.get('dtype')} dim {engine.get('dim')}, {layers} layers, "
           f"{engine.get('attn_impl')}; bound at L={length} (nearest measured L shown)")
     head = f"{'N':>5} {'step_us':>8} {'L':>5} {'bound tok/s':>12} {'engine tok/s':>13} {'of bound':>9}"
+    if waves:
+        head += f" {'waves tok/s':>12} {'of bound':>9}"
     for name, _ in services:
         head += f" {name + ' tok/s':>22} {'of engine':>9}"
     print(head)
@@ -69,6 +72,14 @@ def main():
             line += f" {us:>8.1f} {lval:>5} {bound:>12.0f} {e:>13.0f} {100 * e / bound:>8.1f}%"
         else:
             line += f" {'-':>8} {'-':>5} {'-':>12} {e:>13.0f} {'-':>9}"
+        if waves:
+            w = waves.get(n, {}).get("tokens_per_s")
+            if w is not None and "bound_tokens_per_s" in row:
+                row["waves_tokens_per_s"] = w
+                row["waves_of_bound"] = w / row["bound_tokens_per_s"]
+                line += f" {w:>12.0f} {100 * w / row['bound_tokens_per_s']:>8.1f}%"
+            else:
+                line += f" {'-':>12} {'-':>9}"
         for name, rows in services:
             s = rows.get(n, {}).get("tokens_per_s")
             if s is None:
@@ -80,7 +91,7 @@ def main():
         out_rows.append(row)
         print(line)
     print("(bound: N tokens per layers x step_us, the graph-replayed layer step of mqa-bench-kernels at B = N; "
-          "engine: mqa-bench-engine batched, in process; services: mqa-cli bench over loopback, same run)")
+          "engine: mqa-bench-engine batched, in process; waves: its SubmitSteps per layer mode; services: mqa-cli bench over loopback, same run)")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"card": kernels.get("card"), "layers": layers, "length": length, "rows": out_rows}, fh,
